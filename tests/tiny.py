@@ -1,0 +1,53 @@
+"""Tiny random-initialised models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, Gemma3TextConfig, LlamaConfig,
+                          MistralConfig, Qwen2Config, Qwen2MoeConfig)
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "gemma3_text": lambda: Gemma3TextConfig(**COMMON, num_key_value_heads=1, head_dim=16, sliding_window=6,
+                                            layer_types=["sliding_attention", "sliding_attention",
+                                                         "full_attention"]),
+    "bert": lambda: BertConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=256),
+}
+FAMILIES = list(CONFIGS)
+
+
+class TinyTokenizer:
+    """Just enough tokenizer for the cache: pad id, vocab and special tokens."""
+
+    pad_token_id = 0
+    all_special_tokens = ["<pad>"]
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(128)}
+
+
+def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    cfg = CONFIGS[family]()
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    model = cls.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    model.eval()
+    model.attncache_name = f"tiny-{family}"
+    return model
+
+
+def random_seqs(n: int, lo: int = 5, hi: int = 20, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        out.append(torch.randint(1, 128, (L,), generator=g).tolist())
+    return out

@@ -1,0 +1,164 @@
+"""Command line: a thin layer over the Python API (``attncache.workflows``, ``attncache.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+POLICY_HELP = "reuse policy: 'default' (stored in the DB), 'all' (the paper's mode), 'none', or layers like '17,20'"
+
+
+def _table(rows: list[dict], keys: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+        if isinstance(v, list):
+            return ",".join(map(str, v)) if len(v) <= 8 else f"{len(v)} layers"
+        return "-" if v is None else str(v)
+
+    cells = [[k] + [fmt(r.get(k)) for r in rows] for k in keys if any(k in r for r in rows)]
+    w = [max(len(c[i]) for c in cells) for i in range(len(rows) + 1)]
+    return "\n".join("  ".join(c[i].ljust(w[i]) for i in range(len(c))) for c in cells)
+
+
+def cmd_build(a) -> int:
+    from .cache import BuildConfig
+    from .workflows import build
+
+    cfg = BuildConfig(store_dtype=a.dtype, batch_size=a.batch_size)
+    if a.layers:
+        cfg.layers = [int(x) for x in a.layers.split(",")]
+    cache = build(a.model, a.data, a.out, a.limit, cfg, progress=not a.quiet, force=a.force, strict=a.strict)
+    info = cache.info()
+    if a.json:
+        print(json.dumps(info))
+    else:
+        print(f"built {a.out}: {info['entries']} entries, {info['bytes_on_disk'] / 2**20:.1f} MiB, "
+              f"threshold {info['threshold']:.4f}, default policy layers {info['policy_layers']}")
+    return 0
+
+
+EVAL_KEYS = ["policy", "n", "n_sequences", "accuracy_baseline", "accuracy_cached", "agreement",
+             "cosine_to_exact_mean", "cosine_to_exact_min", "pair_auc_exact", "pair_auc_cached",
+             "hit_rate", "reuse_fraction", "threshold", "lookup_ms_per_item", "seconds_exact", "seconds_cached",
+             "workload_speedup_rough"]
+
+
+def cmd_eval(a) -> int:
+    from .workflows import evaluate
+
+    res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
+                   progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict)
+    if a.json:
+        print(json.dumps(res[0] if len(res) == 1 else {"results": res}))
+    else:
+        print(_table(res, EVAL_KEYS))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import BenchConfig, bench
+
+    cfg = BenchConfig(repeats=a.repeats, warmup=a.warmup, threads=a.threads, eager=not a.no_eager)
+    res = bench(a.db, a.data, a.policy, a.limit, cfg, model_name=a.model, progress=not a.quiet and not a.json,
+                threshold=a.threshold)
+    if a.plot:
+        from .bench import plot
+
+        plot(res, a.plot)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        keys = [k for k in res if not isinstance(res[k], dict | list)]
+        print(_table([res], keys))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .cache import AttnCache
+
+    info = AttnCache.open(a.db).info()
+    if a.json:
+        print(json.dumps(info))
+    else:
+        print(_table([info], list(info)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attncache", description="Reuse attention maps to speed up prefill-only inference.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, db=True):
+        if db:
+            sp.add_argument("--db", required=True, help="cache DB folder")
+        sp.add_argument("--data", required=True, help="built-in name (sst2, piqa, rte, mmlu, mmlu:Kshot) or a "
+                        ".jsonl path; may end in a slice like [0:400]")
+        sp.add_argument("--limit", type=int, help="use only the first N rows")
+        sp.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    b = sub.add_parser("build", help="record attention maps of DATA and build a cache DB")
+    b.add_argument("--model", default="smollm2-135m", help="built-in name (smollm2-135m, minilm-l6), HF folder or .gguf")
+    common(b, db=False)
+    b.add_argument("--out", required=True, help="DB folder to create")
+    b.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored map precision")
+    b.add_argument("--layers", help="store only these layers (comma-separated); default all")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--force", action="store_true", help="replace an existing DB at --out")
+    b.set_defaults(fn=cmd_build)
+
+    e = sub.add_parser("eval", help="exact vs cached predictions on DATA")
+    common(e)
+    e.add_argument("--policy", action="append", help=POLICY_HELP + "; repeat to compare several")
+    e.add_argument("--threshold", type=float, help="max predicted distance for a hit (default: the DB's)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--model", help="load this model instead of the one named in the DB (must be identical)")
+    e.set_defaults(fn=cmd_eval)
+
+    bn = sub.add_parser("bench", help="interleaved timing of exact vs cached forwards")
+    common(bn)
+    bn.add_argument("--policy", default="all", help=POLICY_HELP + " (default: all)")
+    bn.add_argument("--threshold", type=float)
+    bn.add_argument("--repeats", type=int, default=5)
+    bn.add_argument("--warmup", type=int, default=1)
+    bn.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bn.add_argument("--no-eager", action="store_true", help="skip the eager-attention baseline")
+    bn.add_argument("--plot", help="write a PNG of per-item speedups")
+    bn.add_argument("--model")
+    bn.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect", help="describe a cache DB")
+    i.add_argument("db")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        print("attncache: error: --limit must be >= 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return args.fn(args)
+    except UserError as e:
+        print(f"attncache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attncache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Scoring, embeddings and metrics: rows -> model input sequences -> predictions.
+
+The unit of caching is one model input sequence:
+
+- a multiple-choice row whose choices are all one token: one prefill of the prompt; the choices are
+  ranked by their next-token log-probability (``logits_to_keep=1``);
+- otherwise one prefill per prompt+choice; choices are ranked by the log-likelihood of their tokens
+  divided by the choice's length in characters;
+- encoders: mean-pooled, L2-normalised last hidden states; a pair row embeds both texts;
+- a text row on a decoder: the greedy next token (agreement only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ChoiceRow, PairRow, Row, TextRow
+from .errors import UserError
+from .inputs import collate, length_batches
+
+
+@dataclass
+class Query:
+    seq: int
+    from_end: int  # 1 = the last position's logits
+    token: int
+
+
+@dataclass
+class RowPlan:
+    kind: str  # "choice1" | "choiceN" | "text" | "pair" | "embed"
+    seqs: list[int]
+    queries: list[list[Query]] = field(default_factory=list)  # per choice
+    norms: list[float] = field(default_factory=list)  # per choice length normaliser
+    answer: int | None = None
+    label: int | None = None
+
+
+@dataclass
+class Plan:
+    seqs: list[list[int]]
+    rows: list[RowPlan]
+    skipped: list[str]
+    causal: bool
+
+    def need(self) -> list[int]:
+        """Per sequence, how many trailing positions' logits are needed."""
+        n = [1] * len(self.seqs)
+        for r in self.rows:
+            for qs in r.queries:
+                for q in qs:
+                    n[q.seq] = max(n[q.seq], q.from_end)
+        return n
+
+
+def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> Plan:
+    seqs: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+
+    def seq_id(ids: list[int]) -> int:
+        k = tuple(ids)
+        if k not in index:
+            index[k] = len(seqs)
+            seqs.append(ids)
+        return index[k]
+
+    def enc(text: str, special: bool = True) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    plans: list[RowPlan] = []
+    skipped: list[str] = []
+    for n, row in enumerate(rows):
+        try:
+            if isinstance(row, ChoiceRow):
+                if not causal:
+                    raise ValueError("multiple-choice rows need a decoder model")
+                p = enc(row.prompt)
+                cs = [enc(c, special=False) for c in row.choices]
+                if any(len(c) == 0 for c in cs):
+                    raise ValueError("a choice encodes to no tokens")
+                if all(len(c) == 1 for c in cs):
+                    _check_len(len(p), max_len)
+                    s = seq_id(p)
+                    plans.append(RowPlan("choice1", [s], [[Query(s, 1, c[0])] for c in cs], [1.0] * len(cs),
+                                         answer=row.answer))
+                else:
+                    ids, qs = [], []
+                    for c in cs:
+                        _check_len(len(p) + len(c), max_len)
+                        s = seq_id(p + c)
+                        ids.append(s)
+                        # logits at position t predict token t+1: choice token j sits len(c)-j from the end
+                        qs.append([Query(s, len(c) - j + 1, tok) for j, tok in enumerate(c)])
+                    plans.append(RowPlan("choiceN", ids, qs, [float(len(ch)) for ch in row.choices],
+                                         answer=row.answer))
+            elif isinstance(row, TextRow):
+                ids = enc(row.text)
+                _check_len(len(ids), max_len)
+                plans.append(RowPlan("text" if causal else "embed", [seq_id(ids)]))
+            elif isinstance(row, PairRow):
+                if causal:
+                    raise ValueError("pair rows need an encoder model")
+                a, b = enc(row.text1), enc(row.text2)
+                _check_len(max(len(a), len(b)), max_len)
+                plans.append(RowPlan("pair", [seq_id(a), seq_id(b)], label=row.label))
+        except ValueError as e:
+            skipped.append(f"row {n}: {e}")
+    return Plan(seqs, plans, skipped, causal)
+
+
+def _check_len(n: int, max_len: int | None) -> None:
+    if n == 0:
+        raise ValueError("encodes to no tokens")
+    if max_len is not None and n > max_len:
+        raise ValueError(f"{n} tokens is longer than the model's {max_len} positions")
+
+
+@dataclass
+class RunOutput:
+    logprobs: dict[tuple[int, int, int], float]  # (seq, from_end, token) -> log p
+    argmax: list[int]  # decoders: greedy next token per seq
+    embeddings: np.ndarray | None  # encoders: [n_seqs, D]
+    hit: list[bool]
+    seconds: float
+
+
+@torch.no_grad()
+def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=None, progress: bool = True,
+        desc: str = "forward") -> RunOutput:
+    """Forward every planned sequence once (batched by length) and collect what the rows need."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    need = plan.need()
+    wanted: dict[int, list[Query]] = {}
+    for r in plan.rows:
+        for qs in r.queries:
+            for q in qs:
+                wanted.setdefault(q.seq, []).append(q)
+    logprobs: dict[tuple[int, int, int], float] = {}
+    argmax = [0] * len(plan.seqs)
+    emb = None
+    hit = [False] * len(plan.seqs)
+    seconds = 0.0
+    bar = tqdm(total=len(plan.seqs), desc=desc, disable=not progress, leave=False)
+    for batch in length_batches([len(s) for s in plan.seqs], batch_size):
+        inputs = collate([plan.seqs[i] for i in batch], pad, plan.causal)
+        t0 = time.perf_counter()
+        if plan.causal:
+            keep = max(need[i] for i in batch)
+            out = model(**inputs, logits_to_keep=keep)
+            lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, keep, V]
+        else:
+            out = model(**inputs)
+            m = inputs["attention_mask"].unsqueeze(-1).float()
+            pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        seconds += time.perf_counter() - t0
+        if attached is not None:
+            for j, i in enumerate(batch):
+                hit[i] = attached.last_hits[j] is not None
+        if plan.causal:
+            for j, i in enumerate(batch):
+                argmax[i] = int(lp[j, -1].argmax())
+                for q in wanted.get(i, []):
+                    logprobs[(i, q.from_end, q.token)] = float(lp[j, keep - q.from_end, q.token])
+        else:
+            if emb is None:
+                emb = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
+            emb[batch] = pooled.numpy()
+        bar.update(len(batch))
+    bar.close()
+    return RunOutput(logprobs, argmax, emb, hit, seconds)
+
+
+def predictions(plan: Plan, out: RunOutput) -> list[int]:
+    """Per row: the chosen index (choice rows) or greedy token (text rows); -1 for embedding rows."""
+    preds = []
+    for r in plan.rows:
+        if r.kind in ("choice1", "choiceN"):
+            preds.append(int(np.argmax(choice_scores(r, out))))
+        elif r.kind == "text":
+            preds.append(out.argmax[r.seqs[0]])
+        else:
+            preds.append(-1)
+    return preds
+
+
+def choice_scores(r: RowPlan, out: RunOutput) -> list[float]:
+    return [sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in qs) / n for qs, n in zip(r.queries, r.norms)]
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum formula (ties get average ranks)."""
+    pos, neg = labels == 1, labels == 0
+    if not pos.any() or not neg.any():
+        return float("nan")
+    order = scores.argsort(kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for v in np.unique(scores):  # average ranks of ties
+        t = scores == v
+        if t.sum() > 1:
+            ranks[t] = ranks[t].mean()
+    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
+
+
+def compare(plan: Plan, exact: RunOutput, cached: RunOutput) -> dict:
+    """Metrics of a cached run against the exact run of the same plan."""
+    res: dict = {"n": len(plan.rows), "n_sequences": len(plan.seqs)}
+    pe, pc = predictions(plan, exact), predictions(plan, cached)
+    scored = [i for i, r in enumerate(plan.rows) if r.kind in ("choice1", "choiceN", "text")]
+    if scored:
+        res["agreement"] = float(np.mean([pe[i] == pc[i] for i in scored]))
+    choice = [i for i, r in enumerate(plan.rows) if r.answer is not None]
+    if choice:
+        res["accuracy_baseline"] = float(np.mean([pe[i] == plan.rows[i].answer for i in choice]))
+        res["accuracy_cached"] = float(np.mean([pc[i] == plan.rows[i].answer for i in choice]))
+    if exact.embeddings is not None:
+        cos = (exact.embeddings * cached.embeddings).sum(-1)
+        res["cosine_to_exact_mean"] = float(cos.mean())
+        res["cosine_to_exact_min"] = float(cos.min())
+        res["cosine_to_exact_p01"] = float(np.quantile(cos, 0.01))
+        pairs = [r for r in plan.rows if r.kind == "pair"]
+        if pairs:
+            lab = np.array([r.label for r in pairs])
+            se = np.array([float(exact.embeddings[r.seqs[0]] @ exact.embeddings[r.seqs[1]]) for r in pairs])
+            sc = np.array([float(cached.embeddings[r.seqs[0]] @ cached.embeddings[r.seqs[1]]) for r in pairs])
+            res["pair_auc_exact"] = auc(se, lab)
+            res["pair_auc_cached"] = auc(sc, lab)
+    res["hit_rate"] = float(np.mean(cached.hit)) if cached.hit else 0.0
+    res["seconds_exact"] = exact.seconds
+    res["seconds_cached"] = cached.seconds
+    return res
+
+
+def require_rows(plan: Plan) -> None:
+    if not plan.rows:
+        raise UserError("no usable rows: " + "; ".join(plan.skipped[:3]))

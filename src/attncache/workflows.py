@@ -1,0 +1,97 @@
+"""The commands as Python functions (the CLI is a thin layer over these)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from . import data as data_mod
+from . import models
+from .cache import AttnCache, BuildConfig
+from .errors import UserError
+from .tasks import Plan, compare, plan_rows, require_rows, run
+
+
+def _max_len(model, tokenizer) -> int | None:
+    n = getattr(model.config, "max_position_embeddings", None)
+    t = getattr(tokenizer, "model_max_length", None)
+    if t is not None and t < 10**6:
+        n = min(n, t) if n else t
+    return n
+
+
+def _warn(msgs: list[str], quiet: bool) -> None:
+    if msgs and not quiet:
+        for m in msgs[:5]:
+            print(f"skipped {m}", file=sys.stderr)
+        if len(msgs) > 5:
+            print(f"... and {len(msgs) - 5} more skipped rows", file=sys.stderr)
+
+
+def build(model_name: str, data: str, out: str, limit: int | None = None, cfg: BuildConfig | None = None,
+          progress: bool = True, force: bool = False, strict: bool = False) -> AttnCache:
+    """Record every model input of DATA with ``model_name`` and write a cache DB at ``out``."""
+    model, tok = models.load(model_name)
+    causal = models.model_kind(model.config) == "decoder"
+    ds = data_mod.load(data, encoder=not causal, limit=limit, strict=strict)
+    plan = plan_rows(ds.rows, tok, causal, _max_len(model, tok))
+    _warn(ds.skipped + plan.skipped, not progress)
+    require_rows(plan)
+    return AttnCache.build(model, tok, plan.seqs, out, cfg, progress=progress, force=force)
+
+
+@dataclass
+class Session:
+    """An opened DB with its model loaded and checked: what eval, bench and serve start from."""
+
+    cache: AttnCache
+    model: object
+    tokenizer: object
+
+    @classmethod
+    def open(cls, db: str, model_name: str | None = None) -> Session:
+        cache = AttnCache.open(db)
+        model, tok = models.load(model_name or cache.manifest["model"]["name"])
+        cache.check_model(model)
+        cache.check_tokenizer(tok)
+        return cls(cache, model, tok)
+
+    def plan(self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False) -> Plan:
+        ds = data_mod.load(data, encoder=not self.cache.adapter.causal, limit=limit, strict=strict)
+        plan = plan_rows(ds.rows, self.tokenizer, self.cache.adapter.causal, _max_len(self.model, self.tokenizer))
+        _warn(ds.skipped + plan.skipped, quiet)
+        require_rows(plan)
+        return plan
+
+
+def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: float | None = None,
+             limit: int | None = None, batch_size: int = 8, progress: bool = True,
+             model_name: str | None = None, strict: bool = False) -> list[dict]:
+    """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared)."""
+    s = Session.open(db, model_name)
+    plan = s.plan(data, limit, strict, quiet=not progress)
+    if threshold is not None and threshold < 0:
+        raise UserError(f"--threshold must be >= 0, got {threshold}")
+    exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    results = []
+    for spec in policies or ["default"]:
+        policy = s.cache.policy(spec)
+        s.cache.stats.reset()
+        with s.cache.attach(s.model, policy, threshold) as att:
+            cached = run(s.model, s.tokenizer, plan, batch_size, attached=att, progress=progress,
+                         desc=f"cached ({policy.name})")
+        res = compare(plan, exact, cached)
+        st = s.cache.stats.as_dict()
+        res.update({
+            "policy": policy.name,
+            "policy_layers": list(policy.layers),
+            "threshold": att.threshold,
+            "reuse_fraction": st["reuse_fraction"],
+            "lookup_ms_per_item": 1000 * st["lookup_s"] / max(1, st["lookups"]),
+            "workload_speedup_rough": exact.seconds / cached.seconds if cached.seconds else None,
+            "batch_size": batch_size,
+            "skipped_rows": len(plan.skipped),
+            "data": data,
+        })
+        results.append(res)
+    return results

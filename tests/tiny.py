@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, Gemma3TextConfig, LlamaConfig,
-                          MistralConfig, Qwen2Config, Qwen2MoeConfig)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+)
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, max_position_embeddings=256)

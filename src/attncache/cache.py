@@ -25,8 +25,17 @@ from .policy import Policy, parse_policy
 from .projector import Projector, ProjectorConfig, pair_labels, sample_pairs, train
 from .record import Recorder
 from .replay import Attached, Hit, Stats
-from .store import (FORMAT_VERSION, MANIFEST, MapStore, MapWriter, StoreLayout, atomic_write_json, load_npy,
-                    read_manifest, save_npy)
+from .store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MapStore,
+    MapWriter,
+    StoreLayout,
+    atomic_write_json,
+    load_npy,
+    read_manifest,
+    save_npy,
+)
 
 SEARCH_K = 64  # neighbours inspected per lookup to find the nearest length-compatible entry
 
@@ -186,8 +195,11 @@ class AttnCache:
         return torch.from_numpy(self.store.layer(entry, layer, length)).to(dtype)
 
     # -- attach -----------------------------------------------------------------------------------
-    def attach(self, model: nn.Module, policy: str | Policy | None = None, threshold: float | None = None) -> Attached:
-        return Attached(self, model, self.policy(policy), self.threshold if threshold is None else threshold)
+    def attach(self, model: nn.Module, policy: str | Policy | None = None, threshold: float | None = None,
+               **bench_hooks) -> Attached:
+        """Context manager: while inside, every forward of ``model`` looks up and replays this cache."""
+        thr = self.threshold if threshold is None else threshold
+        return Attached(self, model, self.policy(policy), thr, **bench_hooks)
 
     def check_model(self, model: nn.Module) -> None:
         want = self.manifest["model"]["fingerprint"]
@@ -263,7 +275,7 @@ def _manifest(model, tokenizer, adapter: Adapter, shape: Shape, layout: StoreLay
               cfg: BuildConfig) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": {
             "name": getattr(model, "attncache_name", model.config._name_or_path),
             "model_type": model.config.model_type,

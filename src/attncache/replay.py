@@ -22,7 +22,7 @@ from torch import nn
 from .adapters import Adapter, Shape, apply_maps
 from .patch import ForwardInputs, patched, slice_batch
 from .policy import Policy
-from .record import features
+from .record import features, spans
 
 
 @dataclass
@@ -77,8 +77,12 @@ class BatchPlan:
 class Attached:
     """A cache attached to a model; use as a context manager (``with cache.attach(model): ...``)."""
 
-    def __init__(self, cache, model: nn.Module, policy: Policy, threshold: float):
+    def __init__(self, cache, model: nn.Module, policy: Policy, threshold: float,
+                 preset: list[Hit | None] | None = None, preloaded: dict | None = None):
         self.cache, self.model, self.policy, self.threshold = cache, model, policy, threshold
+        # Benchmark hooks: ``preset`` hits skip the lookup; ``preloaded[(entry, layer)]`` maps skip the
+        # fetch. Together they give the ceiling of the method (maps already in memory, no retrieval).
+        self.preset, self.preloaded = preset, preloaded or {}
         self.adapter: Adapter = cache.adapter
         self.shape: Shape = cache.shape
         self.plan: BatchPlan | None = None
@@ -103,9 +107,14 @@ class Attached:
         if inputs.input_ids is None or inputs.has_past:
             return
         t0 = time.perf_counter()
-        feats, sp = features(self.model, self.adapter, inputs)
-        lengths = [0 if s is None else s[1] - s[0] for s in sp]
-        hits = self.cache.lookup(feats, lengths, threshold=self.threshold)
+        if self.preset is not None:
+            B, T = inputs.input_ids.shape
+            sp = spans(inputs.attention_mask, B, T)
+            hits = list(self.preset)
+        else:
+            feats, sp = features(self.model, self.adapter, inputs)
+            lengths = [0 if s is None else s[1] - s[0] for s in sp]
+            hits = self.cache.lookup(feats, lengths, threshold=self.threshold)
         hits = [h if s is not None else None for h, s in zip(hits, sp)]
         n_hit = sum(h is not None for h in hits)
         B = len(hits)
@@ -143,7 +152,9 @@ class Attached:
     def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit], T: int):
         v = self.adapter.values(module, hidden, self.shape)  # [b, H_kv, T, d]
         t0 = time.perf_counter()
-        maps = [self.cache.fetch(h.entry, layer, h.length, v.dtype) for h in hits]
+        maps = [self.preloaded.get((h.entry, layer, h.length)) for h in hits]
+        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, v.dtype)
+                for m, h in zip(maps, hits)]
         self.cache.stats.add(fetch_s=time.perf_counter() - t0)
         g = self.shape.group
         if all(s == (0, T) for s in spans):

@@ -68,14 +68,14 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
              limit: int | None = None, batch_size: int = 8, progress: bool = True,
              model_name: str | None = None, strict: bool = False) -> list[dict]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared)."""
-    s = Session.open(db, model_name)
-    plan = s.plan(data, limit, strict, quiet=not progress)
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
+    s = Session.open(db, model_name)
+    parsed = [s.cache.policy(spec) for spec in policies or ["default"]]  # refuse bad specs before any work
+    plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
     results = []
-    for spec in policies or ["default"]:
-        policy = s.cache.policy(spec)
+    for policy in parsed:
         s.cache.stats.reset()
         with s.cache.attach(s.model, policy, threshold) as att:
             cached = run(s.model, s.tokenizer, plan, batch_size, attached=att, progress=progress,

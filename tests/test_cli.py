@@ -1,0 +1,87 @@
+"""The CLI end to end on the real offline models (marked ``real``), and its error contract."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PY = [sys.executable, "-m", "attncache"]
+
+
+def cli(*args, ok=True):
+    r = subprocess.run(PY + list(args), capture_output=True, text=True, timeout=900)
+    if ok:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def assert_one_line_error(r, needle):
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_errors_are_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(cli("inspect", str(tmp_path / "missing"), ok=False), "does not exist")
+    assert_one_line_error(cli("inspect", str(f), ok=False), "is a file")
+    assert_one_line_error(cli("inspect", str(tmp_path), ok=False), "not a cache DB")
+    assert_one_line_error(cli("build", "--model", "smollm", "--data", "sst2", "--out", str(tmp_path / "x"), ok=False),
+                          "did you mean 'smollm2-135m'")
+    assert_one_line_error(cli("eval", "--db", str(tmp_path / "missing"), "--data", "sst2", ok=False), "does not exist")
+
+
+@pytest.fixture(scope="module")
+def minilm_db(tmp_path_factory):
+    db = tmp_path_factory.mktemp("minilm") / "db"
+    cli("build", "--model", "minilm-l6", "--data", "sst2[0:40]", "--out", str(db), "--quiet")
+    return db
+
+
+@pytest.mark.real
+def test_minilm_round_trip_and_inspect(minilm_db):
+    same = json.loads(cli("eval", "--db", str(minilm_db), "--data", "sst2[0:40]", "--policy", "all", "--json").stdout)
+    assert same["hit_rate"] == 1.0 and same["cosine_to_exact_min"] > 0.999
+    pairs = json.loads(cli("eval", "--db", str(minilm_db), "--data", "rte[0:20]", "--json").stdout)
+    for k in ("n", "hit_rate", "reuse_fraction", "threshold", "cosine_to_exact_mean", "cosine_to_exact_min",
+              "pair_auc_exact", "pair_auc_cached"):
+        assert k in pairs
+    info = json.loads(cli("inspect", str(minilm_db), "--json").stdout)
+    assert info["entries"] == 40 and info["model"] == "minilm-l6" and info["format_version"] == 1
+    assert info["bytes_on_disk"] > 0 and info["bytes_per_entry"] == pytest.approx(info["bytes_on_disk"] / 40)
+    r = cli("build", "--model", "minilm-l6", "--data", "sst2[0:5]", "--out", str(minilm_db), ok=False)
+    assert_one_line_error(r, "already exists")
+    assert_one_line_error(cli("eval", "--db", str(minilm_db), "--data", "sst2", "--policy", "99", ok=False),
+                          "out of range")
+
+
+@pytest.mark.real
+def test_bench_json_fields(minilm_db, tmp_path):
+    png = tmp_path / "b.png"
+    res = json.loads(cli("bench", "--db", str(minilm_db), "--data", "sst2[0:6]", "--repeats", "2", "--json",
+                         "--plot", str(png)).stdout)
+    for k in ("attn_speedup_vs_sdpa", "attn_speedup_vs_eager", "e2e_speedup_vs_sdpa", "e2e_speedup_vs_eager",
+              "workload_speedup_vs_sdpa", "lookup_ms_median", "fetch_ms_median", "prefill_ms_median_sdpa",
+              "hit_rate", "n_hits", "n", "bound_e2e_speedup", "fraction_of_bound", "machine"):
+        assert k in res, k
+    assert res["n"] == 6 and res["n_hits"] == 6 and res["machine"]["threads"] >= 1
+    assert res["e2e_speedup_vs_sdpa"] > 0 and png.stat().st_size > 1000
+
+
+@pytest.mark.real
+def test_smollm2_round_trip(tmp_path):
+    db = tmp_path / "db"
+    cli("build", "--data", "sst2[0:40]", "--out", str(db), "--quiet")
+    same = json.loads(cli("eval", "--db", str(db), "--data", "sst2[0:40]", "--policy", "all", "--json").stdout)
+    assert same["hit_rate"] >= 0.95 and same["agreement"] >= 0.98 and same["reuse_fraction"] >= 0.95
+    other = json.loads(cli("eval", "--db", str(db), "--data", "sst2[40:70]", "--policy", "all", "--policy", "default",
+                           "--json").stdout)["results"]
+    assert [r["policy"] for r in other] == ["all", "default"]
+    for r in other:
+        for k in ("n", "accuracy_baseline", "accuracy_cached", "agreement", "hit_rate", "reuse_fraction", "threshold"):
+            assert k in r
+        assert r["n"] == 30 and 0 <= r["hit_rate"] <= 1
+    assert other[1]["reuse_fraction"] <= other[0]["reuse_fraction"]

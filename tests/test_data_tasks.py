@@ -1,0 +1,109 @@
+"""JSONL reader and built-in data; scoring plans; metrics."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attncache import UserError
+from attncache import data as D
+from attncache.tasks import auc, plan_rows
+
+
+def write(tmp_path, lines: list[bytes]):
+    p = tmp_path / "rows.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    return p
+
+
+def test_jsonl_reports_and_skips_bad_rows(tmp_path):
+    p = write(tmp_path, [
+        json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 1}).encode(),
+        b"{not json",
+        b"\xff\xfe bad utf8",
+        json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 5}).encode(),
+        json.dumps({"prompt": "  ", "choices": ["a", "b"], "answer": 0}).encode(),
+        json.dumps({"text": 3}).encode(),
+        json.dumps({"text1": "a", "text2": "b", "label": 1}).encode(),
+        json.dumps([1, 2]).encode(),
+        json.dumps({"text": "fine"}).encode(),
+    ])
+    ds = D.read_jsonl(p)
+    assert [type(r).__name__ for r in ds.rows] == ["ChoiceRow", "PairRow", "TextRow"]
+    assert len(ds.skipped) == 6
+    joined = "\n".join(ds.skipped)
+    for needle in (":2: malformed JSON", ":3: not valid UTF-8", "out of range", "'prompt' is empty",
+                   "'text' must be a string", "expected a JSON object"):
+        assert needle in joined
+    with pytest.raises(UserError, match=":2: malformed"):
+        D.read_jsonl(p, strict=True)
+
+
+def test_load_errors_and_slices(tmp_path):
+    with pytest.raises(UserError, match="did you mean 'sst2'"):
+        D.load("sst")
+    with pytest.raises(UserError, match="does not exist"):
+        D.load(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="is a folder"):
+        D.load(str(tmp_path) + "/")
+    p = write(tmp_path, [json.dumps({"text": f"t{i}"}).encode() for i in range(10)])
+    assert [r.text for r in D.load(f"{p}[2:5]").rows] == ["t2", "t3", "t4"]
+    assert len(D.load(str(p), limit=4).rows) == 4
+    with pytest.raises(UserError, match="no usable rows"):
+        D.load(f"{p}[20:]")
+
+
+def test_builtin_sets_load():
+    sst = D.load("sst2[0:5]")
+    assert len(sst.rows) == 5 and sst.rows[0].choices == (" negative", " positive")
+    enc = D.load("sst2[0:3]", encoder=True)
+    assert all(isinstance(r, D.TextRow) for r in enc.rows)
+    m5 = D.load("mmlu:5shot", limit=2).rows[0]
+    assert m5.prompt.count("Answer:") == 6 and m5.choices == (" A", " B", " C", " D")
+    with pytest.raises(UserError, match="mmlu:Kshot"):
+        D.load("mmlu:9shot")
+    assert isinstance(D.load("rte[0:2]", encoder=True).rows[0], D.PairRow)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(
+    st.sampled_from(["prompt", "choices", "answer", "text", "text1", "text2", "label", "x"]), c), max_leaves=8))
+def test_parse_row_accepts_or_raises_valueerror(obj):
+    try:
+        row = D.parse_row(obj)
+    except ValueError:
+        return
+    assert isinstance(row, (D.ChoiceRow, D.TextRow, D.PairRow))
+
+
+class CharTok:
+    """Each character is a token; special tokens add a BOS id 1."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_plan_single_and_multi_token_choices():
+    rows = [D.ChoiceRow("ab", ("x", "y"), 0), D.ChoiceRow("ab", ("xy", "z"), 1), D.ChoiceRow("c" * 50, ("x", "y"), 0)]
+    plan = plan_rows(rows, CharTok(), causal=True, max_len=20)
+    assert [r.kind for r in plan.rows] == ["choice1", "choiceN"]
+    assert plan.skipped and "longer than" in plan.skipped[0]
+    assert plan.seqs[0] == [1, 97, 98]  # the single-token row runs the prompt alone
+    multi = plan.rows[1]
+    assert [plan.seqs[s] for s in multi.seqs] == [[1, 97, 98, 120, 121], [1, 97, 98, 122]]
+    # "xy": token x is predicted by the logits 3 from the end, y by 2 from the end
+    assert [(q.from_end, q.token) for q in multi.queries[0]] == [(3, 120), (2, 121)]
+    assert plan.need()[multi.seqs[0]] == 3
+
+
+def test_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 40).astype(float)
+    y = rng.integers(0, 2, 40)
+    pos, neg = s[y == 1], s[y == 0]
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert np.isclose(auc(s, y), brute)

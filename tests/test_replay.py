@@ -1,0 +1,237 @@
+"""Replay exactness, the Q/K skip, hit/miss mixing, padding, crops and detaching, on every family."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FAMILIES, random_seqs
+
+from attncache import AttnCache, UserError
+from attncache.adapters import get_adapter
+from attncache.inputs import collate
+
+
+def forward(model, seqs, causal):
+    inp = collate(seqs, 0, causal)
+    with torch.no_grad():
+        out = model(**inp)
+    y = out.logits if causal else out.last_hidden_state
+    return y, inp["attention_mask"].bool()
+
+
+def qk_modules(cache, model):
+    names = ("q_proj", "k_proj") if cache.adapter.causal else ("query", "key")
+    return [getattr(m, n) for m in cache.adapter.attention_modules(model) for n in names]
+
+
+class Spy:
+    """Counts calls of modules (forward hooks) and of the attention modules' original class forward."""
+
+    def __init__(self, modules, attn_cls=None):
+        self.calls = 0
+        self.attn_calls = 0
+        self.handles = [m.register_forward_hook(self._hit) for m in modules]
+        self.attn_cls, self.orig = attn_cls, None
+        if attn_cls is not None:
+            self.orig = attn_cls.forward
+            spy = self
+
+            def counting(mod, *a, **k):
+                spy.attn_calls += 1
+                return spy.orig(mod, *a, **k)
+
+            attn_cls.forward = counting
+
+    def _hit(self, *_):
+        self.calls += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        if self.attn_cls is not None:
+            self.attn_cls.forward = self.orig
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_inputs_reproduce_exact_outputs(built, family):
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    ref, mask = forward(model, seqs, causal)
+    with cache.attach(model, policy="all") as att:
+        out, _ = forward(model, seqs, causal)
+        assert all(h is not None for h in att.last_hits)
+    assert (ref - out)[mask].abs().max() < 1e-4
+    assert cache.stats.as_dict()["layer_maps_reused"] >= len(seqs) * cache.shape.n_layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hits_skip_q_k_and_original_attention(built, family):
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    attn_cls = type(cache.adapter.attention_modules(model)[0])
+    v_name = cache.adapter.v_proj
+    v_spy = Spy([getattr(m, v_name) for m in cache.adapter.attention_modules(model)])
+    # Installed before attach, so replay's "original forward" is the counting one.
+    spy = Spy(qk_modules(cache, model), attn_cls)
+    try:
+        with cache.attach(model, policy="all"):
+            forward(model, seqs[:3], causal)
+        hit_calls = (spy.calls, spy.attn_calls)
+        with cache.attach(model, policy="all", threshold=-1.0):  # all miss: the spy must see them
+            forward(model, seqs[:3], causal)
+        miss_calls = (spy.calls, spy.attn_calls)
+    finally:
+        spy.close()
+        v_spy.close()
+    assert hit_calls == (0, 0)
+    assert miss_calls == (2 * cache.shape.n_layers, cache.shape.n_layers)
+    assert v_spy.calls == 2 * cache.shape.n_layers  # V is computed in every layer, hit or miss
+    # The spy itself works: the untouched model calls both.
+    spy = Spy(qk_modules(cache, model), attn_cls)
+    try:
+        forward(model, seqs[:3], causal)
+    finally:
+        spy.close()
+    assert spy.calls == 2 * cache.shape.n_layers and spy.attn_calls == cache.shape.n_layers
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_policy_limits_layers(built, family):
+    model, cache, seqs = built(family)
+    mods = cache.adapter.attention_modules(model)
+    counters = [Spy(qk_modules(cache, model)[2 * i : 2 * i + 2]) for i in range(len(mods))]
+    with cache.attach(model, policy="1"):
+        forward(model, seqs[:2], cache.adapter.causal)
+    for c in counters:
+        c.close()
+    assert [c.calls for c in counters] == [2, 0, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_misses_equal_untouched_model(built, family):
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    new = random_seqs(4, seed=99)
+    ref, mask = forward(model, new, causal)
+    with cache.attach(model, policy="all", threshold=-1.0) as att:
+        out, _ = forward(model, new, causal)
+        assert all(h is None for h in att.last_hits)
+    assert (ref - out)[mask].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_padded_batch(built, family):
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    new = random_seqs(3, lo=8, hi=25, seed=7)
+    batch = [seqs[0], new[0], seqs[3], new[1], seqs[5], new[2]]
+    ref, mask = forward(model, batch, causal)
+    with cache.attach(model, policy="all", threshold=1e-4) as att:
+        out, _ = forward(model, batch, causal)
+        flags = [h is not None for h in att.last_hits]
+    assert flags == [True, False, True, False, True, False]
+    assert (ref - out)[mask].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_causal_crop_of_longer_entry_is_exact(built, family):
+    model, cache, seqs = built(family)
+    longest = max(seqs, key=len)
+    prefix = longest[: len(longest) - 3]
+    assert tuple(prefix) not in {tuple(s) for s in seqs}
+    ref, mask = forward(model, [prefix], True)
+    # Look up with the query's own features, but force the nearest entry to be the longer one.
+    e = [i for i, L in enumerate(cache.store.lengths) if len(longest) == L][0]
+    from attncache.replay import Hit
+
+    with cache.attach(model, policy="all", preset=[Hit(e, len(prefix), 0.0)]):
+        out, _ = forward(model, [prefix], True)
+    assert (ref - out)[mask].abs().max() < 1e-4
+
+
+def test_encoder_never_crops(built):
+    _, cache, _ = built("bert")
+    assert not cache.allow_crop
+    assert not cache.compatible(0, int(cache.store.lengths[0]) - 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_detach_restores_modules(built, family):
+    model, cache, seqs = built(family)
+    mods = cache.adapter.attention_modules(model)
+    before = [m.forward.__func__ for m in mods]
+    with cache.attach(model, policy="all"):
+        assert all("forward" in m.__dict__ for m in mods)
+        with pytest.raises(RuntimeError), cache.attach(model):
+            pass
+    assert all("forward" not in m.__dict__ for m in mods)
+    assert [m.forward.__func__ for m in mods] == before
+    assert not model._forward_pre_hooks
+    ref, mask = forward(model, random_seqs(2, seed=5), cache.adapter.causal)
+    assert torch.isfinite(ref).all()
+
+
+def test_db_opened_in_another_process_gives_same_hits(built, tmp_path):
+    model, cache, seqs = built("llama")
+    queries = seqs[:4] + random_seqs(4, seed=11)
+    with cache.attach(model, policy="all") as att:
+        forward(model, queries, True)
+        here = [None if h is None else (h.entry, round(h.distance, 5)) for h in att.last_hits]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from tiny import tiny_model
+        from attncache import AttnCache
+        from attncache.inputs import collate
+        model = tiny_model("llama")
+        cache = AttnCache.open({str(cache.folder)!r})
+        with cache.attach(model, policy="all") as att, torch.no_grad():
+            model(**collate({queries!r}, 0, True))
+            print(json.dumps([None if h is None else (h.entry, round(h.distance, 5)) for h in att.last_hits]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    import json
+
+    there = [None if h is None else tuple(h) for h in json.loads(out.stdout.strip().splitlines()[-1])]
+    assert there == here
+    assert sum(h is not None for h in here) >= 4
+
+
+def test_wrong_model_is_refused(built):
+    from tiny import tiny_model
+
+    _, cache, _ = built("llama")
+    other = tiny_model("llama", seed=123)
+    with pytest.raises(UserError, match="another model"), cache.attach(other):
+        pass
+
+
+def test_unsupported_architecture_names_supported():
+    class Cfg:
+        model_type = "gpt2"
+
+    with pytest.raises(UserError, match="supported: .*llama"):
+        get_adapter(Cfg())
+
+
+def test_stats_are_cumulative(built):
+    model, cache, seqs = built("qwen2")
+    cache.stats.reset()
+    with cache.attach(model, policy="all"):
+        forward(model, seqs[:3], True)
+        forward(model, seqs[3:5] + random_seqs(1, seed=42), True)
+    st = cache.stats.as_dict()
+    assert st["lookups"] == 6 and st["hits"] + st["misses"] == 6 and st["hits"] >= 5
+    assert st["layer_maps_total"] == 6 * cache.shape.n_layers
+    assert st["lookup_s"] > 0 and st["fetch_s"] > 0
+
+
+def test_reopen_matches(built):
+    _, cache, _ = built("bert")
+    again = AttnCache.open(cache.folder)
+    assert again.threshold == cache.threshold and again.default_layers == cache.default_layers
+    assert len(again.store) == len(cache.store)

@@ -141,7 +141,7 @@ def fingerprint(model, tokenizer=None) -> dict[str, str]:
         step = max(1, t.numel() // 4096)
         h_w.update(n.encode())
         h_w.update(str(tuple(p.shape)).encode())
-        h_w.update(t[::step].to(torch.float32).numpy().tobytes())
+        h_w.update(t[::step].to(torch.float32).cpu().numpy().tobytes())
     out = {"config": h_cfg, "weights": h_w.hexdigest()[:16]}
     if tokenizer is not None:
         out["tokenizer"] = fingerprint_tokenizer(tokenizer)

@@ -49,7 +49,7 @@ def features(model: nn.Module, adapter: Adapter, inputs: ForwardInputs) -> tuple
     for b, s in enumerate(sp):
         if s is None:
             continue
-        out[b, :-1] = tok[b, s[0] : s[1]].mean(0).numpy()
+        out[b, :-1] = tok[b, s[0] : s[1]].mean(0).cpu().numpy()
         out[b, -1] = math.log(s[1] - s[0])
     return out, sp
 
@@ -99,5 +99,5 @@ class Recorder:
         stacked = torch.stack([self._maps[layer] for layer in self.layers], dim=1)  # [B, nl, H, T, T]
         maps = []
         for b, s in enumerate(sp):
-            maps.append(None if s is None else stacked[b, :, :, s[0] : s[1], s[0] : s[1]].float().numpy())
+            maps.append(None if s is None else stacked[b, :, :, s[0] : s[1], s[0] : s[1]].float().cpu().numpy())
         return maps, feats

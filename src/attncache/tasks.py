@@ -146,9 +146,10 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
     emb = None
     hit = [False] * len(plan.seqs)
     seconds = 0.0
+    device = next(model.parameters()).device
     bar = tqdm(total=len(plan.seqs), desc=desc, disable=not progress, leave=False)
     for batch in length_batches([len(s) for s in plan.seqs], batch_size):
-        inputs = collate([plan.seqs[i] for i in batch], pad, plan.causal)
+        inputs = {k: v.to(device) for k, v in collate([plan.seqs[i] for i in batch], pad, plan.causal).items()}
         t0 = time.perf_counter()
         if plan.causal:
             keep = max(need[i] for i in batch)
@@ -171,7 +172,7 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
         else:
             if emb is None:
                 emb = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
-            emb[batch] = pooled.numpy()
+            emb[batch] = pooled.cpu().numpy()
         bar.update(len(batch))
     bar.close()
     return RunOutput(logprobs, argmax, emb, hit, seconds)

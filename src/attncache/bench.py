@@ -128,7 +128,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         if h is not None:
             for layer in pol.layers:
                 if layer in cache.store.layer_pos:
-                    preloaded[(h.entry, layer, h.length)] = cache.fetch(h.entry, layer, h.length, torch.float32)
+                    preloaded[(h.entry, layer, h.length)] = cache.fetch(h.entry, layer, h.length).clone()
 
     lookup_ms: list[float] = []
     fetch_ms: list[float] = []

@@ -190,9 +190,9 @@ class AttnCache:
             hits.append(hit)
         return hits
 
-    def fetch(self, entry: int, layer: int, length: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-        """[H, L, L] maps of one layer as a tensor of ``dtype`` (one conversion from the memmap)."""
-        return torch.from_numpy(self.store.layer(entry, layer, length)).to(device=device, dtype=dtype)
+    def fetch(self, entry: int, layer: int, length: int, device=None) -> torch.Tensor:
+        """[H, L, L] maps of one layer in the stored precision: a zero-copy memmap view on the CPU."""
+        return torch.from_numpy(self.store.layer(entry, layer, length)).to(device=device)
 
     # -- attach -----------------------------------------------------------------------------------
     def attach(self, model: nn.Module, policy: str | Policy | None = None, threshold: float | None = None,

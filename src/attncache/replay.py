@@ -153,7 +153,7 @@ class Attached:
         v = self.adapter.values(module, hidden, self.shape)  # [b, H_kv, T, d]
         t0 = time.perf_counter()
         maps = [self.preloaded.get((h.entry, layer, h.length)) for h in hits]
-        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, v.dtype, v.device)
+        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, v.device)
                 for m, h in zip(maps, hits)]
         self.cache.stats.add(fetch_s=time.perf_counter() - t0)
         g = self.shape.group

@@ -69,10 +69,16 @@ def apply_maps(maps: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
 
     maps: [H_q, L, L]; v: [H_kv, L, d] -> [H_q, L, d]. Query head h reads KV head h // group.
     """
-    hq, L, _ = maps.shape
+    hq, L, Lk = maps.shape
     hkv, _, d = v.shape
-    assert hq == hkv * group, (hq, hkv, group)
+    assert hq == hkv * group and v.shape[1] == Lk, (maps.shape, v.shape, group)
+    if v.dtype != maps.dtype:
+        # Run A @ V in the stored precision: reading fp16 maps as they are is several times faster
+        # than converting them (a full-size copy per layer); V is small.
+        return apply_maps(maps, v.to(maps.dtype), group).to(v.dtype)
     if group == 1:
-        return torch.matmul(maps, v)
-    out = torch.matmul(maps.view(hkv, group, L, L), v.unsqueeze(1))
-    return out.reshape(hq, L, d)
+        return torch.bmm(maps, v)
+    if maps.is_contiguous():
+        # The query heads of one KV group are adjacent: stack their rows, one bmm per KV head.
+        return torch.bmm(maps.view(hkv, group * L, Lk), v).view(hq, L, d)
+    return torch.matmul(maps.view(hkv, group, L, Lk), v.unsqueeze(1)).reshape(hq, L, d)

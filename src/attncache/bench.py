@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .inputs import collate
+from .prefix import DEFAULT_PREFIX_BYTES
+from .tasks import run as run_plan
 from .workflows import Session
 
 
@@ -34,7 +36,9 @@ class BenchConfig:
     warmup: int = 1
     threads: int | None = None
     eager: bool = True
-    max_items: int = 24
+    max_items: int = 24  # rows, when no --limit is given
+    pass_repeats: int = 3  # whole-workload passes per variant
+    prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
 
 
 def interleaved(variants: dict[str, Callable[[int], dict[str, float] | None]], n_items: int, repeats: int,
@@ -107,8 +111,8 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         torch.set_num_threads(cfg.threads)
     s = Session.open(db, model_name)
     cache, model, tok = s.cache, s.model, s.tokenizer
-    plan = s.plan(data, limit, quiet=not progress)
-    seqs = plan.seqs[: cfg.max_items]
+    plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
+    seqs = plan.seqs
     causal = cache.adapter.causal
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     inputs = [collate([q], pad, causal) for q in seqs]
@@ -171,6 +175,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         model.set_attn_implementation(base_impl)
     med = {k: v["e2e"] for k, v in timed.items()}
     attn = {k: v["attn"] for k, v in timed.items()}
+    workload = _workload_passes(s, plan, pol, threshold, cfg)
 
     H = [i for i, h in enumerate(hits) if h is not None]
 
@@ -190,7 +195,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         "attn_speedup_vs_eager": _ratio(pick(attn["eager"], H), pick(attn["cached"], H)) if cfg.eager else None,
         "e2e_speedup_vs_sdpa": _ratio(pick(med["sdpa"], H), pick(med["cached"], H)),
         "e2e_speedup_vs_eager": _ratio(pick(med["eager"], H), pick(med["cached"], H)) if cfg.eager else None,
-        "workload_speedup_vs_sdpa": _ratio(med["sdpa"], med["cached"]),
+        **workload,
         "bound_e2e_speedup": _ratio(pick(med["sdpa"], H), pick(med["bound"], H)),
         "lookup_ms_median": statistics.median(lookup_ms) if lookup_ms else None,
         "fetch_ms_median": statistics.median(fetch_ms) if fetch_ms else None,
@@ -207,6 +212,40 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         res["lookup_fetch_share_of_prefill"] = ((res["lookup_ms_median"] + (res["fetch_ms_median"] or 0.0))
                                                 / res["prefill_ms_median_sdpa"])
     return res
+
+
+def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict:
+    """Whole-workload passes at batch 1 (lookups, fetches, prefix matching and insertion all timed),
+    interleaved per repeat; each tiered pass starts from an empty prefix tree."""
+    model, tok, cache = s.model, s.tokenizer, s.cache
+    stats = {}
+
+    def one(use_map: bool, use_prefix: bool):
+        def fn(_i: int):
+            prefix = s.prefix_runner(cfg.prefix_bytes) if use_prefix else None
+            ctx = cache.attach(model, pol, threshold) if use_map else contextlib.nullcontext()
+            with ctx:
+                out = run_plan(model, tok, plan, batch_size=1, progress=False, prefix=prefix)
+            if prefix is not None:
+                stats["prefix"] = prefix.stats.as_dict()
+            return {"e2e": out.seconds}
+        return fn
+
+    variants = {"sdpa": one(False, False), "map": one(True, False)}
+    has_prefix = s.prefix_runner(cfg.prefix_bytes) is not None
+    if has_prefix:
+        variants["prefix"] = one(False, True)
+        variants["both"] = one(True, True)
+    t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, cfg.pass_repeats, 0).items()}
+    best = "both" if has_prefix else "map"
+    return {
+        "workload_speedup_vs_sdpa": t["sdpa"] / t[best],
+        "workload_speedup_map_only": t["sdpa"] / t["map"],
+        "workload_speedup_prefix_only": t["sdpa"] / t["prefix"] if has_prefix else None,
+        "workload_seconds_sdpa": t["sdpa"],
+        "prefix_cache": has_prefix,
+        "prefix_tokens_reused_fraction": stats.get("prefix", {}).get("prefix_tokens_reused_fraction", 0.0),
+    }
 
 
 def plot(res: dict, path: str) -> None:

@@ -44,7 +44,8 @@ def cmd_build(a) -> int:
 
 EVAL_KEYS = ["policy", "n", "n_sequences", "accuracy_baseline", "accuracy_cached", "agreement",
              "cosine_to_exact_mean", "cosine_to_exact_min", "pair_auc_exact", "pair_auc_cached",
-             "hit_rate", "reuse_fraction", "threshold", "lookup_ms_per_item", "seconds_exact", "seconds_cached",
+             "hit_rate", "reuse_fraction", "prefix_tokens_reused_fraction",
+             "threshold", "lookup_ms_per_item", "seconds_exact", "seconds_cached",
              "workload_speedup_rough"]
 
 
@@ -52,7 +53,8 @@ def cmd_eval(a) -> int:
     from .workflows import evaluate
 
     res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
-                   progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict)
+                   progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict,
+                   prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
     if a.json:
         print(json.dumps(res[0] if len(res) == 1 else {"results": res}))
     else:
@@ -63,7 +65,8 @@ def cmd_eval(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import BenchConfig, bench
 
-    cfg = BenchConfig(repeats=a.repeats, warmup=a.warmup, threads=a.threads, eager=not a.no_eager)
+    cfg = BenchConfig(repeats=a.repeats, warmup=a.warmup, threads=a.threads, eager=not a.no_eager,
+                      prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
     res = bench(a.db, a.data, a.policy, a.limit, cfg, model_name=a.model, progress=not a.quiet and not a.json,
                 threshold=a.threshold)
     if a.plot:
@@ -87,6 +90,25 @@ def cmd_inspect(a) -> int:
     else:
         print(_table([info], list(info)))
     return 0
+
+
+def _bytes(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    try:
+        n = float(s[:-1]) * units[s[-1].lower()] if s and s[-1].lower() in units else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got '{s}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return int(n)
+
+
+def prefix_args(sp) -> None:
+    from .prefix import DEFAULT_PREFIX_BYTES
+
+    sp.add_argument("--no-prefix-cache", action="store_true", help="switch off the exact prefix K/V tier (decoders)")
+    sp.add_argument("--prefix-bytes", type=_bytes, default=DEFAULT_PREFIX_BYTES,
+                    help="memory cap of the prefix K/V tier, e.g. 512M (default 2G); LRU eviction")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, help="max predicted distance for a hit (default: the DB's)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--model", help="load this model instead of the one named in the DB (must be identical)")
+    prefix_args(e)
     e.set_defaults(fn=cmd_eval)
 
     bn = sub.add_parser("bench", help="interleaved timing of exact vs cached forwards")
@@ -131,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-eager", action="store_true", help="skip the eager-attention baseline")
     bn.add_argument("--plot", help="write a PNG of per-item speedups")
     bn.add_argument("--model")
+    prefix_args(bn)
     bn.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect", help="describe a cache DB")

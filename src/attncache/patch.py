@@ -35,7 +35,7 @@ def _forward_inputs(args: tuple, kwargs: dict) -> ForwardInputs:
     names = ("input_ids", "attention_mask")
     got = dict(zip(names, args))
     got.update({k: kwargs[k] for k in names if k in kwargs})
-    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    past = kwargs.get("cache", kwargs.get("past_key_values"))
     has_past = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
     return ForwardInputs(got.get("input_ids"), got.get("attention_mask"), kwargs.get("token_type_ids"), has_past)
 
@@ -52,9 +52,9 @@ def patched(
     modules = adapter.attention_modules(model)
 
     def pre_hook(_mod, args, kwargs):
-        # Prefill-only: a KV cache would only be filled for the rows that miss, so don't build one
-        # unless the caller passed one explicitly.
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None and adapter.causal:
+        # Prefill-only: a KV cache would only be filled for the rows that compute their keys, so
+        # don't build one unless the caller asked (the prefix tier asks, and knows which rows are whole).
+        if adapter.causal and "use_cache" not in kwargs:
             kwargs["use_cache"] = False
         on_forward(_forward_inputs(args, kwargs))
         return args, kwargs

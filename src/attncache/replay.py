@@ -94,11 +94,13 @@ class Attached:
         self.cache.check_model(self.model)
         self._ctx = patched(self.model, self.adapter, self._on_forward, self._on_attention)
         self._ctx.__enter__()
+        self.model._attncache_attached = self  # lets other tiers (prefix) see this forward's hits
         return self
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
         self._ctx = None
+        self.model._attncache_attached = None
         self.plan = None
 
     # -- per forward ------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class RunOutput:
 
 @torch.no_grad()
 def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=None, progress: bool = True,
-        desc: str = "forward") -> RunOutput:
+        desc: str = "forward", prefix=None) -> RunOutput:
     """Forward every planned sequence once (batched by length) and collect what the rows need."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     need = plan.need()
@@ -153,15 +153,22 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
         t0 = time.perf_counter()
         if plan.causal:
             keep = max(need[i] for i in batch)
-            out = model(**inputs, logits_to_keep=keep)
-            lp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, keep, V]
+            if prefix is not None:
+                logits, batch_hits = prefix.logits([plan.seqs[i] for i in batch], keep, pad)
+            else:
+                logits = model(**inputs, logits_to_keep=keep).logits
+                batch_hits = attached.last_hits if attached is not None else None
+            lp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]
         else:
             out = model(**inputs)
             m = inputs["attention_mask"].unsqueeze(-1).float()
             pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         seconds += time.perf_counter() - t0
-        if attached is not None:
+        if plan.causal and batch_hits is not None:
+            for j, i in enumerate(batch):
+                hit[i] = batch_hits[j] is not None
+        elif attached is not None:
             for j, i in enumerate(batch):
                 hit[i] = attached.last_hits[j] is not None
         if plan.causal:

@@ -9,6 +9,7 @@ from . import data as data_mod
 from . import models
 from .cache import AttnCache, BuildConfig
 from .errors import UserError
+from .prefix import DEFAULT_PREFIX_BYTES, PrefixRunner, supports_prefix
 from .tasks import Plan, compare, plan_rows, require_rows, run
 
 
@@ -56,6 +57,12 @@ class Session:
         cache.check_tokenizer(tok)
         return cls(cache, model, tok)
 
+    def prefix_runner(self, max_bytes: int | None) -> PrefixRunner | None:
+        """A fresh exact prefix tier, for decoders whose cache keeps every key (no sliding windows)."""
+        if max_bytes is None or not self.cache.adapter.causal or not supports_prefix(self.model):
+            return None
+        return PrefixRunner(self.model, max_bytes)
+
     def plan(self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False) -> Plan:
         ds = data_mod.load(data, encoder=not self.cache.adapter.causal, limit=limit, strict=strict)
         plan = plan_rows(ds.rows, self.tokenizer, self.cache.adapter.causal, _max_len(self.model, self.tokenizer))
@@ -66,8 +73,12 @@ class Session:
 
 def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: float | None = None,
              limit: int | None = None, batch_size: int = 8, progress: bool = True,
-             model_name: str | None = None, strict: bool = False) -> list[dict]:
-    """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared)."""
+             model_name: str | None = None, strict: bool = False, prefix_bytes: int | None = DEFAULT_PREFIX_BYTES
+             ) -> list[dict]:
+    """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
+
+    The cached pass uses the exact prefix tier too (decoders; ``prefix_bytes=None`` switches it off).
+    """
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
     s = Session.open(db, model_name)
@@ -77,9 +88,10 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
     results = []
     for policy in parsed:
         s.cache.stats.reset()
+        prefix = s.prefix_runner(prefix_bytes)
         with s.cache.attach(s.model, policy, threshold) as att:
             cached = run(s.model, s.tokenizer, plan, batch_size, attached=att, progress=progress,
-                         desc=f"cached ({policy.name})")
+                         desc=f"cached ({policy.name})", prefix=prefix)
         res = compare(plan, exact, cached)
         st = s.cache.stats.as_dict()
         res.update({
@@ -91,6 +103,8 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
             "workload_speedup_rough": exact.seconds / cached.seconds if cached.seconds else None,
             "batch_size": batch_size,
             "skipped_rows": len(plan.skipped),
+            "prefix_cache": prefix is not None,
+            "prefix_tokens_reused_fraction": prefix.stats.as_dict()["prefix_tokens_reused_fraction"] if prefix else 0.0,
             "data": data,
         })
         results.append(res)

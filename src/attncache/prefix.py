@@ -1,0 +1,237 @@
+"""The exact tier for decoders: reuse the keys and values of shared token prefixes.
+
+With causal attention every hidden state of a prefix depends only on the prefix, so its keys and values
+can be reused *exactly*: only the remaining tokens run, attending to the cached prefix K/V. Entries live in
+a token-level radix tree (``RadixKV``): each edge holds a run of tokens and their K/V for every layer,
+``[n_layers, 2, H_kv, len, d]``. A lookup walks the tree and returns the longest cached prefix; an insert
+adds the new tokens' K/V, splitting an edge where two sequences diverge. Memory is bounded
+(``max_bytes``): least-recently-used leaves are evicted first.
+
+``PrefixRunner`` runs batches through the model with the tree:
+- items with a cached prefix of P tokens run their suffix alone, with the prefix K/V as ``past_key_values``
+  and position ids starting at P (at least the positions whose logits are needed always run);
+- items without one run together as usual and their K/V is inserted afterwards;
+- with an attention-map cache attached, map reuse applies to items without a prefix hit; an item whose
+  layers reused maps has no keys in those layers and is therefore not inserted.
+
+Models with sliding-window layers (Gemma3, Mistral with a window) keep only a window of K/V in their cache,
+so the tier is not used for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaForCausalLM
+
+from .inputs import collate
+
+DEFAULT_PREFIX_BYTES = 2 << 30
+MIN_PREFIX = 16  # tokens; below this an item runs whole (and may reuse maps instead)
+
+
+@dataclass
+class _Edge:
+    tokens: tuple[int, ...]
+    kv: torch.Tensor  # [n_layers, 2, H_kv, len(tokens), d]
+    child: _Node
+    used: float = 0.0
+
+
+@dataclass
+class _Node:
+    edges: dict[int, _Edge] = field(default_factory=dict)
+    parent: _Node | None = None
+
+
+class RadixKV:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.root = _Node()
+        self.bytes = 0
+        self._clock = 0.0
+
+    def _tick(self) -> float:
+        self._clock += 1.0
+        return self._clock
+
+    def match(self, tokens: list[int], max_len: int) -> tuple[int, list[torch.Tensor]]:
+        """Longest cached prefix of ``tokens`` (at most ``max_len`` tokens): (length, K/V segments)."""
+        node, pos, segs = self.root, 0, []
+        now = self._tick()
+        while pos < max_len:
+            e = node.edges.get(tokens[pos])
+            if e is None:
+                break
+            n = 0
+            lim = min(len(e.tokens), max_len - pos)
+            while n < lim and e.tokens[n] == tokens[pos + n]:
+                n += 1
+            e.used = now
+            segs.append(e.kv[:, :, :, :n] if n < len(e.tokens) else e.kv)
+            pos += n
+            if n < len(e.tokens):
+                break
+            node = e.child
+        return pos, segs
+
+    def insert(self, tokens: list[int], kv: torch.Tensor) -> None:
+        """Add ``tokens`` with their K/V ``[n_layers, 2, H_kv, len(tokens), d]`` (shared parts are kept once)."""
+        assert kv.shape[3] == len(tokens), (kv.shape, len(tokens))
+        node, pos = self.root, 0
+        now = self._tick()
+        while pos < len(tokens):
+            e = node.edges.get(tokens[pos])
+            if e is None:
+                new = _Edge(tuple(tokens[pos:]), kv[:, :, :, pos:].clone(), _Node(parent=node), now)
+                node.edges[tokens[pos]] = new
+                self.bytes += new.kv.numel() * new.kv.element_size()
+                break
+            n = 0
+            lim = min(len(e.tokens), len(tokens) - pos)
+            while n < lim and e.tokens[n] == tokens[pos + n]:
+                n += 1
+            e.used = now
+            if n < len(e.tokens):  # split the edge at n
+                mid = _Node(parent=node)
+                tail = _Edge(e.tokens[n:], e.kv[:, :, :, n:].clone(), e.child, e.used)
+                e.child.parent = mid
+                mid.edges[tail.tokens[0]] = tail
+                e.tokens, e.kv, e.child = e.tokens[:n], e.kv[:, :, :, :n].clone(), mid
+            pos += n
+            node = e.child
+        self._evict()
+
+    def _leaves(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            for first, e in node.edges.items():
+                if e.child.edges:
+                    stack.append(e.child)
+                else:
+                    yield node, first, e
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes:
+            victim = min(self._leaves(), key=lambda t: t[2].used, default=None)
+            if victim is None:
+                break
+            node, first, e = victim
+            del node.edges[first]
+            self.bytes -= e.kv.numel() * e.kv.element_size()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._leaves())
+
+
+def supports_prefix(model: nn.Module) -> bool:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None) or []
+    return not any("sliding" in str(t) for t in types) and not getattr(cfg, "sliding_window", None)
+
+
+@dataclass
+class PrefixStats:
+    tokens_total: int = 0
+    tokens_reused: int = 0
+    items: int = 0
+    items_with_prefix: int = 0
+    insert_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["prefix_tokens_reused_fraction"] = self.tokens_reused / self.tokens_total if self.tokens_total else 0.0
+        return d
+
+
+class PrefixRunner:
+    """Runs decoder batches through a ``RadixKV``; returns the last ``keep`` positions' logits per item."""
+
+    def __init__(self, model: nn.Module, max_bytes: int = DEFAULT_PREFIX_BYTES, min_prefix: int = MIN_PREFIX):
+        self.model = model
+        self.min_prefix = min_prefix
+        self.tree = RadixKV(max_bytes)
+        self.stats = PrefixStats()
+        self.device = next(model.parameters()).device
+
+    def reset(self) -> None:
+        self.tree = RadixKV(self.tree.max_bytes)
+
+    @torch.no_grad()
+    def logits(self, seqs: list[list[int]], keep: int, pad_id: int) -> tuple[torch.Tensor, list]:
+        """([B, keep, V] logits, per item the map hit or None). Works with or without an attached map cache."""
+        attached = getattr(self.model, "_attncache_attached", None)
+        B = len(seqs)
+        matches = [self.tree.match(s, max(0, len(s) - keep)) for s in seqs]
+        # A short shared prefix saves little and would keep the item from map reuse: run it whole.
+        matches = [(p, segs) if p >= self.min_prefix else (0, []) for p, segs in matches]
+        self.stats.items += B
+        self.stats.tokens_total += sum(len(s) for s in seqs)
+        out: list[torch.Tensor | None] = [None] * B
+        hits: list = [None] * B
+        fresh = [i for i, (p, _) in enumerate(matches) if p == 0]
+        if fresh:
+            inp = {k: v.to(self.device) for k, v in collate([seqs[i] for i in fresh], pad_id, True).items()}
+            res = self.model(**inp, logits_to_keep=keep, use_cache=True)
+            fresh_hits = list(attached.last_hits) if attached is not None else [None] * len(fresh)
+            for j, i in enumerate(fresh):
+                out[i] = res.logits[j]
+                hits[i] = fresh_hits[j]
+            self._insert_batch([seqs[i] for i in fresh], _output_cache(res), fresh_hits)
+        for i, (p, segs) in enumerate(matches):
+            if p == 0:
+                continue
+            s = seqs[i]
+            self.stats.items_with_prefix += 1
+            self.stats.tokens_reused += p
+            past = DynamicCache(ddp_cache_data=_per_layer(torch.cat(segs, dim=3)), config=self.model.config)
+            ids = torch.tensor([s[p:]], device=self.device)
+            pos = torch.arange(p, len(s), device=self.device).unsqueeze(0)
+            mask = torch.ones((1, len(s)), dtype=torch.long, device=self.device)
+            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=keep, **{CACHE_KW: past})
+            out[i] = res.logits[0]
+            self._insert_one(s, _output_cache(res))
+        return torch.stack(out), hits
+
+    def _insert_batch(self, seqs: list[list[int]], cache, map_hits: list) -> None:
+        t0 = time.perf_counter()
+        B = len(seqs)
+        misses = [j for j in range(B) if map_hits[j] is None]
+        T = max(len(s) for s in seqs)
+        layers = cache.layers
+        for j, s in enumerate(seqs):
+            if map_hits[j] is not None:
+                continue  # layers that replayed a map computed no keys for this item
+            rows = []
+            for layer in layers:
+                k, v = layer.keys, layer.values
+                r = j if k.shape[0] == B else misses.index(j)
+                rows.append(torch.stack([k[r, :, T - len(s):], v[r, :, T - len(s):]]))
+            self.tree.insert(s, torch.stack(rows))
+        self.stats.insert_s += time.perf_counter() - t0
+
+    def _insert_one(self, s: list[int], cache) -> None:
+        t0 = time.perf_counter()
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        if kv.shape[3] == len(s):
+            self.tree.insert(s, kv)
+        self.stats.insert_s += time.perf_counter() - t0
+
+
+# transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes.
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _output_cache(res):
+    return getattr(res, "cache", None) if CACHE_KW == "cache" else res.past_key_values
+
+
+def _per_layer(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[n_layers, 2, H_kv, P, d] -> per layer (K [1, H_kv, P, d], V [1, H_kv, P, d])."""
+    return [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])]

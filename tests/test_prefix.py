@@ -1,0 +1,93 @@
+"""The exact prefix K/V tier: exactness, radix tree structure, the byte cap, composition with map reuse."""
+
+import pytest
+import torch
+from tiny import random_seqs, tiny_model
+
+from attncache.inputs import collate
+from attncache.prefix import PrefixRunner, RadixKV, supports_prefix
+
+
+def exact_logits(model, seqs, keep):
+    with torch.no_grad():
+        return [model(**collate([s], 0, True), logits_to_keep=keep).logits[0] for s in seqs]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_moe"])
+def test_prefix_tier_is_exact(family):
+    model = tiny_model(family)
+    base = random_seqs(1, lo=40, hi=40, seed=3)[0]
+    first = [base + [5, 6, 7], random_seqs(1, seed=8)[0]]
+    second = [base + [9], base[:20] + [1, 2, 3, 4], base + [5, 6, 7, 8, 9], random_seqs(1, seed=9)[0], base[:25]]
+    runner = PrefixRunner(model, min_prefix=4)
+    got1, _ = runner.logits(first, 2, 0)
+    got2, _ = runner.logits(second, 2, 0)
+    ref = exact_logits(model, first + second, 2)
+    for r, g in zip(ref, list(got1) + list(got2)):
+        assert (r - g).abs().max() < 1e-4
+    st = runner.stats.as_dict()
+    # reuse is capped at len - keep (those positions' logits must run): base+[9]: 41 - 2 = 39;
+    # base[:20]+..: 20 shared; base+[5..9]: 45 - 2 = 43; base[:25]: 25 - 2 = 23
+    assert st["tokens_reused"] == 39 + 20 + 43 + 23
+    assert st["items_with_prefix"] == 4
+
+
+def test_short_prefixes_run_whole():
+    model = tiny_model("llama")
+    base = random_seqs(1, lo=30, hi=30, seed=3)[0]
+    runner = PrefixRunner(model, min_prefix=16)
+    runner.logits([base], 1, 0)
+    runner.logits([base[:10] + [3, 4, 5]], 1, 0)
+    assert runner.stats.tokens_reused == 0
+
+
+def test_radix_split_and_match():
+    t = RadixKV(max_bytes=1 << 20)
+    kv = lambda n, val: torch.full((2, 2, 1, n, 3), float(val))  # noqa: E731
+    a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9]
+    t.insert(a, kv(5, 1))
+    t.insert(b, kv(4, 2))
+    n, segs = t.match([1, 2, 3, 9, 9], max_len=5)
+    assert n == 4 and torch.cat(segs, dim=3).shape[3] == 4
+    assert torch.cat(segs, dim=3)[0, 0, 0, 3, 0] == 2  # the 9 came from b
+    assert torch.cat(segs, dim=3)[0, 0, 0, 0, 0] == 1  # the shared run is kept once (from a)
+    assert t.match([1, 2, 3, 4, 5], max_len=3)[0] == 3
+    assert t.match([7], max_len=1)[0] == 0
+    assert len(t) == 2 and t.bytes == (5 + 1) * 2 * 2 * 3 * 4
+
+
+def test_byte_cap_never_exceeded_and_lru_evicted():
+    per_token = 2 * 2 * 1 * 3 * 4
+    t = RadixKV(max_bytes=25 * per_token)
+    seqs = [[k] + list(range(100, 109)) for k in range(6)]  # 10 tokens each, nothing shared
+    for s in seqs[:2]:
+        t.insert(s, torch.zeros(2, 2, 1, 10, 3))
+    t.match(seqs[0], 10)  # touch the first: the second is now least recently used
+    t.insert(seqs[2], torch.zeros(2, 2, 1, 10, 3))
+    assert t.bytes <= t.max_bytes
+    assert t.match(seqs[0], 10)[0] == 10 and t.match(seqs[1], 10)[0] == 0 and t.match(seqs[2], 10)[0] == 10
+    for s in seqs[3:]:
+        t.insert(s, torch.zeros(2, 2, 1, 10, 3))
+        assert t.bytes <= t.max_bytes
+
+
+def test_composition_with_map_reuse(built):
+    model, cache, seqs = built("llama")
+    runner = PrefixRunner(model, min_prefix=4)
+    new = random_seqs(2, lo=12, hi=12, seed=21)
+    with cache.attach(model, policy="all", threshold=1e-4):
+        _, hits = runner.logits([seqs[0], new[0]], 1, 0)  # seqs[0] hits the map cache, new[0] misses
+        assert hits[0] is not None and hits[1] is None
+        # Only the miss was inserted (the hit computed no keys in reused layers).
+        assert runner.tree.match(new[0], len(new[0]))[0] == len(new[0])
+        assert runner.tree.match(seqs[0], len(seqs[0]))[0] == 0
+        logits, hits2 = runner.logits([new[0][:-1] + [77], seqs[1]], 1, 0)
+    assert runner.stats.items_with_prefix == 1 and hits2[0] is None
+    ref = exact_logits(model, [new[0][:-1] + [77], seqs[1]], 1)
+    for r, g in zip(ref, logits):
+        assert (r - g).abs().max() < 1e-4
+
+
+def test_sliding_window_models_are_excluded():
+    assert supports_prefix(tiny_model("llama"))
+    assert not supports_prefix(tiny_model("gemma3_text"))

@@ -49,9 +49,29 @@ EVAL_KEYS = ["policy", "n", "n_sequences", "accuracy_baseline", "accuracy_cached
              "workload_speedup_rough"]
 
 
+SWEEP_KEYS = ["policy", "threshold", "hit_rate", "reuse_fraction", "accuracy_cached", "accuracy_loss", "agreement",
+              "disagreement_upper95", "cosine_to_exact_mean", "cosine_to_exact_min"]
+
+
 def cmd_eval(a) -> int:
     from .workflows import evaluate
 
+    if a.sweep:
+        from .calibrate import plot_sweep, sweep
+
+        rows = sweep(a.db, a.data, a.policy or ["all", "default"], a.limit, a.batch_size,
+                     progress=not a.quiet and not a.json, model_name=a.model)
+        if a.plot:
+            plot_sweep(rows, a.plot, title=f"{a.data}: reuse vs fidelity")
+        if a.json:
+            print(json.dumps({"points": rows}))
+        else:
+            keys = [k for k in SWEEP_KEYS if any(k in r for r in rows)]
+            print("  ".join(f"{k:>12.12s}" for k in keys))
+            for r in rows:
+                print("  ".join(f"{r.get(k):>12.4f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>12.12s}"
+                                for k in keys))
+        return 0
     res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
                    progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict,
                    prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
@@ -78,6 +98,19 @@ def cmd_bench(a) -> int:
     else:
         keys = [k for k in res if not isinstance(res[k], dict | list)]
         print(_table([res], keys))
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from .calibrate import calibrate
+
+    res = calibrate(a.db, a.data, a.max_loss, a.limit, a.batch_size, a.confidence,
+                    progress=not a.quiet and not a.json, model_name=a.model, write=not a.dry_run)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(_table([res], [k for k in res if k != "candidates"]))
+        print("written to the DB" if not a.dry_run else "dry run: the DB is unchanged")
     return 0
 
 
@@ -141,6 +174,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, help="max predicted distance for a hit (default: the DB's)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--model", help="load this model instead of the one named in the DB (must be identical)")
+    e.add_argument("--sweep", action="store_true",
+                   help="Pareto sweep: reuse fraction vs accuracy loss / agreement over thresholds, per --policy "
+                   "(default: all and default); map reuse only")
+    e.add_argument("--plot", help="with --sweep: write the curves to this PNG")
     prefix_args(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -156,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--model")
     prefix_args(bn)
     bn.set_defaults(fn=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="store the setting that reuses most within an accuracy-loss bound")
+    common(c)
+    c.add_argument("--max-loss", type=float, required=True,
+                   help="bound on the share of changed predictions (hence on accuracy loss), e.g. 0.01")
+    c.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the bound (default 0.95)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--dry-run", action="store_true", help="report the setting without writing it to the DB")
+    c.add_argument("--model")
+    c.set_defaults(fn=cmd_calibrate)
 
     i = sub.add_parser("inspect", help="describe a cache DB")
     i.add_argument("db")

@@ -128,6 +128,7 @@ class RunOutput:
     embeddings: np.ndarray | None  # encoders: [n_seqs, D]
     hit: list[bool]
     seconds: float
+    distance: list[float] = field(default_factory=list)  # per seq: the hit's predicted distance (inf: none)
 
 
 @torch.no_grad()
@@ -145,17 +146,20 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
     argmax = [0] * len(plan.seqs)
     emb = None
     hit = [False] * len(plan.seqs)
+    distance = [float("inf")] * len(plan.seqs)
     seconds = 0.0
     device = next(model.parameters()).device
     bar = tqdm(total=len(plan.seqs), desc=desc, disable=not progress, leave=False)
     for batch in length_batches([len(s) for s in plan.seqs], batch_size):
-        inputs = {k: v.to(device) for k, v in collate([plan.seqs[i] for i in batch], pad, plan.causal).items()}
         t0 = time.perf_counter()
-        if plan.causal:
+        if plan.causal and prefix is not None:
             keep = max(need[i] for i in batch)
-            if prefix is not None:
-                logits, batch_hits = prefix.logits([plan.seqs[i] for i in batch], keep, pad)
-            else:
+            logits, batch_hits = prefix.logits([plan.seqs[i] for i in batch], keep, pad)
+        else:
+            inputs = {k: v.to(device) for k, v in collate([plan.seqs[i] for i in batch], pad, plan.causal).items()}
+        if plan.causal:
+            if prefix is None:
+                keep = max(need[i] for i in batch)
                 logits = model(**inputs, logits_to_keep=keep).logits
                 batch_hits = attached.last_hits if attached is not None else None
             lp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]
@@ -164,13 +168,13 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
             m = inputs["attention_mask"].unsqueeze(-1).float()
             pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            batch_hits = attached.last_hits if attached is not None else None
         seconds += time.perf_counter() - t0
-        if plan.causal and batch_hits is not None:
+        if batch_hits is not None:
             for j, i in enumerate(batch):
                 hit[i] = batch_hits[j] is not None
-        elif attached is not None:
-            for j, i in enumerate(batch):
-                hit[i] = attached.last_hits[j] is not None
+                if hit[i]:
+                    distance[i] = batch_hits[j].distance
         if plan.causal:
             for j, i in enumerate(batch):
                 argmax[i] = int(lp[j, -1].argmax())
@@ -182,7 +186,23 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
             emb[batch] = pooled.cpu().numpy()
         bar.update(len(batch))
     bar.close()
-    return RunOutput(logprobs, argmax, emb, hit, seconds)
+    return RunOutput(logprobs, argmax, emb, hit, seconds, distance)
+
+
+def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:
+    """What a cached run at ``threshold`` would output, from one run at threshold infinity.
+
+    A lookup takes the nearest compatible entry and hits iff its distance <= threshold, so each sequence
+    either reuses exactly the maps of the infinite-threshold run or computes exactly.
+    """
+    use = [d <= threshold for d in cached.distance]
+    lp = {k: (cached.logprobs[k] if use[k[0]] else v) for k, v in exact.logprobs.items()}
+    am = [c if u else e for e, c, u in zip(exact.argmax, cached.argmax, use)]
+    emb = None
+    if exact.embeddings is not None:
+        emb = np.where(np.array(use)[:, None], cached.embeddings, exact.embeddings)
+    dist = [d if u else float("inf") for d, u in zip(cached.distance, use)]
+    return RunOutput(lp, am, emb, use, float("nan"), dist)
 
 
 def predictions(plan: Plan, out: RunOutput) -> list[int]:

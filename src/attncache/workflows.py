@@ -98,7 +98,8 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
             "policy": policy.name,
             "policy_layers": list(policy.layers),
             "threshold": att.threshold,
-            "reuse_fraction": st["reuse_fraction"],
+            # over every sequence run, including those the prefix tier served without a lookup
+            "reuse_fraction": st["layer_maps_reused"] / (len(plan.seqs) * s.cache.shape.n_layers),
             "lookup_ms_per_item": 1000 * st["lookup_s"] / max(1, st["lookups"]),
             "workload_speedup_rough": exact.seconds / cached.seconds if cached.seconds else None,
             "batch_size": batch_size,

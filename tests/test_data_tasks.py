@@ -50,6 +50,7 @@ def test_load_errors_and_slices(tmp_path):
         D.load(str(tmp_path) + "/")
     p = write(tmp_path, [json.dumps({"text": f"t{i}"}).encode() for i in range(10)])
     assert [r.text for r in D.load(f"{p}[2:5]").rows] == ["t2", "t3", "t4"]
+    assert [r.text for r in D.load(f"{p}[1::4]").rows] == ["t1", "t5", "t9"]
     assert len(D.load(str(p), limit=4).rows) == 4
     with pytest.raises(UserError, match="no usable rows"):
         D.load(f"{p}[20:]")

@@ -38,6 +38,8 @@ class BenchConfig:
     eager: bool = True
     max_items: int = 24  # rows, when no --limit is given
     pass_repeats: int = 3  # whole-workload passes per variant
+    batch_size: int = 1  # of the workload passes (per-item timings are always batch 1)
+    quantize: str | None = None
     prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
 
 
@@ -95,8 +97,11 @@ def machine() -> dict:
                     break
     except OSError:
         pass
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "dtype": "float32", "device": "cpu"}
+            "device": dev}
 
 
 def _ratio(num: list[float], den: list[float]) -> float | None:
@@ -109,7 +114,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     cfg = cfg or BenchConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    s = Session.open(db, model_name)
+    s = Session.open(db, model_name, cfg.quantize)
     cache, model, tok = s.cache, s.model, s.tokenizer
     plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
     seqs = plan.seqs
@@ -183,6 +188,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         return [xs[i] for i in idx]
 
     res = {
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", "") if cfg.quantize is None else "int8-dynamic",
         "n": len(inputs),
         "n_hits": len(H),
         "hit_rate": len(H) / len(inputs) if inputs else 0.0,
@@ -225,7 +231,7 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
             prefix = s.prefix_runner(cfg.prefix_bytes) if use_prefix else None
             ctx = cache.attach(model, pol, threshold) if use_map else contextlib.nullcontext()
             with ctx:
-                out = run_plan(model, tok, plan, batch_size=1, progress=False, prefix=prefix)
+                out = run_plan(model, tok, plan, batch_size=cfg.batch_size, progress=False, prefix=prefix)
             if prefix is not None:
                 stats["prefix"] = prefix.stats.as_dict()
             return {"e2e": out.seconds}
@@ -236,13 +242,14 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
     if has_prefix:
         variants["prefix"] = one(False, True)
         variants["both"] = one(True, True)
-    t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, cfg.pass_repeats, 0).items()}
+    t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, cfg.pass_repeats, 1).items()}
     best = "both" if has_prefix else "map"
     return {
         "workload_speedup_vs_sdpa": t["sdpa"] / t[best],
         "workload_speedup_map_only": t["sdpa"] / t["map"],
         "workload_speedup_prefix_only": t["sdpa"] / t["prefix"] if has_prefix else None,
         "workload_seconds_sdpa": t["sdpa"],
+        "workload_batch_size": cfg.batch_size,
         "prefix_cache": has_prefix,
         "prefix_tokens_reused_fraction": stats.get("prefix", {}).get("prefix_tokens_reused_fraction", 0.0),
     }

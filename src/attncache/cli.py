@@ -74,7 +74,7 @@ def cmd_eval(a) -> int:
         return 0
     res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
                    progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict,
-                   prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
+                   prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, quantize=a.quantize)
     if a.json:
         print(json.dumps(res[0] if len(res) == 1 else {"results": res}))
     else:
@@ -86,7 +86,8 @@ def cmd_bench(a) -> int:
     from .bench import BenchConfig, bench
 
     cfg = BenchConfig(repeats=a.repeats, warmup=a.warmup, threads=a.threads, eager=not a.no_eager,
-                      prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
+                      prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, batch_size=a.batch_size,
+                      quantize=a.quantize, pass_repeats=a.pass_repeats)
     res = bench(a.db, a.data, a.policy, a.limit, cfg, model_name=a.model, progress=not a.quiet and not a.json,
                 threshold=a.threshold)
     if a.plot:
@@ -178,6 +179,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Pareto sweep: reuse fraction vs accuracy loss / agreement over thresholds, per --policy "
                    "(default: all and default); map reuse only")
     e.add_argument("--plot", help="with --sweep: write the curves to this PNG")
+    e.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the model's linears (CPU)")
     prefix_args(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -191,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-eager", action="store_true", help="skip the eager-attention baseline")
     bn.add_argument("--plot", help="write a PNG of per-item speedups")
     bn.add_argument("--model")
+    bn.add_argument("--batch-size", type=int, default=1, help="batch size of the whole-workload passes (default 1)")
+    bn.add_argument("--pass-repeats", type=int, default=3, help="whole-workload passes per variant (default 3)")
+    bn.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the model's linears (CPU)")
     prefix_args(bn)
     bn.set_defaults(fn=cmd_bench)
 

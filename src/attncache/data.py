@@ -2,7 +2,8 @@
 
 DATA is a built-in name — ``sst2``, ``piqa``, ``rte``, ``mmlu`` (0-shot) or ``mmlu:Kshot`` (K = 0..5, shots
 from the dev split of the same subject) — or a path to a JSONL file. Either may end in a Python-style
-slice, ``sst2[0:400]`` / ``rows.jsonl[100:]``, to pick disjoint parts for building and evaluating.
+slice, ``sst2[0:400]`` / ``rows.jsonl[100:]``, to pick disjoint parts for building and evaluating;
+a step is allowed too (``mmlu:5shot[0::30]`` and ``mmlu:5shot[15::30]`` are disjoint samples across subjects).
 
 JSONL rows are one of:
     {"prompt": str, "choices": [str, ...], "answer": int}   multiple choice / classification
@@ -130,7 +131,7 @@ def _parse_builtin(name: str, encoder: bool) -> list[Row]:
     return {"sst2": _sst2, "piqa": _piqa, "rte": _rte}[base](encoder)
 
 
-_SLICE = re.compile(r"^(?P<src>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
+_SLICE = re.compile(r"^(?P<src>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)(?::(?P<c>\d*))?\]$")
 
 
 def load(spec: str, encoder: bool = False, limit: int | None = None, strict: bool = False) -> Dataset:
@@ -139,7 +140,10 @@ def load(spec: str, encoder: bool = False, limit: int | None = None, strict: boo
     m = _SLICE.match(spec)
     if m:
         src = m.group("src")
-        sl = slice(int(m.group("a")) if m.group("a") else None, int(m.group("b")) if m.group("b") else None)
+        a, b, c = (int(g) if g else None for g in m.group("a", "b", "c"))
+        if c == 0:
+            raise UserError(f"'{spec}': slice step must be >= 1")
+        sl = slice(a, b, c)
     base = src.partition(":")[0]
     if base in BUILTINS:
         ds = Dataset(src, _parse_builtin(src, encoder), [])

@@ -41,6 +41,24 @@ def build(model_name: str, data: str, out: str, limit: int | None = None, cfg: B
     return AttnCache.build(model, tok, plan.seqs, out, cfg, progress=progress, force=force)
 
 
+def quantize_int8(model):
+    """torch's CPU dynamic int8 quantization of every Linear (weights int8, activations quantized on the fly).
+
+    The maps were recorded on the fp32 model; replay only needs ``v_proj``/``o_proj`` to be callable, which
+    quantized linears are.
+    """
+    import warnings
+
+    import torch
+
+    fp = getattr(model, "_attncache_fingerprint", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    q._attncache_fingerprint = fp  # the identity check refers to the weights the maps came from
+    return q
+
+
 @dataclass
 class Session:
     """An opened DB with its model loaded and checked: what eval, bench and serve start from."""
@@ -50,11 +68,15 @@ class Session:
     tokenizer: object
 
     @classmethod
-    def open(cls, db: str, model_name: str | None = None) -> Session:
+    def open(cls, db: str, model_name: str | None = None, quantize: str | None = None) -> Session:
         cache = AttnCache.open(db)
         model, tok = models.load(model_name or cache.manifest["model"]["name"])
-        cache.check_model(model)
+        cache.check_model(model)  # on the weights the DB was built with; the result stays on the model
         cache.check_tokenizer(tok)
+        if quantize == "int8":
+            model = quantize_int8(model)
+        elif quantize is not None:
+            raise UserError(f"--quantize: only 'int8' is supported, got '{quantize}'")
         return cls(cache, model, tok)
 
     def prefix_runner(self, max_bytes: int | None) -> PrefixRunner | None:
@@ -73,15 +95,15 @@ class Session:
 
 def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: float | None = None,
              limit: int | None = None, batch_size: int = 8, progress: bool = True,
-             model_name: str | None = None, strict: bool = False, prefix_bytes: int | None = DEFAULT_PREFIX_BYTES
-             ) -> list[dict]:
+             model_name: str | None = None, strict: bool = False, prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
+             quantize: str | None = None) -> list[dict]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
     The cached pass uses the exact prefix tier too (decoders; ``prefix_bytes=None`` switches it off).
     """
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
-    s = Session.open(db, model_name)
+    s = Session.open(db, model_name, quantize)
     parsed = [s.cache.policy(spec) for spec in policies or ["default"]]  # refuse bad specs before any work
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")

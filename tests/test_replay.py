@@ -235,3 +235,40 @@ def test_reopen_matches(built):
     again = AttnCache.open(cache.folder)
     assert again.threshold == cache.threshold and again.default_layers == cache.default_layers
     assert len(again.store) == len(cache.store)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_head_reuse_is_exact_on_own_maps(built, family, monkeypatch):
+    """Reused heads take the (exact) recorded maps, the others are computed: outputs equal the model's."""
+    import attncache.adapters.base as base
+
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    n_heads = cache.shape.n_heads
+    calls = []
+    real = base._linear_rows
+    monkeypatch.setattr(base, "_linear_rows", lambda lin, x, heads, d: calls.append(list(heads)) or real(lin, x, heads, d))
+    pol = cache.policy("heads:3")
+    assert sum(len(h) for h in pol.heads.values()) == 3 and not all(pol.full(x) for x in pol.layers)
+    batch = seqs[:4]
+    ref, mask = forward(model, batch, causal)
+    with cache.attach(model, policy=pol) as att:
+        out, _ = forward(model, batch, causal)
+        assert all(h is not None for h in att.last_hits)
+    assert (ref - out)[mask].abs().max() < 1e-4
+    g = cache.shape.group
+    for layer in pol.layers:
+        computed = [h for h in range(n_heads) if h not in pol.heads[layer]]
+        assert computed in calls  # Q rows of the computed heads only
+        assert sorted({h // g for h in computed}) in calls  # K of their groups only
+
+
+def test_per_head_mixed_padded_batch(built):
+    model, cache, seqs = built("qwen2")
+    new = random_seqs(2, lo=8, hi=25, seed=17)
+    batch = [seqs[2], new[0], seqs[7], new[1]]
+    ref, mask = forward(model, batch, True)
+    with cache.attach(model, policy="heads:5", threshold=1e-4) as att:
+        out, _ = forward(model, batch, True)
+        assert [h is not None for h in att.last_hits] == [True, False, True, False]
+    assert (ref - out)[mask].abs().max() < 1e-4

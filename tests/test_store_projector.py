@@ -111,3 +111,15 @@ def test_index_search(approx):
     assert np.all(np.diff(d, axis=1) >= -1e-6)
     empty = VectorIndex.build(np.zeros((0, 16), np.float32))
     assert empty.search(v[:2], 3)[1][0, 0] == -1
+
+
+def test_numpy_fallback_matches_faiss(monkeypatch):
+    import attncache.index as ix
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(200, 8)).astype(np.float32)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    want = VectorIndex.build(v, approximate=False).search(q, 4)
+    monkeypatch.setattr(ix, "faiss", None)
+    got = ix.VectorIndex.build(v, approximate=False).search(q, 4)
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-4)

@@ -68,7 +68,8 @@ def interleaved(variants: dict[str, Callable[[int], dict[str, float] | None]], n
 class AttentionTimer:
     """Accumulates wall time spent inside the given modules (forward pre/post hooks)."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, sync: bool = False):
+        self.sync = sync  # on a GPU, wait for the queued kernels so the hooks time the work itself
         self.total = 0.0
         self._t0 = 0.0
         self._handles = []
@@ -77,9 +78,13 @@ class AttentionTimer:
             self._handles.append(m.register_forward_hook(self._post))
 
     def _pre(self, *_):
+        if self.sync:
+            torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
     def _post(self, *_):
+        if self.sync:
+            torch.cuda.synchronize()
         self.total += time.perf_counter() - self._t0
 
     def remove(self):
@@ -193,7 +198,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         "n_hits": len(H),
         "hit_rate": len(H) / len(inputs) if inputs else 0.0,
         "policy": pol.name,
-        "reused_layers": len([x for x in pol.layers if x in cache.store.layer_pos]),
+        "reused_layers": pol.head_maps(cache.store.layer_pos),
         "threshold": cache.threshold if threshold is None else threshold,
         "repeats": cfg.repeats,
         "tokens_median": statistics.median(len(q) for q in seqs),

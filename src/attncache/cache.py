@@ -73,10 +73,20 @@ class AttnCache:
     def default_layers(self) -> list[int]:
         return list(self.manifest["policy"]["layers"])
 
+    @property
+    def head_distance(self) -> np.ndarray | None:
+        """[n_layers, H] build-time map distance per (layer, head) (stored layers; others +inf)."""
+        hd = self.manifest["projector"].get("train", {}).get("head_distance")
+        if hd is None:
+            return None
+        out = np.full((self.shape.n_layers, self.shape.n_heads), np.inf)
+        out[self.store.layout.layers] = np.asarray(hd)
+        return out
+
     def policy(self, spec: str | Policy | None = None) -> Policy:
         if isinstance(spec, Policy):
             return spec
-        return parse_policy(spec, self.shape.n_layers, self.default_layers)
+        return parse_policy(spec, self.shape.n_layers, self.shape.n_heads, self.manifest["policy"], self.head_distance)
 
     # -- build ------------------------------------------------------------------------------------
     @classmethod
@@ -103,10 +113,11 @@ class AttnCache:
             writer = MapWriter(tmp, layout)
             feat_rows: list[np.ndarray] = []
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            device = next(model.parameters()).device
             bar = tqdm(total=len(seqs), desc="recording maps", disable=not progress)
             with torch.no_grad(), Recorder(model, adapter, layers) as rec:
                 for batch in length_batches([len(s) for s in seqs], cfg.batch_size, cfg.max_batch_elems):
-                    inputs = collate([seqs[i] for i in batch], pad, adapter.causal)
+                    inputs = {k: v.to(device) for k, v in collate([seqs[i] for i in batch], pad, adapter.causal).items()}
                     model(**inputs, **({"logits_to_keep": 1} if adapter.causal else {}))
                     maps, f = rec.take()
                     for j in range(len(batch)):
@@ -237,6 +248,7 @@ class AttnCache:
             "length_max": int(lengths.max()) if n else 0,
             "threshold": self.threshold,
             "policy_layers": self.default_layers,
+            "policy_heads": sum(len(h) for h in self.manifest["policy"].get("heads", {}).values()),
             "allow_crop": self.allow_crop,
             "index": "hnsw" if self.index.approximate else "flat",
             "projector_pearson": self.manifest["projector"].get("train", {}).get("pearson"),
@@ -295,12 +307,14 @@ def _manifest(model, tokenizer, adapter: Adapter, shape: Shape, layout: StoreLay
 def _fit_projector(store: MapStore, feats: np.ndarray, causal: bool, cfg: ProjectorConfig, progress: bool):
     rng = np.random.default_rng(cfg.seed)
     pairs = sample_pairs(store.lengths, cfg.pairs, rng)
-    labels, per_layer = pair_labels(store, pairs, cfg, causal, progress)
+    labels, per_head = pair_labels(store, pairs, cfg, causal, progress)
     proj, report = train(feats, pairs, labels, cfg, progress)
-    # Layer stability: mean map distance per layer over the closest quarter of pairs.
+    # Stability: mean map distance per (layer, head) over the closest quarter of pairs.
     close = labels <= np.quantile(labels, 0.25)
-    layer_tv = per_layer[close].mean(0) if close.any() else per_layer.mean(0)
+    head_tv = per_head[close].mean(0) if close.any() else per_head.mean(0)
+    layer_tv = head_tv.mean(1)
     report["layer_distance"] = [round(float(x), 5) for x in layer_tv]
+    report["head_distance"] = [[round(float(x), 5) for x in row] for row in head_tv]
     report["in_dim"] = int(feats.shape[1])
     return proj, report, layer_tv
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .policy import Policy
 from .store import MANIFEST, atomic_write_json
 from .tasks import Plan, RunOutput, compare, mix, run
 from .workflows import Session
@@ -53,8 +54,7 @@ def binom_upper(k: int, n: int, conf: float = 0.95) -> float:
 
 @dataclass
 class Curve:
-    policy: str
-    layers: tuple[int, ...]
+    policy: Policy
     cached: RunOutput
 
 
@@ -65,22 +65,21 @@ def policy_curves(s: Session, plan: Plan, exact: RunOutput, specs: list, batch_s
         with s.cache.attach(s.model, pol, threshold=float("inf")) as att:
             cached = run(s.model, s.tokenizer, plan, batch_size, attached=att, progress=progress,
                          desc=f"cached ({pol.name}, threshold inf)")
-        curves.append(Curve(pol.name, pol.layers, cached))
+        curves.append(Curve(pol, cached))
     return curves
 
 
 def points(s: Session, plan: Plan, exact: RunOutput, curve: Curve, thresholds: list[float]) -> list[dict]:
-    n_layers = s.cache.shape.n_layers
-    stored = [x for x in curve.layers if x in s.cache.store.layer_pos]
+    per_hit = curve.policy.head_maps(s.cache.store.layer_pos) / s.cache.shape.n_layers
     out = []
     for t in thresholds:
         m = mix(exact, curve.cached, t)
         r = compare(plan, exact, m)
         r.pop("seconds_exact", None)
         r.pop("seconds_cached", None)
-        r["policy"] = curve.policy
+        r["policy"] = curve.policy.name
         r["threshold"] = float(t)
-        r["reuse_fraction"] = float(np.mean(m.hit)) * len(stored) / n_layers
+        r["reuse_fraction"] = float(np.mean(m.hit)) * per_hit
         if "accuracy_baseline" in r:
             r["accuracy_loss"] = r["accuracy_baseline"] - r["accuracy_cached"]
         if "agreement" in r:
@@ -133,8 +132,23 @@ def plot_sweep(rows: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def candidate_policies(s: Session, heads: bool = True) -> list[Policy]:
+    """The k most stable layers for growing k, and (optionally) the N most stable single heads."""
+    c = s.cache
+    layer_dist = c.manifest["projector"].get("train", {}).get("layer_distance")
+    stored = c.store.layout.layers
+    order = [stored[i] for i in np.argsort(layer_dist, kind="stable")] if layer_dist else list(stored)
+    ks = sorted({k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, len(order)) if k <= len(order)})
+    out = [c.policy(",".join(map(str, sorted(order[:k])))) for k in ks]
+    total = len(stored) * c.shape.n_heads
+    if heads and c.head_distance is not None:
+        out += [c.policy(f"heads:{max(1, round(total * f))}") for f in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)]
+    return out
+
+
 def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, batch_size: int = 8,
-              conf: float = 0.95, progress: bool = True, model_name: str | None = None, write: bool = True) -> dict:
+              conf: float = 0.95, progress: bool = True, model_name: str | None = None, write: bool = True,
+              heads: bool = True) -> dict:
     if not 0 < max_loss < 1:
         raise UserError(f"--max-loss must be between 0 and 1 (a fraction of predictions), got {max_loss}")
     s = Session.open(db, model_name)
@@ -142,43 +156,39 @@ def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, bat
         raise UserError("calibrate needs labelled predictions: it supports decoder caches (choice or text rows)")
     plan = s.plan(data, limit, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
-    layer_dist = s.cache.manifest["projector"].get("train", {}).get("layer_distance")
-    stored = s.cache.store.layout.layers
-    order = [stored[i] for i in np.argsort(layer_dist, kind="stable")] if layer_dist else list(stored)
-    ks = sorted({k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, len(order)) if k <= len(order)})
-    specs = [",".join(map(str, sorted(order[:k]))) for k in ks]
+    specs = candidate_policies(s, heads)
     curves = policy_curves(s, plan, exact, specs, batch_size, progress)
     ts = thresholds_for(curves, s.cache.threshold)
     # Finer thresholds for calibration: every distinct distance is a candidate.
     ds = sorted({x for c in curves for x in c.cached.distance if np.isfinite(x)})
     ts = sorted(set(ts) | set(ds))
-    best, table = None, []
+    best, best_policy, table = None, None, []
     for c in curves:
         for p in points(s, plan, exact, c, ts):
             n = p["n"]
             k = round((1 - p["agreement"]) * n)
             p["bound"] = binom_upper(k, n, conf)
             ok = p["bound"] <= max_loss
-            if ok and (best is None or p["reuse_fraction"] > best["reuse_fraction"]):
-                best = p
+            if ok and p["reuse_fraction"] > 0 and (best is None or p["reuse_fraction"] > best["reuse_fraction"]):
+                best, best_policy = p, c.policy
             table.append(p)
-    if best is None or best["reuse_fraction"] == 0:
+    if best is None:
         best = {"policy": "none", "threshold": -1.0, "reuse_fraction": 0.0, "agreement": 1.0, "n": len(plan.rows)}
-        layers: list[int] = []
-    else:
-        layers = [int(x) for x in best["policy"].split(",")]
+        best_policy = Policy({}, s.cache.shape.n_heads, "none")
     result = {
         "max_loss": max_loss, "confidence": conf, "data": data, "n": len(plan.rows),
-        "policy_layers": layers, "threshold": best["threshold"], "reuse_fraction": best["reuse_fraction"],
+        "policy": best["policy"], "policy_layers": list(best_policy.layers),
+        "policy_head_maps": sum(len(h) for h in best_policy.heads.values()),
+        "threshold": best["threshold"], "reuse_fraction": best["reuse_fraction"],
         "agreement": best.get("agreement"), "disagreement_bound": best.get("bound", 0.0),
         "accuracy_baseline": best.get("accuracy_baseline"), "accuracy_cached": best.get("accuracy_cached"),
         "candidates": len(table),
     }
     if write:
         m = s.cache.manifest
-        m["threshold"] = best["threshold"] if layers else m["threshold"]
-        m["policy"] = {"layers": layers, "source": f"calibrate: max_loss {max_loss} at {conf:.0%} confidence on "
-                       f"{len(plan.rows)} rows of {data}"}
+        m["threshold"] = best["threshold"] if best_policy.heads else m["threshold"]
+        m["policy"] = {**best_policy.to_json(), "source": f"calibrate ({best['policy']}): max_loss {max_loss} at "
+                       f"{conf:.0%} confidence on {len(plan.rows)} rows of {data}"}
         m["calibration"] = result
         atomic_write_json(s.cache.folder / MANIFEST, m)
     return result

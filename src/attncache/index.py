@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # a machine without faiss-cpu (e.g. a bare GPU box): exact search in numpy
+    faiss = None
 
 APPROX_MIN = 50_000
 HNSW_M = 32
@@ -20,7 +24,12 @@ EF_SEARCH = 128
 class VectorIndex:
     def __init__(self, dim: int, approximate: bool = False, ef_search: int = EF_SEARCH):
         self.dim, self.approximate, self.ef_search = dim, approximate, ef_search
-        self._index = faiss.IndexHNSWFlat(dim, HNSW_M) if approximate else faiss.IndexFlatL2(dim)
+        if faiss is None:
+            if approximate:
+                raise RuntimeError("an approximate index needs faiss-cpu (pip install faiss-cpu)")
+            self._index = _NumpyFlat(dim)
+        else:
+            self._index = faiss.IndexHNSWFlat(dim, HNSW_M) if approximate else faiss.IndexFlatL2(dim)
 
     @classmethod
     def build(cls, vectors: np.ndarray, approximate: bool | None = None, ef_search: int = EF_SEARCH) -> VectorIndex:
@@ -53,12 +62,36 @@ class VectorIndex:
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def save(self, path: Path) -> None:
+        if faiss is None:
+            raise RuntimeError("saving an index needs faiss-cpu")
         faiss.write_index(self._index, str(path))
 
     @classmethod
     def load(cls, path: Path, dim: int, ef_search: int = EF_SEARCH) -> VectorIndex:
+        if faiss is None:
+            raise RuntimeError("this DB has an approximate index, which needs faiss-cpu")
         idx = cls(dim, True, ef_search)
         idx._index = faiss.read_index(str(path))
         if idx._index.d != dim:
             raise ValueError(f"index dimension {idx._index.d} != projector dimension {dim}")
         return idx
+
+
+class _NumpyFlat:
+    """The faiss.IndexFlatL2 subset used above, in numpy (squared L2, ascending)."""
+
+    def __init__(self, dim: int):
+        self.d = dim
+        self._x = np.zeros((0, dim), np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._x)
+
+    def add(self, x: np.ndarray) -> None:
+        self._x = np.concatenate([self._x, x])
+
+    def search(self, q: np.ndarray, k: int):
+        d2 = (q * q).sum(1)[:, None] - 2 * q @ self._x.T + (self._x * self._x).sum(1)[None, :]
+        ids = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d2, ids, axis=1).astype(np.float32), ids.astype(np.int64)

@@ -76,8 +76,13 @@ def resolve(name: str) -> tuple[Path, str | None]:
 
 def _converted_folder(folder: Path, gguf: str) -> Path:
     src = folder / gguf
-    st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    # Keyed by content (size, first and last MiB), so every checkout and venv shares one conversion.
+    h = hashlib.sha256(str(src.stat().st_size).encode())
+    with open(src, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(-min(1 << 20, src.stat().st_size), os.SEEK_END)
+        h.update(f.read())
+    key = h.hexdigest()[:12]
     return cache_home() / "models" / f"{Path(gguf).stem}-{key}"
 
 

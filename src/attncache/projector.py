@@ -75,7 +75,7 @@ class Projector(nn.Module):
 
 
 def pair_distance(store: MapStore, i: int, j: int, rows: int, causal: bool, rng: np.random.Generator) -> np.ndarray:
-    """Per stored layer mean row TV between entries i and j on their common block ([n_layers])."""
+    """Per stored layer and head, the mean row TV between entries i and j on their common block [n_layers, H]."""
     Li, Lj = int(store.lengths[i]), int(store.lengths[j])
     L = min(Li, Lj)
     r = np.sort(rng.choice(L, size=min(rows, L), replace=False))
@@ -85,7 +85,7 @@ def pair_distance(store: MapStore, i: int, j: int, rows: int, causal: bool, rng:
         a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
         b = b / b.sum(-1, keepdim=True).clamp_min(1e-12)
     tv = 0.5 * (a - b).abs().sum(-1)  # [nl, H, rows]
-    return tv.mean(dim=(1, 2)).numpy()
+    return tv.mean(dim=2).numpy()
 
 
 def sample_pairs(lengths: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -109,13 +109,13 @@ def sample_pairs(lengths: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
 
 def pair_labels(store: MapStore, pairs: np.ndarray, cfg: ProjectorConfig, causal: bool,
                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(labels [P], per-layer TV [P, n_layers])."""
+    """(labels [P], per-(layer, head) TV [P, n_layers, H])."""
     rng = np.random.default_rng(cfg.seed + 1)
-    per_layer = np.zeros((len(pairs), len(store.layout.layers)), dtype=np.float32)
+    per_head = np.zeros((len(pairs), len(store.layout.layers), store.layout.n_heads), dtype=np.float32)
     for k, (i, j) in enumerate(tqdm(pairs, desc="pair labels", disable=not progress, leave=False)):
-        per_layer[k] = pair_distance(store, int(i), int(j), cfg.rows, causal, rng)
+        per_head[k] = pair_distance(store, int(i), int(j), cfg.rows, causal, rng)
     dl = np.abs(store.lengths[pairs[:, 0]] - store.lengths[pairs[:, 1]]).astype(np.float32)
-    return per_layer.mean(1) + cfg.alpha * dl, per_layer
+    return per_head.mean(axis=(1, 2)) + cfg.alpha * dl, per_head
 
 
 def train(feats: np.ndarray, pairs: np.ndarray, labels: np.ndarray, cfg: ProjectorConfig,

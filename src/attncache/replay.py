@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import Adapter, Shape, apply_maps
+from .adapters import Adapter, Shape, apply_head_maps, apply_maps
 from .patch import ForwardInputs, patched, slice_batch
 from .policy import Policy
 from .record import features, spans
@@ -120,12 +120,12 @@ class Attached:
         hits = [h if s is not None else None for h, s in zip(hits, sp)]
         n_hit = sum(h is not None for h in hits)
         B = len(hits)
-        reused_layers = len([x for x in self.policy.layers if x in self.cache.store.layer_pos])
+        reused = self.policy.head_maps(self.cache.store.layer_pos)  # in whole-layer units
         self.cache.stats.add(lookups=B, hits=n_hit, misses=B - n_hit, lookup_s=time.perf_counter() - t0,
-                             layer_maps_reused=n_hit * reused_layers, layer_maps_total=B * self.shape.n_layers)
-        # An item with a hit but no reusable layer (policy 'none') is counted as a hit above and
+                             layer_maps_reused=n_hit * reused, layer_maps_total=B * self.shape.n_layers)
+        # An item with a hit but no reusable map (policy 'none') is counted as a hit above and
         # simply computes normally below.
-        self.plan = BatchPlan(sp, hits) if reused_layers else None
+        self.plan = BatchPlan(sp, hits) if reused else None
         self.last_hits = hits
 
     def _on_attention(self, layer: int, module: nn.Module, original, hidden, args, kwargs):
@@ -139,25 +139,24 @@ class Attached:
         all_hit = len(hit) == B
         if all_hit:
             out_hit = self._replay(layer, module, hidden, [plan.spans[b] for b in hit],
-                                   [plan.hits[b] for b in hit], T)
+                                   [plan.hits[b] for b in hit], T, kwargs)
             return out_hit, None
         hit_idx = torch.tensor(hit)
         miss_idx = torch.tensor([b for b in range(B) if plan.hits[b] is None])
         out_miss = original(hidden[miss_idx], *slice_batch(args, miss_idx, B), **slice_batch(kwargs, miss_idx, B))[0]
         out_hit = self._replay(layer, module, hidden[hit_idx], [plan.spans[b] for b in hit],
-                               [plan.hits[b] for b in hit], T)
+                               [plan.hits[b] for b in hit], T, slice_batch(kwargs, hit_idx, B))
         out = out_hit.new_empty((B, T, out_hit.shape[-1]))
         out[hit_idx] = out_hit
         out[miss_idx] = out_miss.to(out.dtype)
         return out, None
 
-    def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit], T: int):
+    def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit], T: int,
+                kwargs: dict):
         v = self.adapter.values(module, hidden, self.shape)  # [b, H_kv, T, d]
-        t0 = time.perf_counter()
-        maps = [self.preloaded.get((h.entry, layer, h.length)) for h in hits]
-        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, v.device)
-                for m, h in zip(maps, hits)]
-        self.cache.stats.add(fetch_s=time.perf_counter() - t0)
+        if not self.policy.full(layer):
+            return self._replay_heads(layer, module, hidden, v, spans, hits, T, kwargs)
+        maps = self._fetch(layer, hits, v.device)
         g = self.shape.group
         if all(s == (0, T) for s in spans):
             heads = torch.stack([apply_maps(a, v[j], g) for j, a in enumerate(maps)])
@@ -166,3 +165,25 @@ class Attached:
             for j, (a, (s, e)) in enumerate(zip(maps, spans)):
                 heads[j, :, s:e] = apply_maps(a, v[j, :, s:e], g)
         return self.adapter.output(module, heads)
+
+    def _replay_heads(self, layer, module, hidden, v, spans, hits, T, kwargs):
+        """Some heads from maps, the others computed exactly (only their Q rows and their groups' K)."""
+        reused = list(self.policy.heads[layer])
+        computed = [h for h in range(self.shape.n_heads) if h not in set(reused)]
+        heads = v.new_zeros((len(hits), self.shape.n_heads, T, self.shape.head_dim))
+        exact = self.adapter.attend(module, hidden, v, computed, kwargs, self.shape)
+        heads[:, computed] = exact.to(heads.dtype)
+        kv_of = torch.tensor([h // self.shape.group for h in reused], device=v.device)
+        sel = torch.tensor(reused)
+        for j, (a, (s, e)) in enumerate(zip(self._fetch(layer, hits, v.device), spans)):
+            heads[j, :, :s] = 0  # padded rows: whatever the exact path produced there is unused
+            heads[j, :, e:] = 0
+            heads[j, reused, s:e] = apply_head_maps(a.index_select(0, sel.to(a.device)), v[j, :, s:e], kv_of)
+        return self.adapter.output(module, heads)
+
+    def _fetch(self, layer: int, hits: list[Hit], device) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        maps = [self.preloaded.get((h.entry, layer, h.length)) for h in hits]
+        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, device) for m, h in zip(maps, hits)]
+        self.cache.stats.add(fetch_s=time.perf_counter() - t0)
+        return maps

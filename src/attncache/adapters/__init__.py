@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UserError, did_you_mean
-from .base import Adapter, Shape, apply_maps
+from .base import Adapter, Shape, apply_head_maps, apply_maps
 from .bert import BertAdapter
 from .llama import LlamaAdapter
 
@@ -21,4 +21,4 @@ def get_adapter(config) -> Adapter:
     return REGISTRY[mt]
 
 
-__all__ = ["Adapter", "Shape", "apply_maps", "get_adapter", "REGISTRY"]
+__all__ = ["Adapter", "Shape", "apply_head_maps", "apply_maps", "get_adapter", "REGISTRY"]

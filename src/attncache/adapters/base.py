@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,6 +31,8 @@ class Adapter:
     name: str = "base"
     model_types: tuple[str, ...] = ()
     causal: bool = True
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
     v_proj: str = "v_proj"
     o_proj: str | None = "o_proj"
 
@@ -54,6 +57,31 @@ class Adapter:
         b, t, _ = hidden.shape
         v = getattr(module, self.v_proj)(hidden)
         return v.view(b, t, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
+
+    def attend(self, module: nn.Module, hidden: torch.Tensor, v: torch.Tensor, heads: list[int], kwargs: dict,
+               shape: Shape) -> torch.Tensor:
+        """Exact attention output [b, len(heads), T, d] of the given query heads only.
+
+        Computes the Q rows of those heads and the K of their KV groups (``v`` is all KV heads).
+        """
+        b, t, _ = hidden.shape
+        d, g = shape.head_dim, shape.group
+        groups = sorted({h // g for h in heads})
+        q = _linear_rows(getattr(module, self.q_proj), hidden, heads, d).view(b, t, len(heads), d).transpose(1, 2)
+        k = _linear_rows(getattr(module, self.k_proj), hidden, groups, d).view(b, t, len(groups), d).transpose(1, 2)
+        q, k = self.position(module, q, k, kwargs)
+        pick = torch.tensor([groups.index(h // g) for h in heads], device=hidden.device)
+        k = k.index_select(1, pick)
+        vs = v.index_select(1, torch.tensor([h // g for h in heads], device=hidden.device))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, vs, attn_mask=mask, is_causal=mask is None and self.causal and t > 1,
+                                              scale=module.scaling)
+
+    def position(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, kwargs: dict):
+        """Per-head norms and position encoding applied to Q/K inside attention (none for BERT)."""
+        return q, k
 
     def output(self, module: nn.Module, heads: torch.Tensor) -> torch.Tensor:
         """Merge heads [b, H_q, T, d] -> [b, T, H_q*d] and apply the output projection, if inside."""
@@ -82,3 +110,19 @@ def apply_maps(maps: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
         # The query heads of one KV group are adjacent: stack their rows, one bmm per KV head.
         return torch.bmm(maps.view(hkv, group * L, Lk), v).view(hq, L, d)
     return torch.matmul(maps.view(hkv, group, L, Lk), v.unsqueeze(1)).reshape(hq, L, d)
+
+
+def apply_head_maps(maps: torch.Tensor, v: torch.Tensor, kv_of_head: torch.Tensor) -> torch.Tensor:
+    """A @ V for a subset of query heads: maps [n, L, L], v [H_kv, L, d], kv_of_head [n] -> [n, L, d]."""
+    vs = v.index_select(0, kv_of_head)
+    if vs.dtype != maps.dtype:
+        return torch.bmm(maps, vs.to(maps.dtype)).to(v.dtype)
+    return torch.bmm(maps, vs)
+
+
+def _linear_rows(lin: nn.Linear, x: torch.Tensor, heads: list[int], d: int) -> torch.Tensor:
+    """The output columns of ``lin`` belonging to ``heads`` (head_dim ``d`` each), computing only those."""
+    idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(lin.weight.device)
+    w = lin.weight.index_select(0, idx)
+    b = lin.bias.index_select(0, idx) if lin.bias is not None else None
+    return F.linear(x, w, b)

@@ -16,6 +16,8 @@ class BertAdapter(Adapter):
     name = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     causal = False
+    q_proj = "query"
+    k_proj = "key"
     v_proj = "value"
     o_proj = None
 

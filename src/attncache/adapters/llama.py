@@ -35,6 +35,14 @@ class LlamaAdapter(Adapter):
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [layer.self_attn for layer in self._decoder(model).layers]
 
+    def position(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor, kwargs: dict):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if hasattr(module, "q_norm"):  # Qwen3, Gemma3: per-head RMSNorm before rotary
+            q, k = module.q_norm(q), module.k_norm(k)
+        cos, sin = kwargs["position_embeddings"]
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
     def token_features(self, model: nn.Module, input_ids: torch.Tensor, **kw) -> torch.Tensor:
         dec = self._decoder(model)
         emb = dec.embed_tokens(input_ids)  # Gemma3's embedding applies its own scale

@@ -32,6 +32,8 @@ from .store import (
     MapWriter,
     StoreLayout,
     atomic_write_json,
+    check_files,
+    describe_files,
     load_npy,
     read_manifest,
     save_npy,
@@ -143,6 +145,7 @@ class AttnCache:
             manifest["index"] = {"approximate": index.approximate, "ef_search": index.ef_search}
             if index.approximate:
                 index.save(tmp / "index.faiss")
+            manifest["files"] = describe_files(tmp)
             atomic_write_json(tmp / MANIFEST, manifest)  # the commit point
             if out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -159,6 +162,9 @@ class AttnCache:
         if not folder.exists():
             raise UserError(f"cache DB '{folder}' does not exist")
         m = read_manifest(folder)
+        problems = check_files(folder, m.get("files", {}))  # cheap: presence and sizes
+        if problems:
+            raise UserError(f"{folder}: damaged cache: {problems[0]}; run 'attncache verify {folder}' or rebuild")
         s = m["store"]
         layout = StoreLayout(s["n_heads"], s["layers"], s["dtype"])
         store = MapStore(folder, layout, m["entries"]["lengths"], m["entries"]["offsets"])
@@ -176,6 +182,15 @@ class AttnCache:
         else:
             index = VectorIndex.build(vectors, approximate=False)
         return cls(folder, m, store, proj, index)
+
+    @staticmethod
+    def verify(folder: str | Path) -> list[str]:
+        """Full integrity check: every data file present, of the recorded size and checksum; no extras."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise UserError(f"cache DB '{folder}' does not exist")
+        m = read_manifest(folder)
+        return check_files(folder, m.get("files", {}), full=True)
 
     # -- lookup and fetch -------------------------------------------------------------------------
     def compatible(self, entry: int, length: int) -> bool:

@@ -115,6 +115,16 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def cmd_verify(a) -> int:
+    from .cache import AttnCache
+
+    problems = AttnCache.verify(a.db)
+    if problems:
+        raise UserError(f"{a.db}: {len(problems)} problem(s): " + "; ".join(problems))
+    print(f"{a.db}: ok (all data files match their checksums)")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from .cache import AttnCache
 
@@ -208,6 +218,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="report the setting without writing it to the DB")
     c.add_argument("--model")
     c.set_defaults(fn=cmd_calibrate)
+
+    v = sub.add_parser("verify", help="check every data file of a cache DB against its checksum")
+    v.add_argument("db")
+    v.set_defaults(fn=cmd_verify)
 
     i = sub.add_parser("inspect", help="describe a cache DB")
     i.add_argument("db")

@@ -17,6 +17,7 @@ Nothing here is read with pickle: ``np.load(allow_pickle=False)``, safetensors a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -140,6 +141,44 @@ class MapStore:
     @property
     def nbytes(self) -> int:
         return int(self._mm.nbytes)
+
+
+DATA_FILES = (MAPS, "features.npy", "vectors.npy", "projector.safetensors", "index.faiss")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(folder: Path) -> dict:
+    """{name: {size, sha256}} of the DB's data files, recorded in the manifest at commit."""
+    return {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)}
+            for n in DATA_FILES if (folder / n).exists()}
+
+
+def check_files(folder: Path, files: dict, full: bool = False) -> list[str]:
+    """Problems with the data files: missing, wrong size, (full) wrong checksum, or unexpected extra files.
+
+    ``files`` empty means the DB predates checksums: nothing to check against.
+    """
+    problems: list[str] = []
+    if not files:
+        return problems
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{name} has {p.stat().st_size} bytes, the manifest says {meta['size']}")
+        elif full and file_digest(p) != meta["sha256"]:
+            problems.append(f"{name} does not match its checksum (corrupted)")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in files and p.name != MANIFEST)
+    problems += [f"unexpected file {n}" for n in extra]
+    return problems
 
 
 def read_manifest(folder: Path) -> dict:

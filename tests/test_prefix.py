@@ -91,3 +91,29 @@ def test_composition_with_map_reuse(built):
 def test_sliding_window_models_are_excluded():
     assert supports_prefix(tiny_model("llama"))
     assert not supports_prefix(tiny_model("gemma3_text"))
+
+
+def test_tier_goes_idle_without_shared_prefixes():
+    from attncache.prefix import IDLE_AFTER
+
+    model = tiny_model("llama")
+    runner = PrefixRunner(model, min_prefix=4)
+    for s in random_seqs(IDLE_AFTER + 4, lo=10, hi=12, seed=50):
+        runner.logits([s], 1, 0)
+    assert runner.idle and runner.stats.tokens_reused == 0
+    n = len(runner.tree)
+    runner.logits([random_seqs(1, seed=77)[0]], 1, 0)
+    assert len(runner.tree) == n  # no more insertions
+
+
+def test_continuations_in_one_batch_compute_the_prompt_once():
+    model = tiny_model("llama")
+    prompt = random_seqs(1, lo=24, hi=24, seed=61)[0]
+    batch = [prompt + [7, 8, 9], prompt + [10, 11], random_seqs(1, seed=62)[0], prompt + [12, 13, 14, 15]]
+    runner = PrefixRunner(model, min_prefix=8)
+    got, _ = runner.logits(batch, 3, 0)
+    ref = exact_logits(model, batch, 3)
+    for r, g in zip(ref, got):
+        assert (r - g).abs().max() < 1e-4
+    # the 2nd and 4th reuse the prompt; reuse stops at len - keep (26 - 3 = 23 for the 2nd)
+    assert runner.stats.items_with_prefix == 2 and runner.stats.tokens_reused == 23 + 24

@@ -64,3 +64,14 @@ def test_no_code_from_data_in_source():
     # the guard itself can fail
     assert pattern.search("x = pickle.loads(b)") and pattern.search("torch.load(f)") and pattern.search("eval(s)")
     assert not pattern.search("model.eval()")
+
+
+def test_default_threshold_ignores_siblings_from_the_same_row(tmp_path):
+    """Two choices of one prompt are near-duplicates; a new input never has such a neighbour."""
+    model = tiny_model("llama")
+    prompts = random_seqs(8, lo=12, hi=12, seed=30)
+    seqs = [p + [c] for p in prompts for c in (5, 6)]  # each row: the prompt + one of two 1-token choices
+    rows = [i for i in range(len(prompts)) for _ in (5, 6)]
+    plain = AttnCache.build(model, TinyTokenizer(), seqs, tmp_path / "a", progress=False)
+    grouped = AttnCache.build(model, TinyTokenizer(), seqs, tmp_path / "b", progress=False, groups=rows)
+    assert grouped.threshold > 2 * plain.threshold

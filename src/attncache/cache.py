@@ -93,14 +93,23 @@ class AttnCache:
     # -- build ------------------------------------------------------------------------------------
     @classmethod
     def build(cls, model: nn.Module, tokenizer, sequences: Sequence[Sequence[int]], out: str | Path,
-              cfg: BuildConfig | None = None, progress: bool = True, force: bool = False) -> AttnCache:
-        """Record maps for ``sequences`` (token id lists), train the projector, index, write DB ``out``."""
+              cfg: BuildConfig | None = None, progress: bool = True, force: bool = False,
+              groups: Sequence[int] | None = None) -> AttnCache:
+        """Record maps for ``sequences`` (token id lists), train the projector, index, write DB ``out``.
+
+        ``groups`` (optional, one per sequence) names the data row each sequence came from; the default
+        threshold then ignores neighbours from the same row (e.g. two choices of one prompt), which a new
+        input would never have.
+        """
         cfg = cfg or BuildConfig()
         out = Path(out)
         if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
             raise UserError(f"'{out}' already exists; choose a new --out or pass --force to replace it")
         adapter = get_adapter(model.config)
         shape = adapter.shape(model.config)
+        group_of: dict[tuple[int, ...], int] = {}
+        for i, s in enumerate(sequences):  # first occurrence wins, as in _unique
+            group_of.setdefault(tuple(map(int, s)), int(groups[i]) if groups is not None else i)
         seqs = _unique([list(map(int, s)) for s in sequences if len(s) > 0])
         if len(seqs) < 2:
             raise UserError(f"need at least 2 distinct non-empty inputs to build a cache, got {len(seqs)}")
@@ -114,6 +123,7 @@ class AttnCache:
         try:
             writer = MapWriter(tmp, layout)
             feat_rows: list[np.ndarray] = []
+            entry_groups: list[int] = []
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             device = next(model.parameters()).device
             bar = tqdm(total=len(seqs), desc="recording maps", disable=not progress)
@@ -122,8 +132,9 @@ class AttnCache:
                     inputs = {k: v.to(device) for k, v in collate([seqs[i] for i in batch], pad, adapter.causal).items()}
                     model(**inputs, **({"logits_to_keep": 1} if adapter.causal else {}))
                     maps, f = rec.take()
-                    for j in range(len(batch)):
+                    for j, i in enumerate(batch):
                         writer.append(maps[j])
+                        entry_groups.append(group_of[tuple(seqs[i])])
                         feat_rows.append(f[j])
                     bar.update(len(batch))
             bar.close()
@@ -137,7 +148,7 @@ class AttnCache:
             vectors = proj.project(feats)
             index = VectorIndex.build(vectors)
             cache = cls(tmp, manifest, store, proj, index)
-            manifest["threshold"] = cache._default_threshold(vectors, cfg.threshold_quantile)
+            manifest["threshold"] = cache._default_threshold(vectors, cfg.threshold_quantile, entry_groups)
             manifest["policy"] = _default_policy(layer_tv, layers, cfg.default_policy_fraction)
             save_npy(tmp / "features.npy", feats)
             save_npy(tmp / "vectors.npy", vectors)
@@ -270,14 +281,14 @@ class AttnCache:
         }
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _default_threshold(self, vectors: np.ndarray, q: float) -> float:
-        """Quantile ``q`` of each entry's predicted distance to its nearest *other* compatible entry."""
+    def _default_threshold(self, vectors: np.ndarray, q: float, groups: list[int]) -> float:
+        """Quantile ``q`` of each entry's predicted distance to its nearest compatible entry of another row."""
         dist, ids = self.index.search(vectors, SEARCH_K + 1)
         nearest = []
         for i in range(len(vectors)):
             L = int(self.store.lengths[i])
             for d, e in zip(dist[i], ids[i]):
-                if e >= 0 and e != i and self.compatible(int(e), L):
+                if e >= 0 and groups[e] != groups[i] and self.compatible(int(e), L):
                     nearest.append(float(d))
                     break
         return float(np.quantile(nearest, q)) if nearest else 0.0

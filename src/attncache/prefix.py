@@ -12,7 +12,9 @@ adds the new tokens' K/V, splitting an edge where two sequences diverge. Memory 
   and position ids starting at P (at least the positions whose logits are needed always run);
 - items without one run together as usual and their K/V is inserted afterwards;
 - with an attention-map cache attached, map reuse applies to items without a prefix hit; an item whose
-  layers reused maps has no keys in those layers and is therefore not inserted.
+  layers reused maps has no keys in those layers and is therefore not inserted;
+- if none of the first 64 inputs found a prefix (SST-2-like workloads), the tier goes idle: it stops
+  building K/V caches and inserting, so it costs nothing where it cannot help.
 
 Models with sliding-window layers (Gemma3, Mistral with a window) keep only a window of K/V in their cache,
 so the tier is not used for them.
@@ -32,6 +34,7 @@ from .inputs import collate
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 16  # tokens; below this an item runs whole (and may reuse maps instead)
+IDLE_AFTER = 64  # inputs: if none of the first ones found a prefix, stop paying for insertion
 
 
 @dataclass
@@ -155,6 +158,7 @@ class PrefixRunner:
     def __init__(self, model: nn.Module, max_bytes: int = DEFAULT_PREFIX_BYTES, min_prefix: int = MIN_PREFIX):
         self.model = model
         self.min_prefix = min_prefix
+        self.idle = False  # set when a workload shows no shared prefixes; matching continues, inserting stops
         self.tree = RadixKV(max_bytes)
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
@@ -175,14 +179,26 @@ class PrefixRunner:
         out: list[torch.Tensor | None] = [None] * B
         hits: list = [None] * B
         fresh = [i for i, (p, _) in enumerate(matches) if p == 0]
-        if fresh:
-            inp = {k: v.to(self.device) for k, v in collate([seqs[i] for i in fresh], pad_id, True).items()}
-            res = self.model(**inp, logits_to_keep=keep, use_cache=True)
-            fresh_hits = list(attached.last_hits) if attached is not None else [None] * len(fresh)
-            for j, i in enumerate(fresh):
-                out[i] = res.logits[j]
-                hits[i] = fresh_hits[j]
-            self._insert_batch([seqs[i] for i in fresh], _output_cache(res), fresh_hits)
+        if not self.idle and self.stats.items >= IDLE_AFTER and self.stats.items_with_prefix == 0:
+            self.idle = True
+        waiting: list[int] = []
+        if not self.idle:
+            # Inputs sharing a long prefix with an earlier fresh input of this batch (one prompt, several
+            # continuations) wait: the first one's K/V is inserted, then they reuse it.
+            leaders: list[int] = []
+            for i in fresh:
+                if any(_common_prefix(seqs[i], seqs[j]) >= self.min_prefix for j in leaders):
+                    waiting.append(i)
+                else:
+                    leaders.append(i)
+            fresh = leaders
+        self._run_fresh(fresh, seqs, keep, pad_id, attached, out, hits)
+        if waiting:
+            for i in waiting:
+                p, segs = self.tree.match(seqs[i], max(0, len(seqs[i]) - keep))
+                matches[i] = (p, segs) if p >= self.min_prefix else (0, [])
+            # a leader that reused maps was not inserted: its followers run whole
+            self._run_fresh([i for i in waiting if matches[i][0] == 0], seqs, keep, pad_id, attached, out, hits)
         for i, (p, segs) in enumerate(matches):
             if p == 0:
                 continue
@@ -196,8 +212,22 @@ class PrefixRunner:
             res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=keep, **{CACHE_KW: past})
             out[i] = res.logits[0]
-            self._insert_one(s, _output_cache(res))
+            if not self.idle:
+                self._insert_one(s, _output_cache(res))
         return torch.stack(out), hits
+
+    def _run_fresh(self, idx: list[int], seqs, keep: int, pad_id: int, attached, out: list, hits: list) -> None:
+        """Run inputs without a usable prefix as one batch; insert their K/V (unless idle)."""
+        if not idx:
+            return
+        inp = {k: v.to(self.device) for k, v in collate([seqs[i] for i in idx], pad_id, True).items()}
+        res = self.model(**inp, logits_to_keep=keep, use_cache=not self.idle)
+        batch_hits = list(attached.last_hits) if attached is not None else [None] * len(idx)
+        for j, i in enumerate(idx):
+            out[i] = res.logits[j]
+            hits[i] = batch_hits[j]
+        if not self.idle:
+            self._insert_batch([seqs[i] for i in idx], _output_cache(res), batch_hits)
 
     def _insert_batch(self, seqs: list[list[int]], cache, map_hits: list) -> None:
         t0 = time.perf_counter()
@@ -230,6 +260,14 @@ CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).par
 
 def _output_cache(res):
     return getattr(res, "cache", None) if CACHE_KW == "cache" else res.past_key_values
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _per_layer(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

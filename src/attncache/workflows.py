@@ -38,7 +38,11 @@ def build(model_name: str, data: str, out: str, limit: int | None = None, cfg: B
     plan = plan_rows(ds.rows, tok, causal, _max_len(model, tok))
     _warn(ds.skipped + plan.skipped, not progress)
     require_rows(plan)
-    return AttnCache.build(model, tok, plan.seqs, out, cfg, progress=progress, force=force)
+    groups = [0] * len(plan.seqs)
+    for r, row in reversed(list(enumerate(plan.rows))):  # a sequence shared by rows belongs to the first
+        for s in row.seqs:
+            groups[s] = r
+    return AttnCache.build(model, tok, plan.seqs, out, cfg, progress=progress, force=force, groups=groups)
 
 
 def quantize_int8(model):

@@ -37,15 +37,16 @@ if want piqa; then
 fi
 
 if want mmlu; then
-  # (1) MMLU 0..5-shot: every 30th question cached, a disjoint every-30th evaluated, 8 timed (~110 MB per 5-shot entry)
+  # (1) MMLU 0..5-shot: every 30th question cached, a disjoint every-30th evaluated, 8 timed; prompts over
+  # 1024 tokens are skipped (a few 5-shot history prompts reach ~2,000 tokens: 2.2 GB of maps each)
   for K in 0 1 2 3 5; do
     [ -s $OUT/mmlu${K}_bench_all.json ] && continue  # done; delete the file to redo
     DB=runs/mmlu${K}.db
-    [ -d $DB ] || run attncache build --data "mmlu:${K}shot[0::30]" --out $DB --quiet
+    [ -d $DB ] || run attncache build --data "mmlu:${K}shot[0::30]" --out $DB --max-tokens 1024 --quiet
     run attncache inspect $DB --json > $OUT/mmlu${K}_inspect.json
-    run attncache eval --db $DB --data "mmlu:${K}shot[15::30]" --policy all --policy default --no-prefix-cache --json --quiet > $OUT/mmlu${K}_eval.json
+    run attncache eval --db $DB --data "mmlu:${K}shot[15::30]" --max-tokens 1024 --policy all --policy default --no-prefix-cache --json --quiet > $OUT/mmlu${K}_eval.json
     [ $K = 5 ] && L=4 || L=8
-    run attncache bench --db $DB --data "mmlu:${K}shot[15::30]" --policy all --limit $L --repeats 3 --no-prefix-cache --json --quiet > $OUT/mmlu${K}_bench_all.json
+    run attncache bench --db $DB --data "mmlu:${K}shot[15::30]" --max-tokens 1024 --policy all --limit $L --repeats 3 --no-prefix-cache --json --quiet > $OUT/mmlu${K}_bench_all.json
   done
 fi
 
@@ -79,5 +80,5 @@ if want quant; then
   # (5) dynamic int8 SmolLM2 on caches recorded in fp32
   run attncache eval --db runs/sst2-smollm2.db --data "sst2[436:]" --policy all --policy default --quantize int8 --json --quiet > $OUT/quant_sst2_eval.json
   run attncache bench --db runs/sst2-smollm2.db --data "sst2[436:]" --policy all --limit 24 --quantize int8 --json --quiet > $OUT/quant_sst2_bench.json
-  run attncache bench --db runs/mmlu5.db --data "mmlu:5shot[15::30]" --policy all --limit 4 --repeats 3 --quantize int8 --no-prefix-cache --json --quiet > $OUT/quant_mmlu5_bench.json
+  run attncache bench --db runs/mmlu5.db --data "mmlu:5shot[15::30]" --max-tokens 1024 --policy all --limit 4 --repeats 3 --quantize int8 --no-prefix-cache --json --quiet > $OUT/quant_mmlu5_bench.json
 fi

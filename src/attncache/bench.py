@@ -40,6 +40,7 @@ class BenchConfig:
     pass_repeats: int = 3  # whole-workload passes per variant
     batch_size: int = 1  # of the workload passes (per-item timings are always batch 1)
     quantize: str | None = None
+    max_tokens: int | None = None
     prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
 
 
@@ -119,7 +120,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     cfg = cfg or BenchConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    s = Session.open(db, model_name, cfg.quantize)
+    s = Session.open(db, model_name, cfg.quantize, cfg.max_tokens)
     cache, model, tok = s.cache, s.model, s.tokenizer
     plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
     seqs = plan.seqs

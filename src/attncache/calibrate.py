@@ -96,8 +96,8 @@ def thresholds_for(curves: list[Curve], default: float) -> list[float]:
 
 
 def sweep(db: str, data: str, policies: list[str], limit: int | None = None, batch_size: int = 8,
-          progress: bool = True, model_name: str | None = None) -> list[dict]:
-    s = Session.open(db, model_name)
+          progress: bool = True, model_name: str | None = None, max_tokens: int | None = None) -> list[dict]:
+    s = Session.open(db, model_name, max_tokens=max_tokens)
     specs = [s.cache.policy(p) for p in policies]
     plan = s.plan(data, limit, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
@@ -148,10 +148,10 @@ def candidate_policies(s: Session, heads: bool = True) -> list[Policy]:
 
 def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, batch_size: int = 8,
               conf: float = 0.95, progress: bool = True, model_name: str | None = None, write: bool = True,
-              heads: bool = True) -> dict:
+              heads: bool = True, max_tokens: int | None = None) -> dict:
     if not 0 < max_loss < 1:
         raise UserError(f"--max-loss must be between 0 and 1 (a fraction of predictions), got {max_loss}")
-    s = Session.open(db, model_name)
+    s = Session.open(db, model_name, max_tokens=max_tokens)
     if not s.cache.adapter.causal:
         raise UserError("calibrate needs labelled predictions: it supports decoder caches (choice or text rows)")
     plan = s.plan(data, limit, quiet=not progress)

@@ -32,7 +32,8 @@ def cmd_build(a) -> int:
     cfg = BuildConfig(store_dtype=a.dtype, batch_size=a.batch_size)
     if a.layers:
         cfg.layers = [int(x) for x in a.layers.split(",")]
-    cache = build(a.model, a.data, a.out, a.limit, cfg, progress=not a.quiet, force=a.force, strict=a.strict)
+    cache = build(a.model, a.data, a.out, a.limit, cfg, progress=not a.quiet, force=a.force, strict=a.strict,
+                  max_tokens=a.max_tokens)
     info = cache.info()
     if a.json:
         print(json.dumps(info))
@@ -60,7 +61,7 @@ def cmd_eval(a) -> int:
         from .calibrate import plot_sweep, sweep
 
         rows = sweep(a.db, a.data, a.policy or ["all", "default"], a.limit, a.batch_size,
-                     progress=not a.quiet and not a.json, model_name=a.model)
+                     progress=not a.quiet and not a.json, model_name=a.model, max_tokens=a.max_tokens)
         if a.plot:
             plot_sweep(rows, a.plot, title=f"{a.data}: reuse vs fidelity")
         if a.json:
@@ -74,7 +75,8 @@ def cmd_eval(a) -> int:
         return 0
     res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
                    progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict,
-                   prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, quantize=a.quantize)
+                   prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, quantize=a.quantize,
+                   max_tokens=a.max_tokens)
     if a.json:
         print(json.dumps(res[0] if len(res) == 1 else {"results": res}))
     else:
@@ -87,7 +89,7 @@ def cmd_bench(a) -> int:
 
     cfg = BenchConfig(repeats=a.repeats, warmup=a.warmup, threads=a.threads, eager=not a.no_eager,
                       prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, batch_size=a.batch_size,
-                      quantize=a.quantize, pass_repeats=a.pass_repeats)
+                      quantize=a.quantize, pass_repeats=a.pass_repeats, max_tokens=a.max_tokens)
     res = bench(a.db, a.data, a.policy, a.limit, cfg, model_name=a.model, progress=not a.quiet and not a.json,
                 threshold=a.threshold)
     if a.plot:
@@ -106,7 +108,8 @@ def cmd_calibrate(a) -> int:
     from .calibrate import calibrate
 
     res = calibrate(a.db, a.data, a.max_loss, a.limit, a.batch_size, a.confidence,
-                    progress=not a.quiet and not a.json, model_name=a.model, write=not a.dry_run)
+                    progress=not a.quiet and not a.json, model_name=a.model, write=not a.dry_run,
+                    max_tokens=a.max_tokens)
     if a.json:
         print(json.dumps(res))
     else:
@@ -165,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True, help="built-in name (sst2, piqa, rte, mmlu, mmlu:Kshot) or a "
                         ".jsonl path; may end in a slice like [0:400]")
         sp.add_argument("--limit", type=int, help="use only the first N rows")
+        sp.add_argument("--max-tokens", type=int, help="skip (and report) rows whose model input is longer than N tokens")
         sp.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--json", action="store_true", help="print one JSON object")

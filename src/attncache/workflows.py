@@ -13,8 +13,10 @@ from .prefix import DEFAULT_PREFIX_BYTES, PrefixRunner, supports_prefix
 from .tasks import Plan, compare, plan_rows, require_rows, run
 
 
-def _max_len(model, tokenizer) -> int | None:
+def _max_len(model, tokenizer, cap: int | None = None) -> int | None:
     n = getattr(model.config, "max_position_embeddings", None)
+    if cap is not None:
+        n = min(n, cap) if n else cap
     t = getattr(tokenizer, "model_max_length", None)
     if t is not None and t < 10**6:
         n = min(n, t) if n else t
@@ -30,12 +32,12 @@ def _warn(msgs: list[str], quiet: bool) -> None:
 
 
 def build(model_name: str, data: str, out: str, limit: int | None = None, cfg: BuildConfig | None = None,
-          progress: bool = True, force: bool = False, strict: bool = False) -> AttnCache:
+          progress: bool = True, force: bool = False, strict: bool = False, max_tokens: int | None = None) -> AttnCache:
     """Record every model input of DATA with ``model_name`` and write a cache DB at ``out``."""
     model, tok = models.load(model_name)
     causal = models.model_kind(model.config) == "decoder"
     ds = data_mod.load(data, encoder=not causal, limit=limit, strict=strict)
-    plan = plan_rows(ds.rows, tok, causal, _max_len(model, tok))
+    plan = plan_rows(ds.rows, tok, causal, _max_len(model, tok, max_tokens))
     _warn(ds.skipped + plan.skipped, not progress)
     require_rows(plan)
     groups = [0] * len(plan.seqs)
@@ -70,9 +72,11 @@ class Session:
     cache: AttnCache
     model: object
     tokenizer: object
+    max_tokens: int | None = None  # rows with a longer input are skipped (reported)
 
     @classmethod
-    def open(cls, db: str, model_name: str | None = None, quantize: str | None = None) -> Session:
+    def open(cls, db: str, model_name: str | None = None, quantize: str | None = None,
+             max_tokens: int | None = None) -> Session:
         cache = AttnCache.open(db)
         model, tok = models.load(model_name or cache.manifest["model"]["name"])
         cache.check_model(model)  # on the weights the DB was built with; the result stays on the model
@@ -81,7 +85,7 @@ class Session:
             model = quantize_int8(model)
         elif quantize is not None:
             raise UserError(f"--quantize: only 'int8' is supported, got '{quantize}'")
-        return cls(cache, model, tok)
+        return cls(cache, model, tok, max_tokens)
 
     def prefix_runner(self, max_bytes: int | None) -> PrefixRunner | None:
         """A fresh exact prefix tier, for decoders whose cache keeps every key (no sliding windows)."""
@@ -91,7 +95,8 @@ class Session:
 
     def plan(self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False) -> Plan:
         ds = data_mod.load(data, encoder=not self.cache.adapter.causal, limit=limit, strict=strict)
-        plan = plan_rows(ds.rows, self.tokenizer, self.cache.adapter.causal, _max_len(self.model, self.tokenizer))
+        max_len = _max_len(self.model, self.tokenizer, self.max_tokens)
+        plan = plan_rows(ds.rows, self.tokenizer, self.cache.adapter.causal, max_len)
         _warn(ds.skipped + plan.skipped, quiet)
         require_rows(plan)
         return plan
@@ -100,14 +105,14 @@ class Session:
 def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: float | None = None,
              limit: int | None = None, batch_size: int = 8, progress: bool = True,
              model_name: str | None = None, strict: bool = False, prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
-             quantize: str | None = None) -> list[dict]:
+             quantize: str | None = None, max_tokens: int | None = None) -> list[dict]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
     The cached pass uses the exact prefix tier too (decoders; ``prefix_bytes=None`` switches it off).
     """
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
-    s = Session.open(db, model_name, quantize)
+    s = Session.open(db, model_name, quantize, max_tokens)
     parsed = [s.cache.policy(spec) for spec in policies or ["default"]]  # refuse bad specs before any work
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")

@@ -117,3 +117,12 @@ def test_continuations_in_one_batch_compute_the_prompt_once():
         assert (r - g).abs().max() < 1e-4
     # the 2nd and 4th reuse the prompt; reuse stops at len - keep (26 - 3 = 23 for the 2nd)
     assert runner.stats.items_with_prefix == 2 and runner.stats.tokens_reused == 23 + 24
+
+
+def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
+    model, cache, seqs = built("llama")
+    runner = PrefixRunner(model, min_prefix=4)
+    with cache.attach(model, policy="none") as att:
+        runner.logits([seqs[0]], 1, 0)
+        assert att.last_hits[0] is not None and not att.last_reused[0]
+    assert runner.tree.match(seqs[0], len(seqs[0]))[0] == len(seqs[0])

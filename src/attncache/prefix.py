@@ -223,20 +223,21 @@ class PrefixRunner:
         inp = {k: v.to(self.device) for k, v in collate([seqs[i] for i in idx], pad_id, True).items()}
         res = self.model(**inp, logits_to_keep=keep, use_cache=not self.idle)
         batch_hits = list(attached.last_hits) if attached is not None else [None] * len(idx)
+        reused = list(attached.last_reused) if attached is not None else [False] * len(idx)
         for j, i in enumerate(idx):
             out[i] = res.logits[j]
             hits[i] = batch_hits[j]
         if not self.idle:
-            self._insert_batch([seqs[i] for i in idx], _output_cache(res), batch_hits)
+            self._insert_batch([seqs[i] for i in idx], _output_cache(res), reused)
 
-    def _insert_batch(self, seqs: list[list[int]], cache, map_hits: list) -> None:
+    def _insert_batch(self, seqs: list[list[int]], cache, reused: list[bool]) -> None:
         t0 = time.perf_counter()
         B = len(seqs)
-        misses = [j for j in range(B) if map_hits[j] is None]
+        misses = [j for j in range(B) if not reused[j]]
         T = max(len(s) for s in seqs)
         layers = cache.layers
         for j, s in enumerate(seqs):
-            if map_hits[j] is not None:
+            if reused[j]:
                 continue  # layers that replayed a map computed no keys for this item
             rows = []
             for layer in layers:

@@ -87,6 +87,7 @@ class Attached:
         self.shape: Shape = cache.shape
         self.plan: BatchPlan | None = None
         self.last_hits: list[Hit | None] = []
+        self.last_reused: list[bool] = []
         self._ctx = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -127,6 +128,8 @@ class Attached:
         # simply computes normally below.
         self.plan = BatchPlan(sp, hits) if reused else None
         self.last_hits = hits
+        # which items actually replayed maps (a hit under policy 'none' computes everything)
+        self.last_reused = [h is not None and bool(reused) for h in hits]
 
     def _on_attention(self, layer: int, module: nn.Module, original, hidden, args, kwargs):
         plan = self.plan

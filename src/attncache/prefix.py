@@ -13,8 +13,8 @@ adds the new tokens' K/V, splitting an edge where two sequences diverge. Memory 
 - items without one run together as usual and their K/V is inserted afterwards;
 - with an attention-map cache attached, map reuse applies to items without a prefix hit; an item whose
   layers reused maps has no keys in those layers and is therefore not inserted;
-- if none of the first 64 inputs found a prefix (SST-2-like workloads), the tier goes idle: it stops
-  building K/V caches and inserting, so it costs nothing where it cannot help.
+- if none of the first 64 inputs shares even 8 tokens with an earlier one (SST-2-like workloads), the tier
+  goes idle: it stops building K/V caches and inserting, so it costs little where it cannot help.
 
 Models with sliding-window layers (Gemma3, Mistral with a window) keep only a window of K/V in their cache,
 so the tier is not used for them.
@@ -33,8 +33,8 @@ from transformers import DynamicCache, LlamaForCausalLM
 from .inputs import collate
 
 DEFAULT_PREFIX_BYTES = 2 << 30
-MIN_PREFIX = 16  # tokens; below this an item runs whole (and may reuse maps instead)
-IDLE_AFTER = 64  # inputs: if none of the first ones found a prefix, stop paying for insertion
+MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
+IDLE_AFTER = 64  # inputs: if none of the first ones shares even MIN_PREFIX tokens, stop paying for insertion
 
 
 @dataclass
@@ -159,6 +159,7 @@ class PrefixRunner:
         self.model = model
         self.min_prefix = min_prefix
         self.idle = False  # set when a workload shows no shared prefixes; matching continues, inserting stops
+        self.longest_match = 0
         self.tree = RadixKV(max_bytes)
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
@@ -172,6 +173,7 @@ class PrefixRunner:
         attached = getattr(self.model, "_attncache_attached", None)
         B = len(seqs)
         matches = [self.tree.match(s, max(0, len(s) - keep)) for s in seqs]
+        self.longest_match = max([self.longest_match] + [p for p, _ in matches])
         # A short shared prefix saves little and would keep the item from map reuse: run it whole.
         matches = [(p, segs) if p >= self.min_prefix else (0, []) for p, segs in matches]
         self.stats.items += B
@@ -179,7 +181,7 @@ class PrefixRunner:
         out: list[torch.Tensor | None] = [None] * B
         hits: list = [None] * B
         fresh = [i for i, (p, _) in enumerate(matches) if p == 0]
-        if not self.idle and self.stats.items >= IDLE_AFTER and self.stats.items_with_prefix == 0:
+        if not self.idle and self.stats.items >= IDLE_AFTER and self.longest_match < self.min_prefix:
             self.idle = True
         waiting: list[int] = []
         if not self.idle:

@@ -71,8 +71,8 @@ if want minilm; then
 fi
 
 if want length; then
-  # (4) speedup vs length, real text, all layers, hits (2048 tokens: see the GPU check)
-  run python benchmarks/length_scaling.py --lengths 64,128,256,512,1024 --per-length 1 --repeats 3 \
+  # (4) speedup vs length, real text, all layers, hits (1024-2048 tokens: the GPU check and MMLU rows)
+  run python benchmarks/length_scaling.py --lengths 64,128,256,512 --per-length 2 --repeats 3 \
       --out $OUT/length_scaling.json --plot docs/length_scaling.png
 fi
 

@@ -32,7 +32,8 @@ def test_calibrated_setting_holds_on_fresh_data(tmp_path):
                          "--json").stdout)
     assert res["disagreement_bound"] <= 0.1 and res["reuse_fraction"] > 0
     info = json.loads(cli("inspect", str(db), "--json").stdout)
-    assert info["policy_layers"] == res["policy_layers"] and info["threshold"] == res["threshold"]
+    assert info["policy_layers"] == res["policy_layers"] and info["policy_heads"] == res["policy_heads"]
+    assert info["threshold"] == res["threshold"]
     fresh = json.loads(cli("eval", "--db", str(db), "--data", "sst2[300:600]", "--json").stdout)
     assert 1 - fresh["agreement"] <= 0.1
     assert fresh["accuracy_baseline"] - fresh["accuracy_cached"] <= 0.1

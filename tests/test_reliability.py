@@ -74,4 +74,4 @@ def test_default_threshold_ignores_siblings_from_the_same_row(tmp_path):
     rows = [i for i in range(len(prompts)) for _ in (5, 6)]
     plain = AttnCache.build(model, TinyTokenizer(), seqs, tmp_path / "a", progress=False)
     grouped = AttnCache.build(model, TinyTokenizer(), seqs, tmp_path / "b", progress=False, groups=rows)
-    assert grouped.threshold > 2 * plain.threshold
+    assert grouped.threshold > 1.2 * plain.threshold

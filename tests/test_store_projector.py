@@ -66,7 +66,7 @@ def test_pair_distance_matches_definition(tmp_path):
     a, b = rand_maps(2, 2, 6, rng), rand_maps(2, 2, 6, rng)
     store = write_store(tmp_path, [a, b, a.copy()])
     d = pair_distance(store, 0, 1, rows=6, causal=True, rng=np.random.default_rng(0))
-    want = 0.5 * np.abs(a - b).sum(-1).mean(axis=(1, 2))
+    want = 0.5 * np.abs(a - b).sum(-1).mean(axis=2)  # per (layer, head)
     assert np.allclose(d, want, atol=1e-6)
     assert np.allclose(pair_distance(store, 0, 2, rows=6, causal=True, rng=np.random.default_rng(0)), 0)
 

@@ -177,8 +177,8 @@ def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, bat
         best_policy = Policy({}, s.cache.shape.n_heads, "none")
     result = {
         "max_loss": max_loss, "confidence": conf, "data": data, "n": len(plan.rows),
-        "policy": best["policy"], "policy_layers": list(best_policy.layers),
-        "policy_head_maps": sum(len(h) for h in best_policy.heads.values()),
+        "policy": best["policy"], "policy_layers": best_policy.to_json()["layers"],  # whole layers
+        "policy_heads": sum(len(h) for h in best_policy.to_json()["heads"].values()),  # heads of other layers
         "threshold": best["threshold"], "reuse_fraction": best["reuse_fraction"],
         "agreement": best.get("agreement"), "disagreement_bound": best.get("bound", 0.0),
         "accuracy_baseline": best.get("accuracy_baseline"), "accuracy_cached": best.get("accuracy_cached"),

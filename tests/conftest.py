@@ -23,7 +23,7 @@ def built(tmp_path_factory):
             model = tiny_model(family)
             seqs = random_seqs(10, seed=1)
             db = tmp_path_factory.mktemp(f"db-{family}") / "db"
-            cache = AttnCache.build(model, TinyTokenizer(), seqs, db, BuildConfig(store_dtype="float32"), progress=False)
+            cache = AttnCache.build(model, TinyTokenizer(), seqs, db, BuildConfig(codec="float32"), progress=False)
             out[family] = (model, cache, seqs)
         return out[family]
 

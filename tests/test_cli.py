@@ -50,7 +50,7 @@ def test_minilm_round_trip_and_inspect(minilm_db):
               "pair_auc_exact", "pair_auc_cached"):
         assert k in pairs
     info = json.loads(cli("inspect", str(minilm_db), "--json").stdout)
-    assert info["entries"] == 40 and info["model"] == "minilm-l6" and info["format_version"] == 1
+    assert info["entries"] == 40 and info["model"] == "minilm-l6" and info["format_version"] == 2
     assert info["bytes_on_disk"] > 0 and info["bytes_per_entry"] == pytest.approx(info["bytes_on_disk"] / 40)
     r = cli("build", "--model", "minilm-l6", "--data", "sst2[0:5]", "--out", str(minilm_db), ok=False)
     assert_one_line_error(r, "already exists")
@@ -85,3 +85,25 @@ def test_smollm2_round_trip(tmp_path):
             assert k in r
         assert r["n"] == 30 and 0 <= r["hit_rate"] <= 1
     assert other[1]["reuse_fraction"] <= other[0]["reuse_fraction"]
+
+
+@pytest.mark.real
+def test_smollm2_compact_store_learn_cap_and_inspect(tmp_path):
+    """int8 maps of only the policy layers; eval --learn under a byte cap; inspect shows hits and the cap."""
+    db = tmp_path / "db"
+    cli("build", "--data", "sst2[0:24]", "--out", str(db), "--quiet", "--compression", "int8", "--store-layers", "auto")
+    info = json.loads(cli("inspect", str(db), "--json").stdout)
+    assert info["compression"] == "int8" and info["map_bytes_vs_fp32"] < info["stored_layers"] / 30 / 8 + 1e-3
+    assert info["stored_layers"] == len(info["policy_layers"]) == 5
+    cap = int(info["map_bytes"] * 1.5)
+    learned = json.loads(cli("eval", "--db", str(db), "--data", "sst2[24:60]", "--learn", "--max-bytes", str(cap),
+                             "--no-prefix-cache", "--json").stdout)
+    assert learned["learned"] > 0 and learned["n"] == 36
+    after = json.loads(cli("inspect", str(db), "--json").stdout)
+    assert after["map_bytes"] <= cap and after["max_bytes"] == cap and after["evictions"] > 0
+    again = json.loads(cli("eval", "--db", str(db), "--data", "sst2[40:60]", "--policy", "default",
+                           "--no-prefix-cache", "--json").stdout)
+    assert again["hit_rate"] >= 0.9  # the learned inputs now hit (their own maps)
+    assert json.loads(cli("inspect", str(db), "--json").stdout)["top_entries"]  # hit counts were saved
+    assert "ok" in cli("verify", str(db)).stdout
+    assert json.loads(cli("retrain", str(db), "--json", "--quiet").stdout)["entries"] == after["entries"]

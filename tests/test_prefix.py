@@ -56,6 +56,21 @@ def test_radix_split_and_match():
     assert len(t) == 2 and t.bytes == (5 + 1) * 2 * 2 * 3 * 4
 
 
+def test_insert_suffix_only_needs_its_prefix_in_the_tree():
+    t = RadixKV(max_bytes=1 << 20)
+    kv = lambda n, val: torch.full((2, 2, 1, n, 3), float(val))  # noqa: E731
+    assert t.insert([1, 2, 3, 4], kv(4, 1))
+    assert t.insert([1, 2, 3, 4, 7, 8], kv(2, 2), start=4)  # only the new tokens' K/V is passed
+    n, segs = t.match([1, 2, 3, 4, 7, 8], max_len=6)
+    got = torch.cat(segs, dim=3)[0, 0, 0, :, 0].tolist()
+    assert n == 6 and got == [1, 1, 1, 1, 2, 2]
+    # a prefix that is not (or no longer) in the tree: nothing is inserted
+    before = t.bytes
+    assert not t.insert([5, 6, 7, 8], kv(2, 3), start=2)
+    assert not t.insert([1, 2, 9, 9, 9], kv(1, 3), start=4)  # diverges inside the claimed prefix
+    assert t.bytes == before and t.peak_bytes == before
+
+
 def test_byte_cap_never_exceeded_and_lru_evicted():
     per_token = 2 * 2 * 1 * 3 * 4
     t = RadixKV(max_bytes=25 * per_token)

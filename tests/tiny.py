@@ -41,6 +41,10 @@ class TinyTokenizer:
     def get_vocab(self):
         return {f"t{i}": i for i in range(128)}
 
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        """Characters as tokens (ids 1..127): enough to run text workloads through tiny models."""
+        return {"input_ids": [1 + ord(c) % 127 for c in text]}
+
 
 def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
     torch.manual_seed(seed)

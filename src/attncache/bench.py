@@ -239,7 +239,7 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
             with ctx:
                 out = run_plan(model, tok, plan, batch_size=cfg.batch_size, progress=False, prefix=prefix)
             if prefix is not None:
-                stats["prefix"] = prefix.stats.as_dict()
+                stats["prefix"] = prefix.report()
             return {"e2e": out.seconds}
         return fn
 
@@ -258,6 +258,8 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
         "workload_batch_size": cfg.batch_size,
         "prefix_cache": has_prefix,
         "prefix_tokens_reused_fraction": stats.get("prefix", {}).get("prefix_tokens_reused_fraction", 0.0),
+        "prefix_bytes_peak": stats.get("prefix", {}).get("prefix_bytes_peak", 0),
+        "prefix_bytes_cap": cfg.prefix_bytes if has_prefix else 0,
     }
 
 

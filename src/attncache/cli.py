@@ -29,16 +29,22 @@ def cmd_build(a) -> int:
     from .cache import BuildConfig
     from .workflows import build
 
-    cfg = BuildConfig(store_dtype=a.dtype, batch_size=a.batch_size)
-    if a.layers:
-        cfg.layers = [int(x) for x in a.layers.split(",")]
+    cfg = BuildConfig(codec=a.compression, sparse_eps=a.sparse_eps, batch_size=a.batch_size, max_bytes=a.max_bytes,
+                      eviction=a.eviction)
+    if a.store_layers == "auto":
+        cfg.store_layers = "auto"
+    elif a.store_layers != "all":
+        try:
+            cfg.layers = [int(x) for x in a.store_layers.split(",")]
+        except ValueError:
+            raise UserError(f"--store-layers: expected 'all', 'auto' or layers like '17,20', got '{a.store_layers}'") from None
     cache = build(a.model, a.data, a.out, a.limit, cfg, progress=not a.quiet, force=a.force, strict=a.strict,
                   max_tokens=a.max_tokens)
     info = cache.info()
     if a.json:
         print(json.dumps(info))
     else:
-        print(f"built {a.out}: {info['entries']} entries, {info['bytes_on_disk'] / 2**20:.1f} MiB, "
+        print(f"built {a.out}: {info['entries']} entries, {info['bytes_on_disk'] / 2**20:.1f} MiB ({info['compression']}), "
               f"threshold {info['threshold']:.4f}, default policy layers {info['policy_layers']}")
     return 0
 
@@ -76,7 +82,7 @@ def cmd_eval(a) -> int:
     res = evaluate(a.db, a.data, a.policy or ["default"], a.threshold, a.limit, a.batch_size,
                    progress=not a.quiet and not a.json, model_name=a.model, strict=a.strict,
                    prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes, quantize=a.quantize,
-                   max_tokens=a.max_tokens)
+                   max_tokens=a.max_tokens, learn=a.learn, max_bytes=a.max_bytes, eviction=a.eviction)
     if a.json:
         print(json.dumps(res[0] if len(res) == 1 else {"results": res}))
     else:
@@ -125,6 +131,45 @@ def cmd_verify(a) -> int:
     if problems:
         raise UserError(f"{a.db}: {len(problems)} problem(s): " + "; ".join(problems))
     print(f"{a.db}: ok (all data files match their checksums)")
+    return 0
+
+
+def cmd_migrate(a) -> int:
+    from .cache import AttnCache
+
+    changed = AttnCache.migrate(a.db)
+    print(f"{a.db}: migrated to the current format" if changed else f"{a.db}: already in the current format")
+    return 0
+
+
+def cmd_retrain(a) -> int:
+    from .cache import AttnCache
+
+    res = AttnCache.open(a.db).retrain(progress=not a.quiet and not a.json)
+    print(json.dumps(res) if a.json else _table([res], list(res)))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .serve import ServeConfig, serve
+
+    cfg = ServeConfig(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue, timeout_s=a.timeout_s,
+                      policy=a.policy, attach=not a.no_cache, learn=a.learn,
+                      prefix_bytes=None if a.no_prefix_cache else a.prefix_bytes)
+    for name in ("max_batch", "max_queue"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    serve(a.db, a.model, a.host, a.port, cfg, max_bytes=a.max_bytes)
+    return 0
+
+
+def cmd_batch(a) -> int:
+    from .batch import run_batch
+
+    res = run_batch(a.db, a.data, a.out, address=a.address, actors=a.actors, batch_size=a.batch_size,
+                    model_name=a.model, policy=a.policy, limit=a.limit, max_tokens=a.max_tokens,
+                    progress=not a.quiet and not a.json)
+    print(json.dumps(res) if a.json else _table([res], list(res)))
     return 0
 
 
@@ -177,8 +222,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2-135m", help="built-in name (smollm2-135m, minilm-l6), HF folder or .gguf")
     common(b, db=False)
     b.add_argument("--out", required=True, help="DB folder to create")
-    b.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored map precision")
-    b.add_argument("--layers", help="store only these layers (comma-separated); default all")
+    b.add_argument("--compression", default="float16", choices=["float16", "int8", "sparse", "float32"],
+                   help="how maps are stored (default float16; int8: < 1/8 of fp32 bytes for decoders)")
+    b.add_argument("--sparse-eps", type=float, help="sparse: share of each row's mass that may be dropped (default 0.02)")
+    b.add_argument("--store-layers", default="all",
+                   help="'all' (default), 'auto' (only the layers the default policy reuses, chosen on a probe of "
+                   "64 inputs), or layers like '17,20,23'")
+    b.add_argument("--max-bytes", type=_bytes, help="cap on the stored maps, e.g. 2G; later inserts evict to stay within it")
+    b.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="which entries an insert evicts (default lru)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--force", action="store_true", help="replace an existing DB at --out")
     b.set_defaults(fn=cmd_build)
@@ -194,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default: all and default); map reuse only")
     e.add_argument("--plot", help="with --sweep: write the curves to this PNG")
     e.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the model's linears (CPU)")
+    e.add_argument("--learn", action="store_true", help="insert inputs that miss into the DB (online; one writer at a time)")
+    e.add_argument("--max-bytes", type=_bytes, help="with --learn: cap on the stored maps (evicts); default: the DB's cap")
+    e.add_argument("--eviction", choices=["lru", "lfu"], help="with --learn: eviction order (default: the DB's)")
     prefix_args(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -226,6 +280,42 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every data file of a cache DB against its checksum")
     v.add_argument("db")
     v.set_defaults(fn=cmd_verify)
+
+    sv = sub.add_parser("serve", help="HTTP service: /v1/embeddings, /v1/score, /health, /metrics")
+    sv.add_argument("--db", required=True, help="cache DB folder")
+    sv.add_argument("--model", help="load this model instead of the one named in the DB (must be identical)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--policy", help=POLICY_HELP)
+    sv.add_argument("--max-batch", type=int, default=8, help="requests per model batch (default 8)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    sv.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
+    sv.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout, 504 after (default 30)")
+    sv.add_argument("--no-cache", action="store_true", help="serve the plain model (a baseline for load tests)")
+    sv.add_argument("--learn", action="store_true", help="insert inputs that miss (one writer per DB)")
+    sv.add_argument("--max-bytes", type=_bytes, help="with --learn: cap on the stored maps")
+    prefix_args(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    bt = sub.add_parser("batch", help="offline batch job on Ray Data (an actor pool, each with the DB attached)")
+    common(bt)
+    bt.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
+    bt.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    bt.add_argument("--actors", type=int, default=2)
+    bt.add_argument("--batch-size", type=int, default=16)
+    bt.add_argument("--model")
+    bt.add_argument("--policy", help=POLICY_HELP)
+    bt.set_defaults(fn=cmd_batch)
+
+    m = sub.add_parser("migrate", help="convert an older cache DB to the current format in place")
+    m.add_argument("db")
+    m.set_defaults(fn=cmd_migrate)
+
+    r = sub.add_parser("retrain", help="refit the projector on every stored entry and re-index (after --learn)")
+    r.add_argument("db")
+    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_retrain)
 
     i = sub.add_parser("inspect", help="describe a cache DB")
     i.add_argument("db")

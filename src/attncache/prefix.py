@@ -56,6 +56,7 @@ class RadixKV:
         self.max_bytes = int(max_bytes)
         self.root = _Node()
         self.bytes = 0
+        self.peak_bytes = 0  # before eviction brought it back under the cap
         self._clock = 0.0
 
     def _tick(self) -> float:
@@ -82,17 +83,25 @@ class RadixKV:
             node = e.child
         return pos, segs
 
-    def insert(self, tokens: list[int], kv: torch.Tensor) -> None:
-        """Add ``tokens`` with their K/V ``[n_layers, 2, H_kv, len(tokens), d]`` (shared parts are kept once)."""
-        assert kv.shape[3] == len(tokens), (kv.shape, len(tokens))
+    def insert(self, tokens: list[int], kv: torch.Tensor, start: int = 0) -> bool:
+        """Add ``tokens`` with their K/V ``[n_layers, 2, H_kv, len(tokens) - start, d]`` (shared parts kept once).
+
+        ``start`` > 0: the K/V covers only ``tokens[start:]``; the first ``start`` tokens must already be in
+        the tree (the prefix the input just reused). If they were evicted meanwhile, nothing is inserted
+        and False is returned.
+        """
+        assert kv.shape[3] == len(tokens) - start, (kv.shape, len(tokens), start)
         node, pos = self.root, 0
         now = self._tick()
         while pos < len(tokens):
             e = node.edges.get(tokens[pos])
             if e is None:
-                new = _Edge(tuple(tokens[pos:]), kv[:, :, :, pos:].clone(), _Node(parent=node), now)
+                if pos < start:
+                    return False
+                new = _Edge(tuple(tokens[pos:]), kv[:, :, :, pos - start:].clone(), _Node(parent=node), now)
                 node.edges[tokens[pos]] = new
                 self.bytes += new.kv.numel() * new.kv.element_size()
+                self.peak_bytes = max(self.peak_bytes, self.bytes)
                 break
             n = 0
             lim = min(len(e.tokens), len(tokens) - pos)
@@ -100,6 +109,8 @@ class RadixKV:
                 n += 1
             e.used = now
             if n < len(e.tokens):  # split the edge at n
+                if pos + n < start:
+                    return False
                 mid = _Node(parent=node)
                 tail = _Edge(e.tokens[n:], e.kv[:, :, :, n:].clone(), e.child, e.used)
                 e.child.parent = mid
@@ -108,6 +119,7 @@ class RadixKV:
             pos += n
             node = e.child
         self._evict()
+        return True
 
     def _leaves(self):
         stack = [self.root]
@@ -167,6 +179,12 @@ class PrefixRunner:
     def reset(self) -> None:
         self.tree = RadixKV(self.tree.max_bytes)
 
+    def report(self) -> dict:
+        """Counters plus the tree's memory: bytes held now, the peak, and the cap."""
+        return {**self.stats.as_dict(), "prefix_bytes_used": self.tree.bytes,
+                "prefix_bytes_peak": self.tree.peak_bytes, "prefix_bytes_cap": self.tree.max_bytes,
+                "prefix_leaves": len(self.tree)}
+
     @torch.no_grad()
     def logits(self, seqs: list[list[int]], keep: int, pad_id: int) -> tuple[torch.Tensor, list]:
         """([B, keep, V] logits, per item the map hit or None). Works with or without an attached map cache."""
@@ -207,7 +225,8 @@ class PrefixRunner:
             s = seqs[i]
             self.stats.items_with_prefix += 1
             self.stats.tokens_reused += p
-            past = DynamicCache(ddp_cache_data=_per_layer(torch.cat(segs, dim=3)), config=self.model.config)
+            prefix_kv = segs[0] if len(segs) == 1 else torch.cat(segs, dim=3)  # views when one edge holds it
+            past = DynamicCache(ddp_cache_data=_per_layer(prefix_kv), config=self.model.config)
             ids = torch.tensor([s[p:]], device=self.device)
             pos = torch.arange(p, len(s), device=self.device).unsqueeze(0)
             mask = torch.ones((1, len(s)), dtype=torch.long, device=self.device)
@@ -215,7 +234,7 @@ class PrefixRunner:
                              logits_to_keep=keep, **{CACHE_KW: past})
             out[i] = res.logits[0]
             if not self.idle:
-                self._insert_one(s, _output_cache(res))
+                self._insert_one(s, p, _output_cache(res))
         return torch.stack(out), hits
 
     def _run_fresh(self, idx: list[int], seqs, keep: int, pad_id: int, attached, out: list, hits: list) -> None:
@@ -249,11 +268,12 @@ class PrefixRunner:
             self.tree.insert(s, torch.stack(rows))
         self.stats.insert_s += time.perf_counter() - t0
 
-    def _insert_one(self, s: list[int], cache) -> None:
+    def _insert_one(self, s: list[int], p: int, cache) -> None:
+        """Insert the suffix ``s[p:]`` of an input that reused a ``p``-token prefix (copies the suffix only)."""
         t0 = time.perf_counter()
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-        if kv.shape[3] == len(s):
-            self.tree.insert(s, kv)
+        if cache.layers[0].keys.shape[2] == len(s):
+            kv = torch.stack([torch.stack([layer.keys[0, :, p:], layer.values[0, :, p:]]) for layer in cache.layers])
+            self.tree.insert(s, kv, start=p)
         self.stats.insert_s += time.perf_counter() - t0
 
 

@@ -79,8 +79,8 @@ def pair_distance(store: MapStore, i: int, j: int, rows: int, causal: bool, rng:
     Li, Lj = int(store.lengths[i]), int(store.lengths[j])
     L = min(Li, Lj)
     r = np.sort(rng.choice(L, size=min(rows, L), replace=False))
-    a = torch.from_numpy(np.asarray(store.entry(i)[:, :, r, :L], dtype=np.float32))
-    b = torch.from_numpy(np.asarray(store.entry(j)[:, :, r, :L], dtype=np.float32))
+    a = torch.from_numpy(store.rows(i, r, L))
+    b = torch.from_numpy(store.rows(j, r, L))
     if not causal and Li != Lj:
         a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
         b = b / b.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -77,9 +78,17 @@ class BatchPlan:
 class Attached:
     """A cache attached to a model; use as a context manager (``with cache.attach(model): ...``)."""
 
-    def __init__(self, cache, model: nn.Module, policy: Policy, threshold: float,
-                 preset: list[Hit | None] | None = None, preloaded: dict | None = None):
+    def __init__(self, cache, model: nn.Module, policy: Policy, threshold: float, learn: bool = False,
+                 prefetch: bool | None = None, preset: list[Hit | None] | None = None, preloaded: dict | None = None):
         self.cache, self.model, self.policy, self.threshold = cache, model, policy, threshold
+        # Prefetch: decode the hits' maps in a background thread, layer by layer, while the model runs.
+        # Worth it when maps need decoding (compact codecs); a float16 store is read zero-copy.
+        self.prefetch = cache.store.layout.codec != "float16" if prefetch is None else prefetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict = {}
+        self.learn = learn
+        self.pending: list[list[int]] = []  # inputs that missed, to insert (learn mode)
+        self.learned = 0
         # Benchmark hooks: ``preset`` hits skip the lookup; ``preloaded[(entry, layer)]`` maps skip the
         # fetch. Together they give the ceiling of the method (maps already in memory, no retrieval).
         self.preset, self.preloaded = preset, preloaded or {}
@@ -93,16 +102,41 @@ class Attached:
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Attached:
         self.cache.check_model(self.model)
+        if self.prefetch:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="attncache-prefetch")
         self._ctx = patched(self.model, self.adapter, self._on_forward, self._on_attention)
         self._ctx.__enter__()
         self.model._attncache_attached = self  # lets other tiers (prefix) see this forward's hits
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, {}
         self._ctx.__exit__(*exc)
         self._ctx = None
         self.model._attncache_attached = None
         self.plan = None
+
+    def learn_pending(self) -> int:
+        """Record and insert the inputs that missed since the last call (learn mode); returns how many.
+
+        Runs between batches: the model is detached for the recording pass (which needs eager attention)
+        and attached again, so the new entries are visible to the next lookup.
+        """
+        if not self.pending:
+            return 0
+        seqs, self.pending = self.pending, []
+        self._ctx.__exit__(None, None, None)
+        self.model._attncache_attached = None
+        try:
+            n = self.cache.learn(self.model, seqs)
+        finally:
+            self._ctx = patched(self.model, self.adapter, self._on_forward, self._on_attention)
+            self._ctx.__enter__()
+            self.model._attncache_attached = self
+        self.learned += n
+        return n
 
     # -- per forward ------------------------------------------------------------------------------
     def _on_forward(self, inputs: ForwardInputs) -> None:
@@ -127,7 +161,19 @@ class Attached:
         # An item with a hit but no reusable map (policy 'none') is counted as a hit above and
         # simply computes normally below.
         self.plan = BatchPlan(sp, hits) if reused else None
+        self._ahead = {}
+        if self.plan is not None and self._pool is not None and n_hit:
+            for layer in self.cache.store.layout.layers:
+                if self.policy.allows(layer):
+                    for h in hits:
+                        key = (h.entry, layer, h.length) if h is not None else None
+                        if key is not None and key not in self._ahead and key not in self.preloaded:
+                            self._ahead[key] = self._pool.submit(self.cache.fetch, *key)
         self.last_hits = hits
+        if self.learn:
+            ids = inputs.input_ids
+            self.pending += [ids[b, s[0]: s[1]].tolist() for b, (h, s) in enumerate(zip(hits, sp))
+                             if h is None and s is not None]
         # which items actually replayed maps (a hit under policy 'none' computes everything)
         self.last_reused = [h is not None and bool(reused) for h in hits]
 
@@ -186,7 +232,13 @@ class Attached:
 
     def _fetch(self, layer: int, hits: list[Hit], device) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        maps = [self.preloaded.get((h.entry, layer, h.length)) for h in hits]
-        maps = [m if m is not None else self.cache.fetch(h.entry, layer, h.length, device) for m, h in zip(maps, hits)]
+        maps = []
+        for h in hits:
+            key = (h.entry, layer, h.length)
+            m = self.preloaded.get(key)
+            if m is None:
+                fut = self._ahead.pop(key, None)
+                m = fut.result().to(device) if fut is not None else self.cache.fetch(h.entry, layer, h.length, device)
+            maps.append(m)
         self.cache.stats.add(fetch_s=time.perf_counter() - t0)
         return maps

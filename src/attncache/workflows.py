@@ -76,8 +76,8 @@ class Session:
 
     @classmethod
     def open(cls, db: str, model_name: str | None = None, quantize: str | None = None,
-             max_tokens: int | None = None) -> Session:
-        cache = AttnCache.open(db)
+             max_tokens: int | None = None, max_bytes: int | None = None, eviction: str | None = None) -> Session:
+        cache = AttnCache.open(db, max_bytes=max_bytes, eviction=eviction)
         model, tok = models.load(model_name or cache.manifest["model"]["name"])
         cache.check_model(model)  # on the weights the DB was built with; the result stays on the model
         cache.check_tokenizer(tok)
@@ -105,14 +105,18 @@ class Session:
 def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: float | None = None,
              limit: int | None = None, batch_size: int = 8, progress: bool = True,
              model_name: str | None = None, strict: bool = False, prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
-             quantize: str | None = None, max_tokens: int | None = None) -> list[dict]:
+             quantize: str | None = None, max_tokens: int | None = None, learn: bool = False,
+             max_bytes: int | None = None, eviction: str | None = None) -> list[dict]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
     The cached pass uses the exact prefix tier too (decoders; ``prefix_bytes=None`` switches it off).
+    ``learn``: inputs that miss are recorded and inserted as the run goes (within the byte cap).
     """
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
-    s = Session.open(db, model_name, quantize, max_tokens)
+    if learn and quantize:
+        raise UserError("--learn records maps on the model the DB was built with; it cannot be combined with --quantize")
+    s = Session.open(db, model_name, quantize, max_tokens, max_bytes, eviction)
     parsed = [s.cache.policy(spec) for spec in policies or ["default"]]  # refuse bad specs before any work
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
@@ -120,9 +124,10 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
     for policy in parsed:
         s.cache.stats.reset()
         prefix = s.prefix_runner(prefix_bytes)
-        with s.cache.attach(s.model, policy, threshold) as att:
+        with s.cache.attach(s.model, policy, threshold, learn=learn) as att:
             cached = run(s.model, s.tokenizer, plan, batch_size, attached=att, progress=progress,
                          desc=f"cached ({policy.name})", prefix=prefix)
+        s.cache.save_usage()  # hit counts for eviction and inspect (skipped if a writer holds the lock)
         res = compare(plan, exact, cached)
         st = s.cache.stats.as_dict()
         res.update({
@@ -137,6 +142,9 @@ def evaluate(db: str, data: str, policies: list[str] | None = None, threshold: f
             "skipped_rows": len(plan.skipped),
             "prefix_cache": prefix is not None,
             "prefix_tokens_reused_fraction": prefix.stats.as_dict()["prefix_tokens_reused_fraction"] if prefix else 0.0,
+            "prefix_bytes_peak": prefix.tree.peak_bytes if prefix else 0,
+            "learned": att.learned,
+            "entries": len(s.cache.store),
             "data": data,
         })
         results.append(res)

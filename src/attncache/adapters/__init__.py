@@ -12,7 +12,8 @@ REGISTRY: dict[str, Adapter] = {t: a for a in _ADAPTERS for t in a.model_types}
 
 
 def get_adapter(config) -> Adapter:
-    mt = getattr(config, "model_type", None)
+    """The adapter for a model config (or a ``model_type`` string, as stored in a DB's manifest)."""
+    mt = config if isinstance(config, str) else getattr(config, "model_type", None)
     if mt not in REGISTRY:
         raise UserError(
             f"unsupported architecture '{mt}'{did_you_mean(str(mt), REGISTRY)}; "

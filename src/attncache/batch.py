@@ -1,0 +1,136 @@
+"""Scale-out: a Ray Data batch job over DATA with the cache attached in every actor.
+
+``run_batch`` reads DATA on the driver, hands rows to ``ray.data``'s ``map_batches`` with an actor pool;
+each actor opens the DB read-only (memory-mapped, so actors on one node share the page cache) and loads
+the model once. Output rows, in input order, carry the row index, the prediction (choice index, or greedy
+token for text rows on a decoder) or the embedding (encoders), the choices' scores, and whether the cache hit.
+Written as JSONL or Parquet (by the OUT suffix). Ray is an optional extra: ``pip install 'attncache[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from .data import ChoiceRow, PairRow, TextRow
+from .errors import UserError
+
+_KINDS = {"choice": ChoiceRow, "text": TextRow, "pair": PairRow}
+
+
+def _encode(row) -> str:
+    kind = next(k for k, c in _KINDS.items() if isinstance(row, c))
+    return json.dumps({"kind": kind, **asdict(row)})
+
+
+def _decode(s: str):
+    d = json.loads(s)
+    cls = _KINDS[d.pop("kind")]
+    if cls is ChoiceRow:
+        d["choices"] = tuple(d["choices"])
+    return cls(**d)
+
+
+class Predictor:
+    """One per Ray actor: the session (model + read-only DB) and the cache attached for the actor's life."""
+
+    def __init__(self, db: str, model_name: str | None, policy: str | None, batch_size: int,
+                 max_tokens: int | None, attach: bool = True):
+        from .workflows import Session
+
+        self.s = Session.open(db, model_name, max_tokens=max_tokens)
+        self.batch_size = batch_size
+        self.att = self.s.cache.attach(self.s.model, policy) if attach else None
+        if self.att is not None:
+            self.att.__enter__()
+        self.prefix = self.s.prefix_runner(2 << 30)
+
+    def __call__(self, batch: dict) -> dict:
+        return predict_rows(self.s, [_decode(x) for x in batch["row"]], list(batch["idx"]), self.att,
+                            self.batch_size, self.prefix)
+
+
+def predict_rows(s, rows: list, idx: list[int], attached, batch_size: int, prefix=None) -> dict:
+    """Per row: index, prediction or embedding, scores, cache hit (the columns of the output)."""
+    from .tasks import choice_scores, plan_rows, run
+    from .workflows import _max_len
+
+    plan = plan_rows(rows, s.tokenizer, s.cache.adapter.causal, _max_len(s.model, s.tokenizer, s.max_tokens))
+    if plan.skipped:  # rows were validated on the driver; a skip here would misalign the output
+        raise UserError(f"rows could not be planned in an actor: {plan.skipped[0]}")
+    out = run(s.model, s.tokenizer, plan, batch_size, attached=attached, progress=False, prefix=prefix)
+    cols: dict = {"idx": [], "prediction": [], "scores": [], "embedding": [], "cache_hit": []}
+    for i, r in zip(idx, plan.rows):
+        cols["idx"].append(int(i))
+        cols["cache_hit"].append(bool(any(out.hit[q] for q in r.seqs)))
+        if r.kind in ("choice1", "choiceN"):
+            sc = choice_scores(r, out)
+            cols["prediction"].append(int(np.argmax(sc)))
+            cols["scores"].append([float(x) for x in sc])
+            cols["embedding"].append([])
+        elif r.kind == "text":
+            cols["prediction"].append(int(out.argmax[r.seqs[0]]))
+            cols["scores"].append([])
+            cols["embedding"].append([])
+        else:
+            cols["prediction"].append(-1)
+            cols["scores"].append([])
+            cols["embedding"].append([float(x) for x in np.concatenate([out.embeddings[q] for q in r.seqs])])
+    return cols
+
+
+def run_batch(db: str, data: str, out: str, address: str | None = None, actors: int = 2, batch_size: int = 16,
+              model_name: str | None = None, policy: str | None = None, limit: int | None = None,
+              max_tokens: int | None = None, attach: bool = True, progress: bool = True) -> dict:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the batch job needs Ray: pip install 'attncache[ray]'") from None
+    from .cache import AttnCache
+    from .models import model_kind  # noqa: F401  (import check: the package is importable in actors)
+
+    out_path = Path(out)
+    if out_path.suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"--out must end in .jsonl or .parquet, got '{out}'")
+    if actors < 1 or batch_size < 1:
+        raise UserError("--actors and --batch-size must be >= 1")
+    cache = AttnCache.open(db)  # fail fast on a bad DB, before starting Ray
+    ds_rows = data_mod.load(data, encoder=not cache.adapter.causal, limit=limit).rows
+    if not ds_rows:
+        raise UserError(f"{data}: no usable rows")
+    items = [{"idx": i, "row": _encode(r)} for i, r in enumerate(ds_rows)]
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else max(1, actors),
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        ds = ray.data.from_items(items)
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs={
+            "db": str(Path(db).resolve()), "model_name": model_name, "policy": policy, "batch_size": batch_size,
+            "max_tokens": max_tokens, "attach": attach},
+            batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
+        rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
+    finally:
+        if started:
+            ray.shutdown()
+    clean = [{"idx": int(r["idx"]), "prediction": int(r["prediction"]), "scores": [float(x) for x in r["scores"]],
+              "embedding": [float(x) for x in r["embedding"]], "cache_hit": bool(r["cache_hit"])} for r in rows]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix == ".jsonl":
+        with open(out_path, "w") as f:
+            for r in clean:
+                f.write(json.dumps(r) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(clean), out_path)
+    return {"rows": len(clean), "hit_rate": float(np.mean([r["cache_hit"] for r in clean])), "out": str(out_path),
+            "actors": actors}

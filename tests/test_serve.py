@@ -1,0 +1,136 @@
+"""The HTTP service on tiny models: every endpoint with good and bad requests, metrics equal to true counts,
+backpressure and timeouts."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+from tiny import TinyTokenizer, random_seqs, tiny_model
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from attncache import AttnCache  # noqa: E402
+from attncache.serve import ServeConfig, create_app  # noqa: E402
+from attncache.workflows import Session  # noqa: E402
+
+TEXTS = ["the cat sat on the mat", "a dog barked twice", "rain again today"]
+
+
+def session(tmp_path, family="llama") -> Session:
+    model = tiny_model(family)
+    tok = TinyTokenizer()
+    seqs = [tok(t)["input_ids"] for t in TEXTS] + random_seqs(4, seed=2)
+    cache = AttnCache.build(model, tok, seqs, tmp_path / "db", progress=False)
+    return Session(cache, model, tok)
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
+               line.startswith(name + "{"))
+
+
+def test_embeddings_score_health_metrics(tmp_path):
+    s = session(tmp_path)
+    with TestClient(create_app(s, ServeConfig(max_batch=4, max_wait_ms=20, policy="all"))) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        r = c.post("/v1/embeddings", json={"input": TEXTS[:2], "model": "x", "extra": 1})
+        assert r.status_code == 200
+        body = r.json()
+        assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] == len(TEXTS[0]) + len(TEXTS[1])
+        vec = torch.tensor(body["data"][0]["embedding"])
+        assert abs(float(vec.norm()) - 1) < 1e-4 and all(d["cache_hit"] for d in body["data"])
+        one = c.post("/v1/embeddings", json={"input": "something never seen"}).json()
+        assert len(one["data"]) == 1 and one["data"][0]["cache_hit"] is False
+        sc = c.post("/v1/score", json={"prompt": TEXTS[0], "choices": [" yes", " no way"], "ignored": True})
+        assert sc.status_code == 200
+        out = sc.json()
+        assert len(out["logprobs"]) == 2 and out["choice"] in (0, 1) and isinstance(out["cache_hit"], bool)
+        assert all(lp < 0 for lp in out["logprobs"])
+        m = c.get("/metrics").text
+        st = s.cache.stats.as_dict()
+        assert metric(m, "attncache_lookups_total") == st["lookups"] > 0
+        assert metric(m, "attncache_hits_total") == st["hits"] and metric(m, "attncache_misses_total") == st["misses"]
+        assert metric(m, 'attncache_requests_total{endpoint="/v1/embeddings",code="200"}') == 3
+        assert metric(m, "attncache_request_seconds_count") == 4
+        assert "attncache_batch_size_bucket" in m and metric(m, "attncache_store_entries") == len(s.cache.store)
+
+
+def test_score_matches_the_plain_model(tmp_path):
+    """With the cache detached the service's log-probabilities are the model's own."""
+    s = session(tmp_path)
+    with TestClient(create_app(s, ServeConfig(attach=False, prefix_bytes=None))) as c:
+        out = c.post("/v1/score", json={"prompt": "abc", "choices": ["d", "ef"]}).json()
+    ids = s.tokenizer("abc")["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(s.model(torch.tensor([ids + [1 + ord("e") % 127]])).logits[0].float(), -1)
+    want = float(lp[-2, 1 + ord("e") % 127] + lp[-1, 1 + ord("f") % 127])
+    assert abs(out["logprobs"][1] - want) < 1e-4
+
+
+def test_bad_requests_name_the_field_and_the_server_goes_on(tmp_path):
+    s = session(tmp_path)
+    with TestClient(create_app(s)) as c:
+        cases = [
+            ("/v1/embeddings", {}, 422, "input"),
+            ("/v1/embeddings", {"input": 5}, 422, "input"),
+            ("/v1/embeddings", {"input": []}, 400, "input"),
+            ("/v1/embeddings", {"input": ["ok", "  "]}, 400, "input[1]"),
+            ("/v1/embeddings", {"input": "x" * 300}, 400, "input"),
+            ("/v1/score", {"prompt": "hi"}, 422, "choices"),
+            ("/v1/score", {"prompt": "hi", "choices": []}, 400, "choices"),
+            ("/v1/score", {"prompt": "", "choices": ["a"]}, 400, "prompt"),
+            ("/v1/score", {"prompt": "hi", "choices": "a"}, 422, "choices"),
+        ]
+        for path, body, code, fld in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == code, (body, r.text)
+            assert r.json()["error"]["field"] == fld, (body, r.json())
+        assert c.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert c.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
+
+
+def test_score_on_an_encoder_is_refused(tmp_path):
+    s = session(tmp_path, "bert")
+    with TestClient(create_app(s)) as c:
+        r = c.post("/v1/score", json={"prompt": "hi", "choices": ["a"]})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "model"
+        assert len(c.post("/v1/embeddings", json={"input": "hi there"}).json()["data"][0]["embedding"]) == 64
+
+
+def test_backpressure_and_timeouts(tmp_path):
+    s = session(tmp_path)
+    app = create_app(s, ServeConfig(max_batch=1, max_wait_ms=1, max_queue=2, timeout_s=0.5))
+    engine = app.state.engine
+    slow = engine.embed
+
+    def sleepy(texts):
+        time.sleep(0.3)
+        return slow(texts)
+
+    engine.embed = sleepy
+    import httpx
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = await asyncio.gather(*(c.post("/v1/embeddings", json={"input": f"text {i}"}) for i in range(8)))
+            metrics = (await c.get("/metrics")).text
+        return [r.status_code for r in rs], metrics
+
+    codes, m = asyncio.run(burst())
+    assert 503 in codes and 200 in codes  # the bounded queue pushed back, the rest were served
+    assert set(codes) <= {200, 503, 504}
+    assert metric(m, 'attncache_requests_total{endpoint="/v1/embeddings",code="503"}') == codes.count(503)
+
+
+def test_learn_mode_inserts_misses(tmp_path):
+    s = session(tmp_path)
+    n0 = len(s.cache.store)
+    with TestClient(create_app(s, ServeConfig(learn=True, max_wait_ms=1))) as c:
+        first = c.post("/v1/embeddings", json={"input": "a brand new sentence"}).json()
+        second = c.post("/v1/embeddings", json={"input": "a brand new sentence"}).json()
+        assert metric(c.get("/metrics").text, "attncache_learned_total") == 1
+    assert first["data"][0]["cache_hit"] is False and second["data"][0]["cache_hit"] is True
+    assert len(AttnCache.open(tmp_path / "db").store) == n0 + 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|store|storebench|scale|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -81,4 +81,36 @@ if want quant; then
   run attncache eval --db runs/sst2-smollm2.db --data "sst2[436:]" --policy all --policy default --quantize int8 --json --quiet > $OUT/quant_sst2_eval.json
   run attncache bench --db runs/sst2-smollm2.db --data "sst2[436:]" --policy all --limit 24 --quantize int8 --json --quiet > $OUT/quant_sst2_bench.json
   run attncache bench --db runs/mmlu5.db --data "mmlu:5shot[15::30]" --max-tokens 1024 --policy all --limit 4 --repeats 3 --quantize int8 --no-prefix-cache --json --quiet > $OUT/quant_mmlu5_bench.json
+fi
+
+if want store; then
+  # (issue 6) compression: the same DB re-encoded (same entries, projector and hits), so only map precision
+  # differs; then a DB storing only the policy layers; then the fetch cost at MMLU lengths
+  for DB in sst2-smollm2 piqa-smollm2; do run attncache migrate runs/$DB.db; done
+  for C in float16 int8 sparse; do
+    SRC=runs/sst2-smollm2.db; [ $C = float16 ] || { [ -d runs/sst2-$C.db ] || run attncache compress $SRC --to $C --out runs/sst2-$C.db --quiet; SRC=runs/sst2-$C.db; }
+    run attncache inspect $SRC --json > $OUT/store_sst2_${C}_inspect.json
+    run attncache eval --db $SRC --data "sst2[436:]" --policy all --policy default --json --quiet > $OUT/store_sst2_$C.json
+    SRC=runs/piqa-smollm2.db; [ $C = float16 ] || { [ -d runs/piqa-$C.db ] || run attncache compress $SRC --to $C --out runs/piqa-$C.db --quiet; SRC=runs/piqa-$C.db; }
+    run attncache inspect $SRC --json > $OUT/store_piqa_${C}_inspect.json
+    run attncache eval --db $SRC --data "piqa[400:600]" --policy all --policy default --no-prefix-cache --json --quiet > $OUT/store_piqa_$C.json
+  done
+  [ -d runs/sst2-auto.db ] || run attncache build --data "sst2[0:436]" --out runs/sst2-auto.db --compression int8 --store-layers auto --quiet
+  run attncache inspect runs/sst2-auto.db --json > $OUT/store_sst2_auto_inspect.json
+  run attncache eval --db runs/sst2-auto.db --data "sst2[436:]" --policy default --json --quiet > $OUT/store_sst2_auto.json
+fi
+
+if want storebench; then
+  # lookup + fetch as a share of prefill at MMLU 2-shot lengths (~400 tokens): float16 views vs int8 decode
+  run attncache migrate runs/mmlu2.db
+  [ -d runs/mmlu2-int8.db ] || run attncache compress runs/mmlu2.db --to int8 --out runs/mmlu2-int8.db --quiet
+  for C in float16 int8; do
+    DB=runs/mmlu2.db; [ $C = int8 ] && DB=runs/mmlu2-int8.db
+    run attncache bench --db $DB --data "mmlu:2shot[15::30]" --max-tokens 1024 --policy all --limit 6 --repeats 3 --no-prefix-cache --no-eager --json --quiet > $OUT/store_mmlu2_bench_$C.json
+  done
+fi
+
+if want scale; then
+  # (issue 6) 10k-entry store: open, lookup p50/p99, fetch bandwidth vs memcpy; LRU vs LFU on a Zipf stream
+  run python benchmarks/store_scale.py --sizes 1000,2000,5000,10000 --out $OUT/store_scale.json
 fi

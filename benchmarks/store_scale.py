@@ -36,7 +36,7 @@ class _Tok:
 
 def tiny_db(folder: Path, codec: str, layers: int = 5, heads: int = 9) -> tuple[AttnCache, LlamaForCausalLM]:
     cfg = LlamaConfig(vocab_size=512, hidden_size=heads * 64, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=3, max_position_embeddings=512)
+                      num_attention_heads=heads, num_key_value_heads=3 if heads % 3 == 0 else heads, max_position_embeddings=512)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def scale(args) -> dict:
                           "fetch_decoded_gbps": nbytes / fetch_s / 1e9, "fetch_stored_gbps": stored / fetch_s / 1e9})
             print(json.dumps(curve[-1]), flush=True)
         return {"codec": args.codec, "length": args.length, "stored_layers": nl, "heads": H, "curve": curve,
-                "memcpy_gbps": memcpy_gbps(), "machine": machine(torch.get_num_threads())}
+                "memcpy_gbps": memcpy_gbps(), "machine": machine()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -15,7 +15,25 @@ from tiny import TinyTokenizer, random_seqs, tiny_model
 from attncache import AttnCache
 
 TESTS = Path(__file__).resolve().parent
-KILLS = 12  # per scenario; 24 in all
+KILLS = 8  # per scenario: 8 + 8 + 8 = 24 in all
+
+LEARNER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from tiny import random_seqs, tiny_model
+from attncache import AttnCache
+from attncache.inputs import collate
+model = tiny_model("llama")
+cache = AttnCache.open({db!r})
+print("ready", flush=True)
+k = 0
+with cache.attach(model, "all", threshold=0.0, learn=True) as att, torch.no_grad():
+    while True:  # what 'eval --learn' does per batch: forward, then record and insert the misses
+        model(**collate(random_seqs(2, lo=9, hi=14, seed=1000 * {run} + k), 0, True), logits_to_keep=1)
+        att.learn_pending()
+        print("committed", *cache.store.table.uid[-2:].tolist(), flush=True)
+        k += 1
+"""
 
 INSERTER = """
 import sys, numpy as np
@@ -55,12 +73,14 @@ def _run_and_kill(code: str, rng: random.Random) -> list[str]:
 
 @pytest.mark.parametrize("cap", [None, 40_000])
 def test_sigkill_during_inserts(tmp_path, cap):
+    """No cap: a learning loop (forward, record misses, insert). Cap: inserts that evict and compact."""
     db = tmp_path / "db"
     AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(6, lo=7, hi=7, seed=4), db, progress=False)
     rng = random.Random(7 if cap else 8)
     committed: set[int] = set(range(6))
-    for run in range(KILLS // 2):
-        lines = _run_and_kill(INSERTER.format(tests=str(TESTS), db=str(db), cap=cap, run=run), rng)
+    for run in range(KILLS):
+        code = INSERTER if cap else LEARNER
+        lines = _run_and_kill(code.format(tests=str(TESTS), db=str(db), cap=cap, run=run), rng)
         for line in lines:
             if line.startswith("committed"):
                 committed |= {int(u) for u in line.split()[1:]}
@@ -81,7 +101,7 @@ def test_sigkill_during_inserts(tmp_path, cap):
 def test_sigkill_during_build(tmp_path):
     rng = random.Random(9)
     out = tmp_path / "db"
-    for _ in range(KILLS // 2):
+    for _ in range(KILLS):
         lines = _run_and_kill(BUILDER.format(tests=str(TESTS), out=str(out)), rng)
         if "built" in lines:
             assert AttnCache.verify(out) == []

@@ -140,6 +140,44 @@ def test_disk_full_leaves_the_previous_state(db, monkeypatch):
     assert len(AttnCache.open(db).store) == 8 and AttnCache.verify(db) == []
 
 
+READER = """
+import sys, time, numpy as np
+from attncache import AttnCache
+end, n = time.time() + {seconds}, 0
+while time.time() < end:
+    c = AttnCache.open({db!r})  # a fresh snapshot each time, while the writer commits and deletes
+    feats = np.random.default_rng(n).normal(size=(4, c.projector.in_dim)).astype(np.float32)
+    for h in c.lookup(feats, [7] * 4, threshold=float("inf")):
+        if h is not None:
+            m = c.fetch(h.entry, c.store.layout.layers[0], 7)
+            assert abs(float(m.float().sum()) - m.shape[0] * 7) < 0.1, "torn map"
+    assert all(c.store.check(e) for e in range(len(c.store))), "torn entry"
+    n += 1
+print("reads", n)
+"""
+
+
+def test_readers_during_inserts_and_evictions(db):
+    """Two reader processes open, look up, fetch and checksum while this process inserts and evicts."""
+    import subprocess
+    import sys
+
+    cache = AttnCache.open(db)
+    cache.evict_to(int(cache.store.table.nbytes[0]) * 10)
+    readers = [subprocess.Popen([sys.executable, "-c", READER.format(db=str(db), seconds=6)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    k = 0
+    while any(r.poll() is None for r in readers):
+        maps, feats = synthetic(cache, 3, seed=100 + k)
+        cache.insert(maps, feats)
+        k += 1
+    for r in readers:
+        out, err = r.communicate()
+        assert r.returncode == 0, err[-2000:]
+        assert int(out.split()[-1]) > 3
+    assert k > 5 and cache.info()["evictions"] > 0 and AttnCache.verify(db) == []
+
+
 def test_counters_are_exact_under_concurrency(db):
     cache = AttnCache.open(db)
     feats = np.load(db / json.loads((db / "manifest.json").read_text())["names"]["features"])

@@ -195,3 +195,15 @@ def test_prefetch_gives_the_same_outputs(tmp_path):
             assert all(h is not None for h in att.last_hits)
             assert att._ahead == {}  # every prefetched map was consumed
     assert torch.equal(outs[0], outs[1])
+
+
+def test_compress_keeps_entries_and_hits(db, tmp_path):
+    cache = AttnCache.open(db)
+    small = cache.compress(tmp_path / "int8", "int8", progress=False)
+    assert small.store.nbytes < cache.store.nbytes / 1.9 and AttnCache.verify(tmp_path / "int8") == []
+    assert small.threshold == cache.threshold and np.array_equal(small.vectors, cache.vectors)
+    L = int(cache.store.lengths[3])
+    a, b = cache.fetch(3, 1, L).float(), small.fetch(3, 1, L).float()
+    assert (0.5 * (a - b).abs().sum(-1)).max() < 0.03
+    with pytest.raises(UserError, match="already exists"):
+        cache.compress(tmp_path / "int8", "int8", progress=False)

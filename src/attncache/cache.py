@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ from .store import (
     FORMAT_VERSION,
     LOCK,
     MANIFEST,
+    READERS,
     SEGMENT_BYTES,
     EntryTable,
     MapStore,
@@ -43,6 +45,7 @@ from .store import (
     describe_files,
     encode_entry,
     load_npy,
+    opening,
     read_manifest,
     remove_unreferenced,
     safe_name,
@@ -188,7 +191,8 @@ class AttnCache:
                 if out.exists():
                     with write_lock(out) if out.is_dir() else contextlib.nullcontext():
                         shutil.rmtree(out) if out.is_dir() else out.unlink()
-                (tmp / LOCK).unlink(missing_ok=True)
+                for f in (LOCK, READERS):
+                    (tmp / f).unlink(missing_ok=True)
                 os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,7 +210,8 @@ class AttnCache:
             raise UserError(f"cache DB '{folder}' does not exist")
         for attempt in range(5):
             try:
-                cache = cls._open_once(folder)
+                with opening(folder):
+                    cache = cls._open_once(folder)
                 break
             except FileNotFoundError:  # a writer committed and removed an old generation meanwhile
                 if attempt == 4:
@@ -260,6 +265,45 @@ class AttnCache:
             raise UserError(f"cache DB '{folder}' does not exist")
         m = read_manifest(folder)
         return check_files(folder, m, full=True)
+
+    def compress(self, out: str | Path, codec: str, sparse_eps: float | None = None, progress: bool = True,
+                 force: bool = False) -> AttnCache:
+        """A copy of this DB with every map re-encoded by ``codec``; projector, vectors, threshold and policy
+        are kept, so lookups hit exactly the same entries and only the maps' precision differs."""
+        out = Path(out)
+        if out.exists() and not force:
+            raise UserError(f"'{out}' already exists; choose a new --out or pass --force to replace it")
+        coder = get_codec(codec, sparse_eps)
+        old = self.store.layout
+        layout = StoreLayout(old.n_heads, old.layers, coder.name, getattr(coder, "eps", None), old.causal)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.building-"))
+        try:
+            t = self.store.table
+            blobs, segments, table = [], {}, EntryTable.empty()
+            for e in tqdm(range(len(t)), desc=f"re-encoding ({codec})", disable=not progress, leave=False):
+                L = int(t.length[e])
+                maps = np.stack([self.store.layer(e, layer, L).float().numpy() for layer in old.layers])
+                blobs.append(encode_entry(layout, maps))
+            offsets, crcs = write_segment(tmp, 0, blobs)
+            segments[seg_name(0)] = sum(len(b) for b in blobs)
+            table = EntryTable(t.uid.copy(), np.zeros(len(t), np.int64), np.asarray(offsets, np.int64),
+                               np.asarray([len(b) for b in blobs], np.int64), t.length.copy(),
+                               np.asarray(crcs, np.int64), t.hits.copy(), t.last_used.copy())
+            m = json.loads(json.dumps(self.manifest))
+            m["store"].update(codec=layout.codec, eps=layout.eps)
+            m.update(entries=table.to_json(), segments=segments, next_seg=1, generation=0)
+            m.pop("files", None)
+            cache = AttnCache(tmp, m, MapStore(tmp, layout, table, segments), self.projector, self.index, self.vectors)
+            cache._write_generation(m, self._features(), self.vectors, self.projector, self.index)
+            if out.exists():
+                shutil.rmtree(out)
+            for f in (LOCK, READERS):
+                (tmp / f).unlink(missing_ok=True)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return AttnCache.open(out)
 
     @staticmethod
     def migrate(folder: str | Path) -> bool:
@@ -708,8 +752,6 @@ def _manifest(model, tokenizer, adapter: Adapter, shape: Shape, layout: StoreLay
 
 def _migrate_v1(folder: Path) -> bool:
     """Format 1 -> 2: maps.bin (dense float16, no headers) is re-encoded into one segment with layer headers."""
-    import json
-
     path = folder / MANIFEST
     if not path.is_file():
         raise UserError(f"'{folder}' is not a cache DB (no {MANIFEST})")

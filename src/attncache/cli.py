@@ -142,6 +142,16 @@ def cmd_migrate(a) -> int:
     return 0
 
 
+def cmd_compress(a) -> int:
+    from .cache import AttnCache
+
+    c = AttnCache.open(a.db).compress(a.out, a.to, a.sparse_eps, progress=not a.quiet, force=a.force)
+    info = c.info()
+    print(f"wrote {a.out}: {info['entries']} entries, {info['map_bytes'] / 2**20:.1f} MiB of maps "
+          f"({info['map_bytes_vs_fp32']:.3f} of fp32)")
+    return 0
+
+
 def cmd_retrain(a) -> int:
     from .cache import AttnCache
 
@@ -310,6 +320,15 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="convert an older cache DB to the current format in place")
     m.add_argument("db")
     m.set_defaults(fn=cmd_migrate)
+
+    cp = sub.add_parser("compress", help="copy a DB with its maps re-encoded (same entries, projector and index)")
+    cp.add_argument("db")
+    cp.add_argument("--to", required=True, choices=["float16", "int8", "sparse", "float32"])
+    cp.add_argument("--sparse-eps", type=float)
+    cp.add_argument("--out", required=True)
+    cp.add_argument("--force", action="store_true")
+    cp.add_argument("--quiet", action="store_true")
+    cp.set_defaults(fn=cmd_compress)
 
     r = sub.add_parser("retrain", help="refit the projector on every stored entry and re-index (after --learn)")
     r.add_argument("db")

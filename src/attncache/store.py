@@ -50,6 +50,7 @@ from .errors import UserError
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+READERS = ".readers"  # shared-locked by readers while they open; a writer deletes old files only when it is free
 SEGMENT_BYTES = 64 << 20  # build cuts segments at this size so compaction rewrites little at a time
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # files a crashed writer may leave behind: ours by name, unreferenced by the manifest
@@ -319,20 +320,46 @@ def check_files(folder: Path, m: dict, full: bool = False) -> list[str]:
                     problems.append(f"entry {e} (uid {int(table.uid[e])}) in {seg_name(seg_id)} is corrupted")
     refs = referenced(m)
     extra = sorted(p.name for p in folder.iterdir()
-                   if p.name not in refs and p.name not in (MANIFEST, LOCK) and not _OURS.match(p.name))
+                   if p.name not in refs and p.name not in (MANIFEST, LOCK, READERS) and not _OURS.match(p.name))
     problems += [f"unexpected file {n}" for n in extra]
     return problems
 
 
 def remove_unreferenced(folder: Path, m: dict) -> int:
     """Delete our files that the manifest does not reference (old generations, a crashed writer's leftovers).
-    Only call while holding the write lock."""
-    refs, n = referenced(m), 0
-    for p in folder.iterdir():
-        if p.name not in refs and _OURS.match(p.name):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+    Only call while holding the write lock. Skipped (left for a later commit) while a reader is opening."""
+    try:
+        fd = os.open(Path(folder) / READERS, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0
+        refs, n = referenced(m), 0
+        for p in folder.iterdir():
+            if p.name not in refs and _OURS.match(p.name):
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def opening(folder: Path) -> Iterator[None]:
+    """Held by a reader while it reads one generation's files, so no writer deletes them meanwhile."""
+    try:
+        fd = os.open(Path(folder) / READERS, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: no writer can delete anything either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_manifest(folder: Path) -> dict:

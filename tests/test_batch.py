@@ -1,0 +1,42 @@
+"""The Ray Data batch job: its output equals the single-process cached run, row for row."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from attncache import data as data_mod  # noqa: E402
+from attncache.batch import predict_rows, run_batch  # noqa: E402
+from attncache.errors import UserError  # noqa: E402
+from attncache.workflows import Session, build  # noqa: E402
+
+
+@pytest.mark.real
+@pytest.mark.ray
+def test_ray_batch_equals_single_process(tmp_path):
+    db = tmp_path / "db"
+    build("minilm-l6", "sst2[0:40]", str(db), progress=False)
+    out = tmp_path / "out.jsonl"
+    res = run_batch(str(db), "sst2[30:54]", str(out), actors=2, batch_size=8, progress=False)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["rows"] == 24 and [r["idx"] for r in got] == list(range(24))
+    s = Session.open(str(db))
+    rows = data_mod.load("sst2[30:54]", encoder=True).rows
+    with s.cache.attach(s.model) as att:
+        want = predict_rows(s, rows, list(range(24)), att, 8)
+    assert [r["cache_hit"] for r in got] == want["cache_hit"] and any(want["cache_hit"]) and not all(want["cache_hit"])
+    emb = np.array([r["embedding"] for r in got])
+    assert np.abs(emb - np.array(want["embedding"])).max() < 1e-4
+    pq = run_batch(str(db), "sst2[30:34]", str(tmp_path / "out.parquet"), actors=1, batch_size=4, progress=False)
+    import pyarrow.parquet as papq
+
+    assert pq["rows"] == 4 and papq.read_table(tmp_path / "out.parquet").num_rows == 4
+
+
+def test_batch_argument_errors(tmp_path):
+    with pytest.raises(UserError, match="must end in .jsonl or .parquet"):
+        run_batch(str(tmp_path), "sst2", str(tmp_path / "out.csv"))
+    with pytest.raises(UserError, match="does not exist"):
+        run_batch(str(tmp_path / "nope"), "sst2", str(tmp_path / "out.jsonl"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|store|storebench|scale|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|store|storebench|scale|speed|load|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -39,7 +39,7 @@ fi
 if want mmlu; then
   # (1) MMLU 0..5-shot: every 30th question cached, a disjoint every-30th evaluated, 8 timed; prompts over
   # 1024 tokens are skipped (a few 5-shot history prompts reach ~2,000 tokens: 2.2 GB of maps each)
-  for K in 0 1 2 3 5; do
+  for K in 0 1 2 3 4 5; do
     [ -s $OUT/mmlu${K}_bench_all.json ] && continue  # done; delete the file to redo
     DB=runs/mmlu${K}.db
     [ -d $DB ] || run attncache build --data "mmlu:${K}shot[0::30]" --out $DB --max-tokens 1024 --quiet
@@ -72,7 +72,7 @@ fi
 
 if want length; then
   # (4) speedup vs length, real text, all layers, hits (1024-2048 tokens: the GPU check and MMLU rows)
-  run python benchmarks/length_scaling.py --lengths 64,128,256,512 --per-length 2 --repeats 3 \
+  run python benchmarks/length_scaling.py --lengths 64,128,256,512,1024 --per-length 2 --repeats 3 \
       --out $OUT/length_scaling.json --plot docs/length_scaling.png
 fi
 
@@ -94,6 +94,8 @@ if want store; then
     SRC=runs/piqa-smollm2.db; [ $C = float16 ] || { [ -d runs/piqa-$C.db ] || run attncache compress $SRC --to $C --out runs/piqa-$C.db --quiet; SRC=runs/piqa-$C.db; }
     run attncache inspect $SRC --json > $OUT/store_piqa_${C}_inspect.json
     run attncache eval --db $SRC --data "piqa[400:600]" --policy all --policy default --no-prefix-cache --json --quiet > $OUT/store_piqa_$C.json
+    # the DB threshold hits 0.5 % of PIQA inputs; at 0.25 about half hit (piqa_sweep.json), so maps matter
+    run attncache eval --db $SRC --data "piqa[400:600]" --policy all --policy default --threshold 0.25 --no-prefix-cache --json --quiet > $OUT/store_piqa_t025_$C.json
   done
   [ -d runs/sst2-auto.db ] || run attncache build --data "sst2[0:436]" --out runs/sst2-auto.db --compression int8 --store-layers auto --quiet
   run attncache inspect runs/sst2-auto.db --json > $OUT/store_sst2_auto_inspect.json
@@ -113,4 +115,16 @@ fi
 if want scale; then
   # (issue 6) 10k-entry store: open, lookup p50/p99, fetch bandwidth vs memcpy; LRU vs LFU on a Zipf stream
   run python benchmarks/store_scale.py --sizes 1000,2000,5000,10000 --out $OUT/store_scale.json
+fi
+
+if want speed; then
+  # (issue 3) speedup vs accuracy per threshold: bench at the thresholds of the SST-2 sweep
+  run python benchmarks/speed_accuracy.py --db runs/sst2-smollm2.db --data "sst2[436:]" --sweep $OUT/sst2_sweep.json \
+      --out $OUT/speed_accuracy_sst2.json --plot docs/speed_accuracy_sst2.png
+fi
+
+if want load; then
+  # (issue 8) HTTP load test on loopback: MiniLM embeddings, cache attached vs detached, concurrency 8
+  run python benchmarks/load_test.py --db runs/sst2-minilm.db --data "sst2[436:]" --requests 300 --concurrency 8 \
+      --out $OUT/load_test_minilm.json
 fi

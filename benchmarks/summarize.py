@@ -117,6 +117,73 @@ def section_length() -> None:
                   f(r["fetch_ms_median"], 1), f(r["prefill_ms_median_sdpa"], 0)] for r in rows]))
 
 
+def section_store() -> None:
+    rows = []
+    for task, evname in (("SST-2", "store_sst2_{}.json"), ("PIQA, threshold 0.25", "store_piqa_t025_{}.json")):
+        for c in ("float16", "int8", "sparse"):
+            ins = load(evname.split("_")[0] + "_" + evname.split("_")[1] + f"_{c}_inspect.json")
+            for r in evals(load(evname.format(c))):
+                mib = ins and ins["map_bytes"] / ins["entries"] / 2**20
+                rows.append([task, c, f(ins and ins["map_bytes_vs_fp32"], 3), f(mib, 2), r["policy"],
+                             f(r.get("accuracy_cached")), f(r.get("agreement")), f(r.get("hit_rate"), 2)])
+    ins, ev = load("store_sst2_auto_inspect.json"), evals(load("store_sst2_auto.json"))
+    for r in ev if ins else []:
+        rows.append(["SST-2", f"int8, {ins['stored_layers']} layers (auto)", f(ins["map_bytes_vs_fp32"], 4),
+                     f(ins["map_bytes"] / ins["entries"] / 2**20, 3), r["policy"], f(r.get("accuracy_cached")),
+                     f(r.get("agreement")), f(r.get("hit_rate"), 2)])
+    if rows:
+        print("\n#### Map compression (same entries, projector and hits; only the maps' encoding differs)\n")
+        print(table(["task", "codec", "bytes / fp32", "MiB / entry", "policy", "acc cached", "agreement", "hit rate"], rows))
+    rows = []
+    for c in ("float16", "int8"):
+        r = load(f"store_mmlu2_bench_{c}.json")
+        if r:
+            share = (r["lookup_ms_median"] + r["fetch_ms_median"]) / r["prefill_ms_median_sdpa"]
+            rows.append([c, f(r["tokens_median"], 0), f(r["lookup_ms_median"], 2), f(r["fetch_ms_median"], 2),
+                         f(r["prefill_ms_median_sdpa"], 0), f(100 * share, 1, " %"), f(r["e2e_speedup_vs_sdpa"], 2, "x"),
+                         f(r["bound_e2e_speedup"], 2, "x")])
+    if rows:
+        print("\n#### Lookup + fetch as a share of prefill, MMLU 2-shot (policy all, hits)\n")
+        print(table(["codec", "tokens", "lookup ms", "fetch ms (all layers)", "SDPA prefill ms", "lookup+fetch / prefill",
+                     "e2e/SDPA", "bound e2e"], rows))
+    sc = load("store_scale.json")
+    if sc:
+        ev = sc["eviction"]
+        print("\n#### Eviction on a skewed stream\n")
+        print(table(["stream", "distinct inputs", "Zipf a", "cap (entries)", "LRU hit rate", "LFU hit rate"],
+                    [[ev["stream"], ev["distinct"], ev["zipf_a"], ev["cap_entries"], f(ev["lru"]["hit_rate"]),
+                      f(ev["lfu"]["hit_rate"])]]))
+        if "scale" in sc:
+            s_ = sc["scale"]
+            print(f"\n#### Store at scale ({s_['codec']}, {s_['stored_layers']} layers x {s_['heads']} heads, "
+                  f"{s_['length']} tokens; memcpy {s_['memcpy_gbps']:.1f} GB/s)\n")
+            print(table(["entries", "map MiB", "open s", "lookup p50 ms", "lookup p99 ms", "fetch ms / entry",
+                         "fetch GB/s (decoded)", "fetch GB/s (stored)"],
+                        [[r["entries"], f(r["map_bytes"] / 2**20, 0), f(r["open_s"], 3), f(r["lookup_ms_p50"], 3),
+                          f(r["lookup_ms_p99"], 3), f(r["fetch_ms_per_entry"], 2), f(r["fetch_decoded_gbps"], 2),
+                          f(r["fetch_stored_gbps"], 3)] for r in s_["curve"]]))
+
+
+def section_speed_accuracy() -> None:
+    obj = load("speed_accuracy_sst2.json")
+    if obj:
+        print("\n#### SST-2: speedup vs accuracy per threshold\n")
+        print(table(["policy", "threshold", "hit rate (eval)", "hit rate (bench)", "acc cached", "agreement",
+                     "workload/SDPA", "e2e/SDPA on hits"],
+                    [[r["policy"], f(r["threshold"], 4), f(r["hit_rate_sweep"], 2), f(r["hit_rate_bench"], 2),
+                      f(r["accuracy_cached"]), f(r["agreement"]), f(r["workload_speedup_vs_sdpa"], 2, "x"),
+                      f(r["e2e_speedup_hits"], 2, "x")] for r in obj["rows"]]))
+
+
+def section_load() -> None:
+    r = load("load_test_minilm.json")
+    if r:
+        print(f"\n#### HTTP load test ({r['endpoint']}, concurrency {r['concurrency']}, max batch {r['max_batch']})\n")
+        print(table(["server", "requests", "errors", "throughput req/s", "p50 ms", "p99 ms", "hit rate"],
+                    [[k, r[k]["requests"], r[k]["errors"], f(r[k]["throughput_rps"], 1), f(r[k]["p50_ms"], 1),
+                      f(r[k]["p99_ms"], 1), f(r[k]["hit_rate"], 2)] for k in ("detached", "attached")]))
+
+
 if __name__ == "__main__":
     section_eval("SST-2, SmolLM2 (cache sst2[0:436], eval sst2[436:872])", "sst2_eval.json")
     section_bench("SST-2 timing (40 held-out prompts, batch 1)", ["sst2_bench_all.json", "sst2_bench_default.json"])
@@ -135,3 +202,7 @@ if __name__ == "__main__":
     section_length()
     section_eval("int8 dynamic quantization, SST-2", "quant_sst2_eval.json")
     section_bench("int8 dynamic quantization timing", ["quant_sst2_bench.json", "quant_mmlu5_bench.json"])
+    section_bench("Prefix tier timing v2 (suffix-only inserts), MMLU 5-shot, quiet machine", ["prefix_mmlu5_bench_v4.json"])
+    section_store()
+    section_speed_accuracy()
+    section_load()

@@ -188,12 +188,7 @@ class AttnCache:
                 if dropped:
                     manifest["build_dropped_by_cap"] = dropped
                 cache._write_generation(manifest, feats, vectors, proj, index)
-                if out.exists():
-                    with write_lock(out) if out.is_dir() else contextlib.nullcontext():
-                        shutil.rmtree(out) if out.is_dir() else out.unlink()
-                for f in (LOCK, READERS):
-                    (tmp / f).unlink(missing_ok=True)
-                os.replace(tmp, out)
+                _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -295,11 +290,7 @@ class AttnCache:
             m.pop("files", None)
             cache = AttnCache(tmp, m, MapStore(tmp, layout, table, segments), self.projector, self.index, self.vectors)
             cache._write_generation(m, self._features(), self.vectors, self.projector, self.index)
-            if out.exists():
-                shutil.rmtree(out)
-            for f in (LOCK, READERS):
-                (tmp / f).unlink(missing_ok=True)
-            os.replace(tmp, out)
+            _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -426,6 +417,14 @@ class AttnCache:
             self._write_generation(m, feats, vectors, proj, self.index)
             return {"entries": len(self.store), "pearson": report.get("pearson"), "threshold_before": old_thr,
                     "threshold": self.threshold}
+
+    def update_settings(self, lock_wait_s: float = 10.0, **fields) -> None:
+        """Set manifest fields (threshold, policy, calibration) in one commit, under the write lock."""
+        with write_lock(self.folder, lock_wait_s):
+            self._sync()
+            self._flush_usage_into_manifest()
+            self.manifest.update(fields)
+            atomic_write_json(self.folder / MANIFEST, self.manifest)
 
     def save_usage(self, lock_wait_s: float = 2.0) -> bool:
         """Write this process's hit counts into the manifest (for LFU/LRU eviction and ``inspect``).
@@ -634,6 +633,16 @@ def _unique(seqs: list[list[int]]) -> list[list[int]]:
             seen.add(k)
             out.append(s)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished DB folder into place, replacing ``out`` (taking its write lock first)."""
+    if out.exists():
+        with write_lock(out) if out.is_dir() else contextlib.nullcontext():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+    for f in (LOCK, READERS):
+        (tmp / f).unlink(missing_ok=True)
+    os.replace(tmp, out)
 
 
 def _locked(folder: Path) -> bool:

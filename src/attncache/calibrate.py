@@ -20,7 +20,6 @@ import numpy as np
 
 from .errors import UserError
 from .policy import Policy
-from .store import MANIFEST, atomic_write_json
 from .tasks import Plan, RunOutput, compare, mix, run
 from .workflows import Session
 
@@ -185,10 +184,9 @@ def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, bat
         "candidates": len(table),
     }
     if write:
-        m = s.cache.manifest
-        m["threshold"] = best["threshold"] if best_policy.heads else m["threshold"]
-        m["policy"] = {**best_policy.to_json(), "source": f"calibrate ({best['policy']}): max_loss {max_loss} at "
-                       f"{conf:.0%} confidence on {len(plan.rows)} rows of {data}"}
-        m["calibration"] = result
-        atomic_write_json(s.cache.folder / MANIFEST, m)
+        s.cache.update_settings(
+            threshold=best["threshold"] if best_policy.heads else s.cache.threshold,
+            policy={**best_policy.to_json(), "source": f"calibrate ({best['policy']}): max_loss {max_loss} at "
+                    f"{conf:.0%} confidence on {len(plan.rows)} rows of {data}"},
+            calibration=result)
     return result

@@ -36,7 +36,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,17 +66,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _atomic_write(path: Path, write: Callable[[Any], None], tmp_suffix: str = ".tmp") -> None:
+    """``write(file)`` into a temporary name, fsync, rename over ``path``; on any OS error nothing changes."""
+    tmp = path.with_name(f".{path.name}{tmp_suffix}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _disk_error(path, e) from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
     _fsync_dir(path.parent)
 
 
@@ -85,16 +90,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
+    _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False), ".tmp.npy")
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -186,22 +182,12 @@ def encode_entry(layout: StoreLayout, maps: np.ndarray) -> bytes:
 
 def write_segment(folder: Path, seg: int, blobs: list[bytes]) -> tuple[list[int], list[int]]:
     """Write one segment (temporary name, fsync, rename). Returns each blob's offset and crc32."""
-    path = folder / seg_name(seg)
-    tmp = folder / f".{path.name}.tmp"
     offsets, crcs, pos = [], [], 0
-    try:
-        with open(tmp, "wb") as f:
-            for b in blobs:
-                offsets.append(pos)
-                crcs.append(zlib.crc32(b))
-                f.write(b)
-                pos += len(b)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
+    for b in blobs:
+        offsets.append(pos)
+        crcs.append(zlib.crc32(b))
+        pos += len(b)
+    _atomic_write(folder / seg_name(seg), lambda f: [f.write(b) for b in blobs])
     return offsets, crcs
 
 

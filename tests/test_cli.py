@@ -9,8 +9,8 @@ import pytest
 PY = [sys.executable, "-m", "attncache"]
 
 
-def cli(*args, ok=True):
-    r = subprocess.run(PY + list(args), capture_output=True, text=True, timeout=900)
+def cli(*args, ok=True, timeout=900):
+    r = subprocess.run(PY + list(args), capture_output=True, text=True, timeout=timeout)
     if ok:
         assert r.returncode == 0, r.stderr[-2000:]
     return r
@@ -93,7 +93,7 @@ def test_smollm2_compact_store_learn_cap_and_inspect(tmp_path):
     db = tmp_path / "db"
     cli("build", "--data", "sst2[0:24]", "--out", str(db), "--quiet", "--compression", "int8", "--store-layers", "auto")
     info = json.loads(cli("inspect", str(db), "--json").stdout)
-    assert info["compression"] == "int8" and info["map_bytes_vs_fp32"] < info["stored_layers"] / 30 / 8 + 1e-3
+    assert info["compression"] == "int8" and info["map_bytes_vs_fp32"] < 1 / 8  # of the stored layers in fp32
     assert info["stored_layers"] == len(info["policy_layers"]) == 5
     cap = int(info["map_bytes"] * 1.5)
     learned = json.loads(cli("eval", "--db", str(db), "--data", "sst2[24:60]", "--learn", "--max-bytes", str(cap),

@@ -109,6 +109,7 @@ if want storebench; then
   for C in float16 int8; do
     DB=runs/mmlu2.db; [ $C = int8 ] && DB=runs/mmlu2-int8.db
     run attncache bench --db $DB --data "mmlu:2shot[15::30]" --max-tokens 1024 --policy all --limit 6 --repeats 3 --no-prefix-cache --no-eager --json --quiet > $OUT/store_mmlu2_bench_$C.json
+    run attncache bench --db $DB --data "mmlu:2shot[15::30]" --max-tokens 1024 --policy default --limit 6 --repeats 3 --no-prefix-cache --no-eager --json --quiet > $OUT/store_mmlu2_bench_default_$C.json
   done
 fi
 

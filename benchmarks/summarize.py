@@ -135,16 +135,16 @@ def section_store() -> None:
         print("\n#### Map compression (same entries, projector and hits; only the maps' encoding differs)\n")
         print(table(["task", "codec", "bytes / fp32", "MiB / entry", "policy", "acc cached", "agreement", "hit rate"], rows))
     rows = []
-    for c in ("float16", "int8"):
-        r = load(f"store_mmlu2_bench_{c}.json")
+    for pol, c in (("all", "float16"), ("all", "int8"), ("default", "float16"), ("default", "int8")):
+        r = load(f"store_mmlu2_bench_{c}.json" if pol == "all" else f"store_mmlu2_bench_default_{c}.json")
         if r:
             share = (r["lookup_ms_median"] + r["fetch_ms_median"]) / r["prefill_ms_median_sdpa"]
-            rows.append([c, f(r["tokens_median"], 0), f(r["lookup_ms_median"], 2), f(r["fetch_ms_median"], 2),
+            rows.append([pol, c, f(r["tokens_median"], 0), f(r["lookup_ms_median"], 2), f(r["fetch_ms_median"], 2),
                          f(r["prefill_ms_median_sdpa"], 0), f(100 * share, 1, " %"), f(r["e2e_speedup_vs_sdpa"], 2, "x"),
                          f(r["bound_e2e_speedup"], 2, "x")])
     if rows:
-        print("\n#### Lookup + fetch as a share of prefill, MMLU 2-shot (policy all, hits)\n")
-        print(table(["codec", "tokens", "lookup ms", "fetch ms (all layers)", "SDPA prefill ms", "lookup+fetch / prefill",
+        print("\n#### Lookup + fetch as a share of prefill, MMLU 2-shot (hits)\n")
+        print(table(["policy", "codec", "tokens", "lookup ms", "fetch ms", "SDPA prefill ms", "lookup+fetch / prefill",
                      "e2e/SDPA", "bound e2e"], rows))
     sc = load("store_scale.json")
     if sc:

@@ -22,7 +22,8 @@ def segment_bytes(db) -> int:
 @pytest.fixture
 def db(tmp_path):
     path = tmp_path / "db"
-    AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(6, lo=7, hi=7, seed=4), path, progress=False)
+    AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(6, lo=7, hi=7, seed=4), path,
+                    BuildConfig(codec="float16"), progress=False)
     return path
 
 
@@ -108,6 +109,13 @@ def test_retrain_reindexes_the_grown_store(db):
     again = AttnCache.open(db)
     assert again.vectors.shape[0] == 10 and AttnCache.verify(db) == []
     assert [h.entry for h in again.lookup(feats, [7] * 4, threshold=1e-4)] == [6, 7, 8, 9]
+
+
+def test_default_codec_is_int8_for_decoders_float16_for_encoders(tmp_path):
+    dec = AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(4, seed=3), tmp_path / "d", progress=False)
+    enc = AttnCache.build(tiny_model("bert"), TinyTokenizer(), random_seqs(4, seed=3), tmp_path / "e", progress=False)
+    assert dec.store.layout.codec == "int8" and enc.store.layout.codec == "float16"
+    assert dec.info()["map_bytes_vs_fp32"] < 1 / 8
 
 
 def test_store_only_the_policy_layers(tmp_path):

@@ -232,8 +232,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2-135m", help="built-in name (smollm2-135m, minilm-l6), HF folder or .gguf")
     common(b, db=False)
     b.add_argument("--out", required=True, help="DB folder to create")
-    b.add_argument("--compression", default="float16", choices=["float16", "int8", "sparse", "float32"],
-                   help="how maps are stored (default float16; int8: < 1/8 of fp32 bytes for decoders)")
+    b.add_argument("--compression", default="auto", choices=["auto", "float16", "int8", "sparse", "float32"],
+                   help="how maps are stored: auto (default) = int8 for decoders (< 1/8 of fp32 bytes), float16 for "
+                   "encoders; float16 = no decode cost when many layers are reused")
     b.add_argument("--sparse-eps", type=float, help="sparse: share of each row's mass that may be dropped (default 0.02)")
     b.add_argument("--store-layers", default="all",
                    help="'all' (default), 'auto' (only the layers the default policy reuses, chosen on a probe of "

@@ -44,29 +44,36 @@ def main() -> None:
                          "reuse_fraction": p["reuse_fraction"], "workload_speedup_vs_sdpa": r["workload_speedup_vs_sdpa"],
                          "e2e_speedup_hits": r["e2e_speedup_vs_sdpa"]})
             print(json.dumps(rows[-1]), flush=True)
-    Path(a.out).write_text(json.dumps({"db": a.db, "data": a.data, "limit": a.limit, "rows": rows}, indent=1))
+            # saved after every point, so an interrupted run keeps what it measured
+            Path(a.out).write_text(json.dumps({"db": a.db, "data": a.data, "limit": a.limit, "rows": rows}, indent=1))
     if a.plot:
-        import matplotlib
+        plot(rows, points, a.data, a.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, label in ((axes[0], "accuracy_cached", "accuracy"), (axes[1], "agreement", "agreement with exact")):
-            for pol in a.policies.split(","):
-                pts = sorted((r["workload_speedup_vs_sdpa"], r[key], r["threshold"]) for r in rows if r["policy"] == pol)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
-            ax.axvline(1.0, color="k", lw=0.6)
-            ax.set_xlabel("workload speedup vs SDPA (hits + misses + lookup)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        exact = next((p["accuracy_baseline"] for p in points if "accuracy_baseline" in p), None)
-        if exact is not None:
-            axes[0].axhline(exact, color="tab:green", ls="--", lw=0.8, label="exact")
-        fig.suptitle(f"{a.data}: each point is one threshold")
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
+def plot(rows: list[dict], points: list[dict], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    for ax, key, label in ((axes[0], "accuracy_cached", "accuracy"), (axes[1], "agreement", "agreement with exact")):
+        for pol in policies:
+            pts = sorted((r["workload_speedup_vs_sdpa"], r[key]) for r in rows if r["policy"] == pol)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.set_xlabel("workload speedup vs SDPA (hits + misses + lookup)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    exact = next((p["accuracy_baseline"] for p in points if "accuracy_baseline" in p), None)
+    if exact is not None:
+        axes[0].axhline(exact, color="tab:green", ls="--", lw=0.8, label="exact")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(f"{title}: each point is one threshold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

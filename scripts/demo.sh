@@ -6,16 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-DB=runs/sst2-smollm2.db
-mkdir -p runs
+DB=runs/demo/sst2-smollm2.db  # its own folder: experiment DBs in runs/ are left alone
+mkdir -p runs/demo
 echo "== build: SmolLM2 maps of sst2[0:436] -> $DB"
 attncache build --data "sst2[0:436]" --out "$DB" --force
 echo "== eval on the disjoint sst2[436:872]"
 attncache eval --db "$DB" --data "sst2[436:]" --policy default --policy all --quiet
 for P in default all; do
   echo "== bench (policy $P, 24 held-out prompts, batch 1, interleaved medians of 5)"
-  attncache bench --db "$DB" --data "sst2[436:]" --policy "$P" --quiet --json > "runs/bench-$P.json"
-  python - "runs/bench-$P.json" <<'PY'
+  attncache bench --db "$DB" --data "sst2[436:]" --policy "$P" --quiet --json > "runs/demo/bench-$P.json"
+  python - "runs/demo/bench-$P.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ["policy", "n", "hit_rate", "attn_speedup_vs_sdpa", "e2e_speedup_vs_sdpa", "workload_speedup_vs_sdpa",

@@ -59,9 +59,12 @@ def plot(rows: list[dict], points: list[dict], title: str, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     for ax, key, label in ((axes[0], "accuracy_cached", "accuracy"), (axes[1], "agreement", "agreement with exact")):
-        for pol in policies:
-            pts = sorted((r["workload_speedup_vs_sdpa"], r[key]) for r in rows if r["policy"] == pol)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        for pol in policies:  # in threshold order, each point labelled with its hit rate
+            pts = sorted((r["threshold"], r["workload_speedup_vs_sdpa"], r[key], r["hit_rate_sweep"])
+                         for r in rows if r["policy"] == pol)
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=pol)
+            for _, x, y, h in pts:
+                ax.annotate(f"{h:.0%}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(1.0, color="k", lw=0.6)
         ax.set_xlabel("workload speedup vs SDPA (hits + misses + lookup)")
         ax.set_ylabel(label)
@@ -71,7 +74,7 @@ def plot(rows: list[dict], points: list[dict], title: str, path: str) -> None:
         axes[0].axhline(exact, color="tab:green", ls="--", lw=0.8, label="exact")
     for ax in axes:
         ax.legend()
-    fig.suptitle(f"{title}: each point is one threshold")
+    fig.suptitle(f"{title}: each point is one threshold (labels: hit rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -42,7 +42,7 @@ if want mmlu; then
   for K in 0 1 2 3 4 5; do
     [ -s $OUT/mmlu${K}_bench_all.json ] && continue  # done; delete the file to redo
     DB=runs/mmlu${K}.db
-    [ -d $DB ] || run attncache build --data "mmlu:${K}shot[0::30]" --out $DB --max-tokens 1024 --quiet
+    [ -d $DB ] || run attncache build --data "mmlu:${K}shot[0::30]" --out $DB --max-tokens 1024 --compression float16 --quiet
     run attncache inspect $DB --json > $OUT/mmlu${K}_inspect.json
     run attncache eval --db $DB --data "mmlu:${K}shot[15::30]" --max-tokens 1024 --policy all --policy default --no-prefix-cache --json --quiet > $OUT/mmlu${K}_eval.json
     [ $K = 5 ] && L=4 || L=8

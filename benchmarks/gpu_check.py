@@ -76,7 +76,7 @@ def time_length(model, seqs: list[list[int]], db: Path, repeats: int, dev: str) 
     L = len(seqs[0])
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    cache = AttnCache.build(model, StubTokenizer(), seqs, db, BuildConfig(batch_size=1), progress=False)
+    cache = AttnCache.build(model, StubTokenizer(), seqs, db, BuildConfig(batch_size=1, codec="float16"), progress=False)
     build_s = time.perf_counter() - t0
     ids = [torch.tensor([s], device=dev) for s in seqs]
     pol = cache.policy("all")

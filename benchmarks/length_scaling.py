@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from attncache import data, models
+from attncache import BuildConfig, data, models
 from attncache.bench import BenchConfig, bench
 from attncache.workflows import build
 
@@ -50,7 +50,7 @@ def main() -> None:
             jsonl = Path(d) / f"len{L}.jsonl"
             jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts_of_lengths(tok, [L], a.per_length)))
             db = Path(d) / f"len{L}.db"
-            build(a.model, str(jsonl), str(db), progress=False)
+            build(a.model, str(jsonl), str(db), cfg=BuildConfig(codec="float16"), progress=False)  # the timing tables' codec
             r = bench(str(db), str(jsonl), a.policy, None, BenchConfig(repeats=a.repeats), progress=False)
             r.pop("per_item")
             r["target_tokens"] = L

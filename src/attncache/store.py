@@ -213,10 +213,12 @@ class MapStore:
             # only the committed bytes are mapped (a crashed writer's tail is ignored)
             seg = int(name[4:10])
             self._mm[seg] = np.memmap(path, dtype=np.uint8, mode="c", shape=(size,)) if size else np.zeros(0, np.uint8)
-        for e in range(len(table)):
-            end = int(table.offset[e] + table.nbytes[e])
-            if int(table.seg[e]) not in self._mm or end > len(self._mm[int(table.seg[e])]):
-                raise UserError(f"{self.folder}: entry {e} lies outside its segment; run 'attncache verify'")
+        # every entry inside a committed segment
+        sizes = {g: len(mm) for g, mm in self._mm.items()}
+        limits = np.array([sizes.get(int(g), -1) for g in table.seg], dtype=np.int64)
+        bad = np.flatnonzero(table.offset + table.nbytes > limits)
+        if len(bad):
+            raise UserError(f"{self.folder}: entry {int(bad[0])} lies outside its segment; run 'attncache verify'")
 
     @property
     def lengths(self) -> np.ndarray:
@@ -298,8 +300,7 @@ def check_files(folder: Path, m: dict, full: bool = False) -> list[str]:
     if full and not problems:
         table = EntryTable.from_json(m["entries"])
         for seg_id in np.unique(table.seg):
-            with open(folder / seg_name(seg_id), "rb") as f:
-                data = f.read()
+            data = np.memmap(folder / seg_name(seg_id), dtype=np.uint8, mode="r")  # not read whole: segments can be GBs
             for e in np.flatnonzero(table.seg == seg_id):
                 off, n = int(table.offset[e]), int(table.nbytes[e])
                 if zlib.crc32(data[off: off + n]) != int(table.crc[e]):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|store|storebench|scale|speed|load|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|store|storebench|scale|speed|load|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -28,6 +28,33 @@ if want calibrate; then
   rm -rf runs/sst2-cal.db && cp -r runs/sst2-smollm2.db runs/sst2-cal.db
   run attncache calibrate --db runs/sst2-cal.db --data "sst2[436:654]" --max-loss 0.05 --json --quiet > $OUT/calibrate_sst2.json
   run attncache eval --db runs/sst2-cal.db --data "sst2[654:]" --policy default --policy all --json --quiet > $OUT/calibrate_sst2_fresh.json
+fi
+
+if want fidelity; then
+  # (issue 4) template heads vs the paper's all-layer reuse. Per task: the cache from one part of the data
+  # (the DBs above), templates ranked and the calibration measured on a second part, the Pareto sweep and
+  # the calibrated setting checked on an untouched third part.
+  FIXED="--policy fixed:14 --policy fixed:27 --policy fixed:41 --policy fixed:54 --policy fixed:81 --policy fixed:108 --policy fixed:135 --policy fixed:162"
+  fid() {  # name, source DB, rank/calibration data, test data, max-loss, extra args
+    local name=$1 src=$2 cal=$3 test=$4 eps=$5
+    shift 5
+    rm -rf "runs/$name-tmpl.db" && cp -r "$src" "runs/$name-tmpl.db"
+    run attncache templates --db "runs/$name-tmpl.db" --data "$cal" "$@" --json --quiet > "$OUT/fid_${name}_templates.json"
+    # shellcheck disable=SC2086
+    run attncache eval --db "runs/$name-tmpl.db" --data "$test" "$@" --sweep --policy all --policy default $FIXED \
+        --policy fixed:54+default --plot "docs/fidelity_$name.png" --json --quiet > "$OUT/fid_${name}_sweep.json"
+    rm -rf "runs/$name-cal.db" && cp -r "$src" "runs/$name-cal.db"
+    run attncache calibrate --db "runs/$name-cal.db" --data "$cal" --max-loss "$eps" "$@" --json --quiet > "$OUT/fid_${name}_calibrate.json"
+    run attncache eval --db "runs/$name-cal.db" --data "$test" "$@" --no-prefix-cache --json --quiet > "$OUT/fid_${name}_fresh.json"
+  }
+  fid sst2 runs/sst2-smollm2.db "sst2[436:654]" "sst2[654:872]" 0.05
+  fid piqa runs/piqa-smollm2.db "piqa[400:700]" "piqa[800:1200]" 0.05
+  fid mmlu2 runs/mmlu2.db "mmlu:2shot[20::30]" "mmlu:2shot[15::30]" 0.1 --max-tokens 1024
+  # ranking in 6 rounds (each with the earlier rounds' templates in place) instead of one
+  rm -rf runs/sst2-greedy.db && cp -r runs/sst2-smollm2.db runs/sst2-greedy.db
+  run attncache templates --db runs/sst2-greedy.db --data "sst2[436:654]" --rank-rounds 6 --json --quiet > $OUT/fid_sst2_greedy_templates.json
+  # shellcheck disable=SC2086
+  run attncache eval --db runs/sst2-greedy.db --data "sst2[654:872]" --sweep $FIXED --json --quiet > $OUT/fid_sst2_greedy_sweep.json
 fi
 
 if want piqa; then

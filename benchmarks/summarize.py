@@ -85,6 +85,31 @@ def section_sweep(title: str, name: str) -> None:
                  "cosine"], rows))
 
 
+def section_fidelity(name: str, title: str) -> None:
+    """Template heads vs the paper's all-layer reuse (Pareto points), and the calibrated setting on fresh data."""
+    sw = load(f"fid_{name}_sweep.json")
+    if sw is None:
+        return
+    rows = []
+    for r in sw["points"]:
+        if r["policy"] in ("all", "default") and r["threshold"] < 0:
+            continue  # the exact end of the curve, once is enough (below)
+        rows.append([r["policy"], f(r["threshold"], 4), f(r["hit_rate"], 2), f(r["reuse_fraction"]),
+                     f(r.get("attention_work_saved")), f(r.get("accuracy_cached")), f(r.get("accuracy_loss")),
+                     f(r.get("agreement"))])
+    base = sw["points"][0]
+    print(f"\n#### {title}: reuse vs fidelity (exact accuracy {f(base.get('accuracy_baseline'))})\n")
+    print(table(["policy", "threshold", "hit rate", "maps reused", "attn FLOPs saved", "acc cached", "acc loss",
+                 "agreement"], rows))
+    cal, fresh = load(f"fid_{name}_calibrate.json"), load(f"fid_{name}_fresh.json")
+    if cal and fresh:
+        print(f"\nCalibrated (max-loss {cal['max_loss']}): policy `{cal['policy']}`, threshold {f(cal['threshold'], 4)}, "
+              f"{cal['policy_fixed_heads']} template heads; on the calibration rows: reuse {f(cal['reuse_fraction'])}, "
+              f"agreement {f(cal['agreement'])}, bound {f(cal['disagreement_bound'])}. On the untouched test rows: "
+              f"reuse {f(fresh['reuse_fraction'])}, accuracy {f(fresh.get('accuracy_baseline'))} -> "
+              f"{f(fresh.get('accuracy_cached'))}, agreement {f(fresh['agreement'])}.")
+
+
 def section_mmlu() -> None:
     rows = []
     for k in range(6):
@@ -206,3 +231,6 @@ if __name__ == "__main__":
     section_store()
     section_speed_accuracy()
     section_load()
+    section_fidelity("sst2", "SST-2 (cache sst2[0:436], templates and calibration sst2[436:654], test sst2[654:872])")
+    section_fidelity("piqa", "PIQA (cache piqa[0:400], templates and calibration piqa[400:700], test piqa[800:1200])")
+    section_fidelity("mmlu2", "MMLU 2-shot (cache [0::30], templates and calibration [20::30], test [15::30])")

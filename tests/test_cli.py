@@ -56,6 +56,10 @@ def test_minilm_round_trip_and_inspect(minilm_db):
     assert_one_line_error(r, "already exists")
     assert_one_line_error(cli("eval", "--db", str(minilm_db), "--data", "sst2", "--policy", "99", ok=False),
                           "out of range")
+    assert_one_line_error(cli("eval", "--db", str(minilm_db), "--data", "sst2", "--policy", "fixed:3", ok=False),
+                          "no template maps")
+    assert_one_line_error(cli("templates", "--db", str(minilm_db), "--data", "sst2[0:20]", ok=False),
+                          "need a decoder")
 
 
 @pytest.mark.real

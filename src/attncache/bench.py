@@ -132,12 +132,14 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     attn_modules = cache.adapter.attention_modules(model)
     base_impl = model.config._attn_implementation
 
-    # Which items hit, and their maps preloaded for the bound variant.
-    hits = []
+    # Which items hit (and which reuse anything: template heads serve misses too), and the hits' maps
+    # preloaded for the bound variant.
+    hits, reused = [], []
     with cache.attach(model, pol, threshold) as att:
         for x in inputs:
             model(**x, **kw)
             hits.append(att.last_hits[0])
+            reused.append(att.last_reused[0])
     preloaded = {}
     for h in hits:
         if h is not None:
@@ -188,7 +190,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     attn = {k: v["attn"] for k, v in timed.items()}
     workload = _workload_passes(s, plan, pol, threshold, cfg)
 
-    H = [i for i, h in enumerate(hits) if h is not None]
+    H = [i for i, r in enumerate(reused) if r]  # the items the per-item ratios are over
 
     def pick(xs, idx):
         return [xs[i] for i in idx]
@@ -196,10 +198,12 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     res = {
         "dtype": str(next(model.parameters()).dtype).replace("torch.", "") if cfg.quantize is None else "int8-dynamic",
         "n": len(inputs),
-        "n_hits": len(H),
-        "hit_rate": len(H) / len(inputs) if inputs else 0.0,
+        "n_hits": sum(h is not None for h in hits),
+        "hit_rate": sum(h is not None for h in hits) / len(inputs) if inputs else 0.0,
+        "n_reused": len(H),
         "policy": pol.name,
-        "reused_layers": pol.head_maps(cache.store.layer_pos),
+        "reused_layers": pol.head_maps(cache.store.layer_pos),  # per hit
+        "template_layers": pol.fixed_maps(),  # per item, no lookup
         "threshold": cache.threshold if threshold is None else threshold,
         "repeats": cfg.repeats,
         "tokens_median": statistics.median(len(q) for q in seqs),
@@ -214,7 +218,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         "prefill_ms_median_sdpa": 1000 * statistics.median(med["sdpa"]),
         "prefill_ms_median_cached": 1000 * statistics.median(med["cached"]),
         "machine": machine(),
-        "per_item": [{"tokens": len(seqs[i]), "hit": hits[i] is not None, "sdpa_ms": 1000 * med["sdpa"][i],
+        "per_item": [{"tokens": len(seqs[i]), "hit": hits[i] is not None, "reused": reused[i], "sdpa_ms": 1000 * med["sdpa"][i],
                       "cached_ms": 1000 * med["cached"][i], "bound_ms": 1000 * med["bound"][i]}
                      for i in range(len(inputs))],
     }

@@ -54,6 +54,7 @@ from .store import (
     write_lock,
     write_segment,
 )
+from .templates import Templates
 
 SEARCH_K = 64  # neighbours inspected per lookup to find the nearest length-compatible entry
 PROBE_INPUTS = 64  # inputs recorded with every layer to choose the stored layers (store_layers='auto')
@@ -93,6 +94,8 @@ class AttnCache:
         self.stats = Stats()
         self._usage: dict[int, list[float]] = {}  # uid -> [hits, last use] not yet written to the manifest
         self._usage_lock = threading.Lock()
+        self._templates: tuple[str, Templates] | None = None
+        self._templates_override: Templates | None = None
 
     # -- properties stored in the manifest --------------------------------------------------------
     @property
@@ -120,7 +123,49 @@ class AttnCache:
     def policy(self, spec: str | Policy | None = None) -> Policy:
         if isinstance(spec, Policy):
             return spec
-        return parse_policy(spec, self.shape.n_layers, self.shape.n_heads, self.manifest["policy"], self.head_distance)
+        t = self.templates
+        return parse_policy(spec, self.shape.n_layers, self.shape.n_heads, self.manifest["policy"], self.head_distance,
+                            t.heads if t is not None else None)
+
+    @property
+    def templates(self) -> Templates | None:
+        """The template maps of the heads calibration chose (``templates.py``), if any."""
+        if self._templates_override is not None:
+            return self._templates_override
+        name = self.manifest.get("names", {}).get("templates")
+        if name is None:
+            return None
+        if self._templates is None or self._templates[0] != name:
+            maps = load_npy(self.folder / safe_name(name), mmap=True)
+            heads = [tuple(x) for x in self.manifest["templates"]["heads"]]
+            if maps.ndim != 3 or maps.shape[0] != len(heads):
+                raise UserError(f"{self.folder}: template maps have shape {maps.shape} for {len(heads)} heads; "
+                                f"run 'attncache verify' or calibrate again")
+            self._templates = (name, Templates(heads, maps, self.adapter.causal))
+        return self._templates[1]
+
+    def use_templates(self, t: Templates | None) -> None:
+        """Use ``t`` in this process (not stored; calibration tries templates before keeping any)."""
+        self._templates_override = t
+
+    def set_templates(self, t: Templates | None, info: dict | None = None, lock_wait_s: float = 10.0) -> None:
+        """Store (or, with None, drop) template maps, in one commit under the write lock."""
+        with write_lock(self.folder, lock_wait_s):
+            self._sync()
+            self._flush_usage_into_manifest()
+            m = dict(self.manifest)
+            gen = int(m.get("generation", 0)) + 1
+            names = dict(_generation_files(m))
+            names.pop("templates", None)
+            m.pop("templates", None)
+            if t is not None:
+                names["templates"] = f"templates-{gen}.npy"
+                save_npy(self.folder / names["templates"], np.ascontiguousarray(t.maps, dtype=np.float16))
+                m["templates"] = {**(info or {}), "heads": [list(x) for x in t.heads], "max_len": t.max_len}
+            m.update(generation=gen, names=names, files=describe_files(self.folder, list(names.values())))
+            atomic_write_json(self.folder / MANIFEST, m)
+            self.manifest = m
+            remove_unreferenced(self.folder, m)
 
     # -- build ------------------------------------------------------------------------------------
     @classmethod
@@ -558,6 +603,8 @@ class AttnCache:
             proj.save(self.folder / names["projector"])
         else:
             names["projector"] = _generation_files(m)["projector"]
+        if "templates" in m.get("names", {}):  # not rewritten: they do not depend on the entries
+            names["templates"] = _generation_files(m)["templates"]
         m["index"] = {"approximate": index.approximate, "ef_search": index.ef_search}
         if index.approximate:
             names["index"] = f"index-{gen}.faiss"
@@ -606,6 +653,8 @@ class AttnCache:
             "threshold": self.threshold,
             "policy_layers": self.default_layers,
             "policy_heads": sum(len(h) for h in self.manifest["policy"].get("heads", {}).values()),
+            "policy_fixed_heads": sum(len(h) for h in self.manifest["policy"].get("fixed", {}).values()),
+            "template_heads": len(self.manifest.get("templates", {}).get("heads", [])),
             "allow_crop": self.allow_crop,
             "index": "hnsw" if self.index.approximate else "flat",
             "projector_pearson": self.manifest["projector"].get("train", {}).get("pearson"),

@@ -56,8 +56,9 @@ EVAL_KEYS = ["policy", "n", "n_sequences", "accuracy_baseline", "accuracy_cached
              "workload_speedup_rough"]
 
 
-SWEEP_KEYS = ["policy", "threshold", "hit_rate", "reuse_fraction", "accuracy_cached", "accuracy_loss", "agreement",
-              "disagreement_upper95", "cosine_to_exact_mean", "cosine_to_exact_min"]
+SWEEP_KEYS = ["policy", "threshold", "hit_rate", "reuse_fraction", "template_fraction", "attention_work_saved",
+              "accuracy_cached", "accuracy_loss", "agreement", "disagreement_upper95", "cosine_to_exact_mean",
+              "cosine_to_exact_min"]
 
 
 def cmd_eval(a) -> int:
@@ -115,12 +116,22 @@ def cmd_calibrate(a) -> int:
 
     res = calibrate(a.db, a.data, a.max_loss, a.limit, a.batch_size, a.confidence,
                     progress=not a.quiet and not a.json, model_name=a.model, write=not a.dry_run,
-                    max_tokens=a.max_tokens)
+                    max_tokens=a.max_tokens, templates=not a.no_templates, rank_share=a.rank_share,
+                    max_template_share=a.max_template_share)
     if a.json:
         print(json.dumps(res))
     else:
         print(_table([res], [k for k in res if k != "candidates"]))
         print("written to the DB" if not a.dry_run else "dry run: the DB is unchanged")
+    return 0
+
+
+def cmd_templates(a) -> int:
+    from .calibrate import templates_only
+
+    res = templates_only(a.db, a.data, a.max_share, a.limit, a.batch_size, progress=not a.quiet and not a.json,
+                         model_name=a.model, max_tokens=a.max_tokens, rounds=a.rank_rounds)
+    print(json.dumps(res) if a.json else _table([res], list(res)))
     return 0
 
 
@@ -285,8 +296,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the bound (default 0.95)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--dry-run", action="store_true", help="report the setting without writing it to the DB")
+    c.add_argument("--no-templates", action="store_true",
+                   help="do not try template heads (one stored mean map per head, served with no lookup)")
+    c.add_argument("--rank-share", type=float, default=0.25,
+                   help="share of DATA's rows that only ranks heads for templates (default 0.25; the bound is "
+                        "measured on the rest)")
+    c.add_argument("--max-template-share", type=float, default=0.6,
+                   help="most (layer, head) maps that may get templates (default 0.6)")
     c.add_argument("--model")
     c.set_defaults(fn=cmd_calibrate)
+
+    t = sub.add_parser("templates", help="store template maps for the heads whose mean map changes answers least "
+                                         "(use them with --policy fixed:N; calibrate chooses N itself)")
+    common(t)
+    t.add_argument("--max-share", type=float, default=0.6, help="share of all (layer, head) maps to keep (default 0.6)")
+    t.add_argument("--rank-rounds", type=int, default=1,
+                   help="rank heads in N chunks, each with the earlier chunks' templates in place (default 1)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--model")
+    t.set_defaults(fn=cmd_templates)
 
     v = sub.add_parser("verify", help="check every data file of a cache DB against its checksum")
     v.add_argument("db")

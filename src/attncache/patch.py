@@ -29,6 +29,7 @@ class ForwardInputs:
     attention_mask: torch.Tensor | None
     token_type_ids: torch.Tensor | None
     has_past: bool
+    wants_cache: bool = False  # the caller asked for a KV cache (the prefix tier, to insert it)
 
 
 def _forward_inputs(args: tuple, kwargs: dict) -> ForwardInputs:
@@ -37,7 +38,8 @@ def _forward_inputs(args: tuple, kwargs: dict) -> ForwardInputs:
     got.update({k: kwargs[k] for k in names if k in kwargs})
     past = kwargs.get("cache", kwargs.get("past_key_values"))
     has_past = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
-    return ForwardInputs(got.get("input_ids"), got.get("attention_mask"), kwargs.get("token_type_ids"), has_past)
+    return ForwardInputs(got.get("input_ids"), got.get("attention_mask"), kwargs.get("token_type_ids"), has_past,
+                         kwargs.get("use_cache") is True)
 
 
 @contextlib.contextmanager
@@ -54,9 +56,10 @@ def patched(
     def pre_hook(_mod, args, kwargs):
         # Prefill-only: a KV cache would only be filled for the rows that compute their keys, so
         # don't build one unless the caller asked (the prefix tier asks, and knows which rows are whole).
+        inputs = _forward_inputs(args, kwargs)
         if adapter.causal and "use_cache" not in kwargs:
             kwargs["use_cache"] = False
-        on_forward(_forward_inputs(args, kwargs))
+        on_forward(inputs)
         return args, kwargs
 
     def make_forward(layer: int, module: nn.Module):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, Shape, apply_head_maps, apply_maps
+from .errors import UserError
 from .patch import ForwardInputs, patched, slice_batch
 from .policy import Policy
 from .record import features, spans
@@ -68,11 +69,8 @@ class Stats:
 @dataclass
 class BatchPlan:
     spans: list
-    hits: list[Hit | None]
-
-    @property
-    def hit_items(self) -> list[int]:
-        return [b for b, h in enumerate(self.hits) if h is not None]
+    hits: list[Hit | None]  # per item: the hit whose maps it reuses, or None
+    fixed: list[bool]  # per item: whether the policy's template heads serve it
 
 
 class Attached:
@@ -92,6 +90,11 @@ class Attached:
         # Benchmark hooks: ``preset`` hits skip the lookup; ``preloaded[(entry, layer)]`` maps skip the
         # fetch. Together they give the ceiling of the method (maps already in memory, no retrieval).
         self.preset, self.preloaded = preset, preloaded or {}
+        self.templates = cache.templates
+        if policy.fixed and (self.templates is None or not all(self.templates.has(layer, hs)
+                                                                  for layer, hs in policy.fixed.items())):
+            raise UserError(f"policy '{policy.name}' serves heads from templates this DB does not have; "
+                            f"run 'attncache calibrate' first")
         self.adapter: Adapter = cache.adapter
         self.shape: Shape = cache.shape
         self.plan: BatchPlan | None = None
@@ -144,23 +147,33 @@ class Attached:
         if inputs.input_ids is None or inputs.has_past:
             return
         t0 = time.perf_counter()
+        B, T = inputs.input_ids.shape
         if self.preset is not None:
-            B, T = inputs.input_ids.shape
             sp = spans(inputs.attention_mask, B, T)
             hits = list(self.preset)
-        else:
+        elif self.policy.looks_up:
             feats, sp = features(self.model, self.adapter, inputs)
             lengths = [0 if s is None else s[1] - s[0] for s in sp]
             hits = self.cache.lookup(feats, lengths, threshold=self.threshold)
+        else:  # templates only: nothing to look up
+            sp = spans(inputs.attention_mask, B, T)
+            hits = [None] * B
         hits = [h if s is not None else None for h, s in zip(hits, sp)]
+        # Template heads serve every item, except where the caller wants a KV cache (the prefix tier
+        # inserting it: its keys must all be computed) or the item is longer than the templates.
+        tmax = self.templates.max_len if self.templates is not None else 0
+        fixed = [bool(self.policy.fixed) and not inputs.wants_cache and s is not None and s[1] - s[0] <= tmax
+                 for s in sp]
         n_hit = sum(h is not None for h in hits)
-        B = len(hits)
+        n_fixed = sum(fixed)
         reused = self.policy.head_maps(self.cache.store.layer_pos)  # in whole-layer units
-        self.cache.stats.add(lookups=B, hits=n_hit, misses=B - n_hit, lookup_s=time.perf_counter() - t0,
-                             layer_maps_reused=n_hit * reused, layer_maps_total=B * self.shape.n_layers)
+        looked = B if self.policy.looks_up or self.preset is not None else 0
+        self.cache.stats.add(lookups=looked, hits=n_hit, misses=looked - n_hit, lookup_s=time.perf_counter() - t0,
+                             layer_maps_reused=n_hit * reused + n_fixed * self.policy.fixed_maps(),
+                             layer_maps_total=B * self.shape.n_layers)
         # An item with a hit but no reusable map (policy 'none') is counted as a hit above and
         # simply computes normally below.
-        self.plan = BatchPlan(sp, hits) if reused else None
+        self.plan = BatchPlan(sp, hits if reused else [None] * B, fixed) if (reused and n_hit) or n_fixed else None
         self._ahead = {}
         if self.plan is not None and self._pool is not None and n_hit:
             for layer in self.cache.store.layout.layers:
@@ -175,59 +188,92 @@ class Attached:
             self.pending += [ids[b, s[0]: s[1]].tolist() for b, (h, s) in enumerate(zip(hits, sp))
                              if h is None and s is not None]
         # which items actually replayed maps (a hit under policy 'none' computes everything)
-        self.last_reused = [h is not None and bool(reused) for h in hits]
+        self.last_reused = [(h is not None and bool(reused)) or f for h, f in zip(hits, fixed)]
+
+    def _heads_of(self, layer: int, b: int) -> tuple[int, ...]:
+        """The query heads item ``b`` of the current batch reuses in ``layer`` (sorted)."""
+        plan = self.plan
+        heads = set(self.policy.fixed.get(layer, ())) if plan.fixed[b] else set()
+        if plan.hits[b] is not None and layer in self.cache.store.layer_pos:
+            heads.update(self.policy.heads.get(layer, ()))
+        return tuple(sorted(heads))
 
     def _on_attention(self, layer: int, module: nn.Module, original, hidden, args, kwargs):
         plan = self.plan
-        if plan is None or not self.policy.allows(layer) or layer not in self.cache.store.layer_pos:
-            return original(hidden, *args, **kwargs)
-        hit = plan.hit_items
-        if not hit:
+        if plan is None:
             return original(hidden, *args, **kwargs)
         B, T, _ = hidden.shape
-        all_hit = len(hit) == B
-        if all_hit:
-            out_hit = self._replay(layer, module, hidden, [plan.spans[b] for b in hit],
-                                   [plan.hits[b] for b in hit], T, kwargs)
-            return out_hit, None
-        hit_idx = torch.tensor(hit)
-        miss_idx = torch.tensor([b for b in range(B) if plan.hits[b] is None])
-        out_miss = original(hidden[miss_idx], *slice_batch(args, miss_idx, B), **slice_batch(kwargs, miss_idx, B))[0]
-        out_hit = self._replay(layer, module, hidden[hit_idx], [plan.spans[b] for b in hit],
-                               [plan.hits[b] for b in hit], T, slice_batch(kwargs, hit_idx, B))
-        out = out_hit.new_empty((B, T, out_hit.shape[-1]))
-        out[hit_idx] = out_hit
-        out[miss_idx] = out_miss.to(out.dtype)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for b in range(B):
+            groups.setdefault(self._heads_of(layer, b), []).append(b)
+        if () in groups and len(groups) == 1:
+            return original(hidden, *args, **kwargs)
+        if len(groups) == 1:
+            heads = next(iter(groups))
+            return self._replay(layer, module, hidden, plan.spans, plan.hits, heads, T, kwargs), None
+        out = None
+        for heads, items in groups.items():
+            idx = torch.tensor(items)
+            sub_args, sub_kwargs = slice_batch(args, idx, B), slice_batch(kwargs, idx, B)
+            if heads:
+                o = self._replay(layer, module, hidden[idx], [plan.spans[b] for b in items],
+                                 [plan.hits[b] for b in items], heads, T, sub_kwargs)
+            else:
+                o = original(hidden[idx], *sub_args, **sub_kwargs)[0]
+            if out is None:
+                out = o.new_empty((B, T, o.shape[-1]))
+            out[idx] = o.to(out.dtype)
         return out, None
 
-    def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit], T: int,
-                kwargs: dict):
+    def _maps(self, layer: int, heads: tuple[int, ...], hits: list[Hit | None], spans, device) -> list[torch.Tensor]:
+        """Per item, the [len(heads), L, L] maps of ``heads``: templates where the policy fixes the head,
+        else the hit's stored maps."""
+        fixed = set(self.policy.fixed.get(layer, ()))
+        t_heads = tuple(h for h in heads if h in fixed)
+        r_heads = [h for h in heads if h not in fixed]
+        fetched = self._fetch(layer, hits, device) if r_heads else [None] * len(hits)
+        out = []
+        for (s, e), m in zip(spans, fetched):
+            if not t_heads:  # all from the hit (a zero-copy view when the layer is whole)
+                out.append(m if len(r_heads) == self.shape.n_heads else m.index_select(0, torch.tensor(r_heads)))
+                continue
+            t = self.templates.get(layer, t_heads, e - s).to(device)
+            if not r_heads:
+                out.append(t)
+                continue
+            both = t.new_empty((len(heads), e - s, e - s))
+            both[[heads.index(h) for h in t_heads]] = t
+            both[[heads.index(h) for h in r_heads]] = m.index_select(0, torch.tensor(r_heads)).to(t.dtype)
+            out.append(both)
+        return out
+
+    def _replay(self, layer: int, module: nn.Module, hidden: torch.Tensor, spans, hits: list[Hit | None],
+                heads: tuple[int, ...], T: int, kwargs: dict):
         v = self.adapter.values(module, hidden, self.shape)  # [b, H_kv, T, d]
-        if not self.policy.full(layer):
-            return self._replay_heads(layer, module, hidden, v, spans, hits, T, kwargs)
-        maps = self._fetch(layer, hits, v.device)
+        maps = self._maps(layer, heads, hits, spans, v.device)
+        if len(heads) < self.shape.n_heads:
+            return self._replay_heads(module, hidden, v, spans, maps, heads, T, kwargs)
         g = self.shape.group
         if all(s == (0, T) for s in spans):
-            heads = torch.stack([apply_maps(a, v[j], g) for j, a in enumerate(maps)])
+            out = torch.stack([apply_maps(a, v[j], g) for j, a in enumerate(maps)])
         else:
-            heads = v.new_zeros((len(hits), self.shape.n_heads, T, self.shape.head_dim))
+            out = v.new_zeros((len(maps), self.shape.n_heads, T, self.shape.head_dim))
             for j, (a, (s, e)) in enumerate(zip(maps, spans)):
-                heads[j, :, s:e] = apply_maps(a, v[j, :, s:e], g)
-        return self.adapter.output(module, heads)
+                out[j, :, s:e] = apply_maps(a, v[j, :, s:e], g)
+        return self.adapter.output(module, out)
 
-    def _replay_heads(self, layer, module, hidden, v, spans, hits, T, kwargs):
+    def _replay_heads(self, module, hidden, v, spans, maps, reused: tuple[int, ...], T, kwargs):
         """Some heads from maps, the others computed exactly (only their Q rows and their groups' K)."""
-        reused = list(self.policy.heads[layer])
         computed = [h for h in range(self.shape.n_heads) if h not in set(reused)]
-        heads = v.new_zeros((len(hits), self.shape.n_heads, T, self.shape.head_dim))
+        heads = v.new_zeros((len(maps), self.shape.n_heads, T, self.shape.head_dim))
         exact = self.adapter.attend(module, hidden, v, computed, kwargs, self.shape)
         heads[:, computed] = exact.to(heads.dtype)
         kv_of = torch.tensor([h // self.shape.group for h in reused], device=v.device)
-        sel = torch.tensor(reused)
-        for j, (a, (s, e)) in enumerate(zip(self._fetch(layer, hits, v.device), spans)):
+        sel = list(reused)
+        for j, (a, (s, e)) in enumerate(zip(maps, spans)):
             heads[j, :, :s] = 0  # padded rows: whatever the exact path produced there is unused
             heads[j, :, e:] = 0
-            heads[j, reused, s:e] = apply_head_maps(a.index_select(0, sel.to(a.device)), v[j, :, s:e], kv_of)
+            heads[j, sel, s:e] = apply_head_maps(a.to(v.device), v[j, :, s:e], kv_of)
         return self.adapter.output(module, heads)
 
     def _fetch(self, layer: int, hits: list[Hit], device) -> list[torch.Tensor]:

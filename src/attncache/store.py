@@ -11,6 +11,7 @@ Layout of a DB folder::
     vectors-<g>.npy            [N, P] float32 projected vectors (what the index holds)
     projector-<g>.safetensors  projector weights
     index-<g>.faiss            the ANN index (approximate indexes only; exact ones are rebuilt at open)
+    templates-<g>.npy          template maps of the heads calibration chose (templates.py; optional)
     .lock                      held (flock) by the one process allowed to write
 
 Entry ``e`` is ``entries[...][e]``: its uid (stable across evictions), segment, offset, byte size, token
@@ -54,7 +55,8 @@ READERS = ".readers"  # shared-locked by readers while they open; a writer delet
 SEGMENT_BYTES = 64 << 20  # build cuts segments at this size so compaction rewrites little at a time
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # files a crashed writer may leave behind: ours by name, unreferenced by the manifest
-_OURS = re.compile(r"^(seg-\d+\.bin|(features|vectors|projector|index)-\d+\.(npy|safetensors|faiss)|\..+\.tmp(\.npy)?)$")
+_OURS = re.compile(r"^(seg-\d+\.bin|(features|vectors|projector|index|templates)-\d+\.(npy|safetensors|faiss)"
+                   r"|\..+\.tmp(\.npy)?)$")
 
 
 # -- atomic file writes ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ embedding and no softmax. Everything else (recording, lookup, mixing hits and mi
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +121,22 @@ def apply_head_maps(maps: torch.Tensor, v: torch.Tensor, kv_of_head: torch.Tenso
     return torch.bmm(maps, vs)
 
 
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lin -> {(heads, d): (weight rows, bias rows)}
+
+
 def _linear_rows(lin: nn.Linear, x: torch.Tensor, heads: list[int], d: int) -> torch.Tensor:
-    """The output columns of ``lin`` belonging to ``heads`` (head_dim ``d`` each), computing only those."""
-    idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(lin.weight.device)
-    w = lin.weight.index_select(0, idx)
-    b = lin.bias.index_select(0, idx) if lin.bias is not None else None
-    return F.linear(x, w, b)
+    """The output columns of ``lin`` belonging to ``heads`` (head_dim ``d`` each), computing only those.
+
+    The selected weight rows are kept per module and head set (a policy uses the same few sets on every
+    forward; copying them each time would cost as much as the product on short inputs)."""
+    per = _ROWS.setdefault(lin, {})
+    key = (tuple(heads), d, lin.weight.data_ptr(), lin.weight._version)
+    wb = per.get(key)
+    if wb is None:
+        idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(lin.weight.device)
+        wb = (lin.weight.detach().index_select(0, idx),
+              lin.bias.detach().index_select(0, idx) if lin.bias is not None else None)
+        if len(per) > 64:
+            per.clear()
+        per[key] = wb
+    return F.linear(x, *wb)

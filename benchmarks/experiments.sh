@@ -50,6 +50,9 @@ if want fidelity; then
   fid sst2 runs/sst2-smollm2.db "sst2[436:654]" "sst2[654:872]" 0.05
   fid piqa runs/piqa-smollm2.db "piqa[400:700]" "piqa[800:1200]" 0.05
   fid mmlu2 runs/mmlu2.db "mmlu:2shot[20::30]" "mmlu:2shot[15::30]" 0.1 --max-tokens 1024
+  # retrieval features: how close are the maps of the neighbour each feature finds (vs random, oracle, templates)
+  run python benchmarks/retrieval_features.py --db runs/sst2-smollm2.db --build "sst2[0:436]" --data "sst2[654:872]" \
+      --limit 60 --out $OUT/retrieval_features_sst2.json
   # ranking in 6 rounds (each with the earlier rounds' templates in place) instead of one
   rm -rf runs/sst2-greedy.db && cp -r runs/sst2-smollm2.db runs/sst2-greedy.db
   run attncache templates --db runs/sst2-greedy.db --data "sst2[436:654]" --rank-rounds 6 --json --quiet > $OUT/fid_sst2_greedy_templates.json

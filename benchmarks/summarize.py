@@ -110,6 +110,15 @@ def section_fidelity(name: str, title: str) -> None:
               f"{f(fresh.get('accuracy_cached'))}, agreement {f(fresh['agreement'])}.")
 
 
+def section_retrieval() -> None:
+    r = load("retrieval_features_sst2.json")
+    if r is None:
+        return
+    print(f"\n#### Retrieval features ({r['data']}, {r['n']} inputs)\n")
+    print(table(["neighbour chosen by", "median row TV to the input's own maps", "mean"],
+                [[k, f(r["median_tv"][k]), f(r["mean_tv"][k])] for k in r["median_tv"]]))
+
+
 def section_mmlu() -> None:
     rows = []
     for k in range(6):
@@ -233,4 +242,5 @@ if __name__ == "__main__":
     section_load()
     section_fidelity("sst2", "SST-2 (cache sst2[0:436], templates and calibration sst2[436:654], test sst2[654:872])")
     section_fidelity("piqa", "PIQA (cache piqa[0:400], templates and calibration piqa[400:700], test piqa[800:1200])")
+    section_retrieval()
     section_fidelity("mmlu2", "MMLU 2-shot (cache [0::30], templates and calibration [20::30], test [15::30])")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|store|storebench|scale|speed|load|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -53,11 +53,24 @@ if want fidelity; then
   # retrieval features: how close are the maps of the neighbour each feature finds (vs random, oracle, templates)
   run python benchmarks/retrieval_features.py --db runs/sst2-smollm2.db --build "sst2[0:436]" --data "sst2[654:872]" \
       --limit 60 --out $OUT/retrieval_features_sst2.json
+  # which ranking of heads: attribution (kept), attribution / margin, the template's TV distance
+  run python benchmarks/template_ranking.py --db runs/sst2-smollm2.db --rank "sst2[436:654]" --test "sst2[654:872]" \
+      --out $OUT/template_ranking_sst2.json
   # ranking in 6 rounds (each with the earlier rounds' templates in place) instead of one
   rm -rf runs/sst2-greedy.db && cp -r runs/sst2-smollm2.db runs/sst2-greedy.db
   run attncache templates --db runs/sst2-greedy.db --data "sst2[436:654]" --rank-rounds 6 --json --quiet > $OUT/fid_sst2_greedy_templates.json
   # shellcheck disable=SC2086
   run attncache eval --db runs/sst2-greedy.db --data "sst2[654:872]" --sweep $FIXED --json --quiet > $OUT/fid_sst2_greedy_sweep.json
+fi
+
+if want fidbench; then
+  # what template heads buy in time (after `fidelity`, which leaves runs/*-tmpl.db with 60 % of heads' templates)
+  for P in fixed:54 fixed:135; do
+    run attncache bench --db runs/sst2-tmpl.db --data "sst2[654:872]" --policy $P --limit 24 --repeats 3 --no-prefix-cache \
+        --no-eager --json --quiet > "$OUT/fidbench_sst2_${P/:/}.json"
+    run attncache bench --db runs/mmlu2-tmpl.db --data "mmlu:2shot[15::30]" --max-tokens 1024 --policy $P --limit 6 \
+        --repeats 3 --no-prefix-cache --no-eager --json --quiet > "$OUT/fidbench_mmlu2_${P/:/}.json"
+  done
 fi
 
 if want piqa; then

@@ -1,6 +1,6 @@
 """Markdown tables from the JSON that benchmarks/experiments.sh writes to runs/exp/ (for docs/results.md).
 
-    python benchmarks/summarize.py [runs/exp]
+    python benchmarks/summarize.py [runs/exp] [--plots]   # --plots: redraw docs/fidelity_*.png from the JSON
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-D = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/exp")
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+D = Path(ARGS[0] if ARGS else "runs/exp")
 
 
 def load(name: str):
@@ -117,6 +118,34 @@ def section_retrieval() -> None:
     print(f"\n#### Retrieval features ({r['data']}, {r['n']} inputs)\n")
     print(table(["neighbour chosen by", "median row TV to the input's own maps", "mean"],
                 [[k, f(r["median_tv"][k]), f(r["mean_tv"][k])] for k in r["median_tv"]]))
+
+
+def section_template_ranking() -> None:
+    r = load("template_ranking_sst2.json")
+    g = load("fid_sst2_greedy_sweep.json")
+    rows = [[x["ranking"], x["k"], f(x["reuse_fraction"]), f(x["accuracy_cached"]), f(x["agreement"])]
+            for x in (r or {}).get("rows", [])]
+    rows += [["attribution, 6 rounds", int(p["policy"].split(":")[1]), f(p["reuse_fraction"]),
+              f(p.get("accuracy_cached")), f(p.get("agreement"))] for p in (g or {}).get("points", [])]
+    if rows:
+        print("\n#### SST-2: ranking heads for templates (test sst2[654:872])\n")
+        print(table(["ranking", "template heads", "maps reused", "acc cached", "agreement"], rows))
+
+
+def section_fidbench() -> None:
+    rows = []
+    for task in ("sst2", "mmlu2"):
+        for pol in ("fixed54", "fixed135"):
+            b = load(f"fidbench_{task}_{pol}.json")
+            if b:
+                rows.append([task, b["policy"], b["n"], f(b["tokens_median"], 0), f(b["template_layers"] / 30),
+                             f(b["attn_speedup_vs_sdpa"], 2, "x"), f(b["e2e_speedup_vs_sdpa"], 2, "x"),
+                             f(b.get("workload_speedup_map_only") or b.get("workload_speedup"), 2, "x"),
+                             f(b["prefill_ms_median_sdpa"], 0)])
+    if rows:
+        print("\n#### What template heads buy in time (batch 1, interleaved, medians of 3)\n")
+        print(table(["task", "policy", "n", "tokens", "maps reused", "attn/SDPA", "e2e/SDPA", "workload/SDPA",
+                     "SDPA prefill ms"], rows))
 
 
 def section_mmlu() -> None:
@@ -240,7 +269,16 @@ if __name__ == "__main__":
     section_store()
     section_speed_accuracy()
     section_load()
+    if "--plots" in sys.argv:
+        from attncache.calibrate import plot_sweep
+
+        for name, title in (("sst2", "sst2[654:872]"), ("piqa", "piqa[800:1200]"), ("mmlu2", "mmlu:2shot[15::30]")):
+            sw = load(f"fid_{name}_sweep.json")
+            if sw is not None:
+                plot_sweep(sw["points"], f"docs/fidelity_{name}.png", title=f"{title}: reuse vs fidelity")
     section_fidelity("sst2", "SST-2 (cache sst2[0:436], templates and calibration sst2[436:654], test sst2[654:872])")
     section_fidelity("piqa", "PIQA (cache piqa[0:400], templates and calibration piqa[400:700], test piqa[800:1200])")
     section_retrieval()
+    section_template_ranking()
+    section_fidbench()
     section_fidelity("mmlu2", "MMLU 2-shot (cache [0::30], templates and calibration [20::30], test [15::30])")

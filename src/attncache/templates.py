@@ -8,7 +8,8 @@ sum to 1); for an encoder the crop's rows are renormalised (an approximation: a 
 mass over columns a shorter one lacks).
 
 Which heads get templates is a measurement, not a guess: ``rank`` orders the heads by how much serving
-the template changes the model's output on sample inputs (``effect``), and calibration (``calibrate.py``)
+the template changes the model's decisions on sample inputs (a first-order attribution of each row's
+decision margin), and calibration (``calibrate.py``)
 chooses how many of them fit the user's accuracy bound. A DB keeps the templates of the chosen heads only,
 in rank order, as one ``[n, L, L]`` float16 array (``templates-<g>.npy``).
 """
@@ -47,7 +48,8 @@ def mean_maps(store, max_len: int = DEFAULT_MAX_LEN, progress: bool = False) -> 
     # entries covering index k: those with length > k
     cover = np.cumsum(count[::-1])[::-1][1:]  # cover[k] = #entries with min(len, Lt) >= k + 1
     both = np.maximum.outer(np.arange(Lt), np.arange(Lt))
-    return total / np.maximum(cover[both], 1)[None, None]
+    total /= np.maximum(cover[both], 1).astype(np.float32)[None, None]  # in place: MMLU-sized means are GBs
+    return total
 
 
 @dataclass

@@ -162,6 +162,11 @@ class AttnCache:
                 names["templates"] = f"templates-{gen}.npy"
                 save_npy(self.folder / names["templates"], np.ascontiguousarray(t.maps, dtype=np.float16))
                 m["templates"] = {**(info or {}), "heads": [list(x) for x in t.heads], "max_len": t.max_len}
+            # the stored policy may only name heads that still have templates
+            have = set(t.heads) if t is not None else set()
+            fixed = {k: [h for h in hs if (int(k), h) in have] for k, hs in m["policy"].get("fixed", {}).items()}
+            if "fixed" in m["policy"]:
+                m["policy"] = {**m["policy"], "fixed": {k: v for k, v in fixed.items() if v}}
             m.update(generation=gen, names=names, files=describe_files(self.folder, list(names.values())))
             atomic_write_json(self.folder / MANIFEST, m)
             self.manifest = m

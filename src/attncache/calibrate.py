@@ -218,6 +218,15 @@ def fit_templates(s: Session, plan: Plan, exact: RunOutput, rank_rows: list[int]
     return Templates.select(means, layers, order, c.adapter.causal), info
 
 
+def _exact_on_decoder(db, data, limit, batch_size, progress, model_name, max_tokens, refusal: str):
+    """Open a decoder DB (``refusal`` otherwise), plan DATA and run it exactly: where both commands start."""
+    s = Session.open(db, model_name, max_tokens=max_tokens)
+    if not s.cache.adapter.causal:
+        raise UserError(refusal)
+    plan = s.plan(data, limit, quiet=not progress)
+    return s, plan, run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+
+
 def templates_only(db: str, data: str, max_share: float = 0.6, limit: int | None = None, batch_size: int = 8,
                    progress: bool = True, model_name: str | None = None, max_tokens: int | None = None,
                    rounds: int = 1) -> dict:
@@ -225,18 +234,10 @@ def templates_only(db: str, data: str, max_share: float = 0.6, limit: int | None
     to use (``--policy fixed:N`` picks; ``calibrate`` chooses N under a bound and keeps only those)."""
     if not 0 < max_share <= 1:
         raise UserError(f"--max-share must be in (0, 1], got {max_share}")
-    s = Session.open(db, model_name, max_tokens=max_tokens)
-    if not s.cache.adapter.causal:
-        raise UserError("templates are ranked by their effect on choice scores: they need a decoder cache")
-    plan = s.plan(data, limit, quiet=not progress)
-    exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    s, plan, exact = _exact_on_decoder(db, data, limit, batch_size, progress, model_name, max_tokens,
+                                       "templates are ranked by their effect on choice scores: they need a decoder cache")
     t, info = fit_templates(s, plan, exact, list(range(len(plan.rows))), max_share, progress, rounds)
     s.cache.set_templates(t, {"source": f"attncache templates on {data}", **info})
-    pol = s.cache.manifest["policy"]
-    if pol.get("fixed"):  # the stored policy may only name heads that still have templates
-        have = set(t.heads)
-        fixed = {k: [h for h in hs if (int(k), h) in have] for k, hs in pol["fixed"].items()}
-        s.cache.update_settings(policy={**pol, "fixed": {k: v for k, v in fixed.items() if v}})
     return {"db": db, "template_heads": len(t.heads), "max_len": t.max_len, "ranked_on": info["ranked_on"],
             "bytes": int(t.maps.nbytes)}
 
@@ -254,11 +255,9 @@ def calibrate(db: str, data: str, max_loss: float, limit: int | None = None, bat
     """
     if not 0 < max_loss < 1:
         raise UserError(f"--max-loss must be between 0 and 1 (a fraction of predictions), got {max_loss}")
-    s = Session.open(db, model_name, max_tokens=max_tokens)
-    if not s.cache.adapter.causal:
-        raise UserError("calibrate needs labelled predictions: it supports decoder caches (choice or text rows)")
-    plan = s.plan(data, limit, quiet=not progress)
-    exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    s, plan, exact = _exact_on_decoder(db, data, limit, batch_size, progress, model_name, max_tokens,
+                                       "calibrate needs labelled predictions: it supports decoder caches "
+                                       "(choice or text rows)")
     n_rank = int(round(rank_share * len(plan.rows))) if templates else 0
     if templates and (n_rank < 8 or len(plan.rows) - n_rank < 20):
         raise UserError(f"calibrating templates needs at least ~60 rows in DATA (8+ to rank heads, 20+ to measure "

@@ -1,5 +1,5 @@
-"""Load test of `attncache serve` on loopback (issue 8): throughput and p50/p99 latency, cache attached vs
-detached at the same concurrency, with a real HTTP client. Bounded in requests and time.
+"""Load test of `attncache serve` on loopback (issue 8): throughput and p50/p99 latency, cache
+attached vs detached at the same concurrency, with a real HTTP client. Bounded in requests and time.
 
     python benchmarks/load_test.py --db runs/sst2-minilm.db --data "sst2[436:]" --requests 200 \
         --concurrency 8 --out runs/exp/load_test.json
@@ -46,12 +46,15 @@ def start(db: str, port: int, extra: list[str]) -> subprocess.Popen:
     raise SystemExit("server did not come up in 300 s")
 
 
-async def hammer(port: int, bodies: list[dict], path: str, concurrency: int, time_limit: float) -> dict:
+async def hammer(
+    port: int, bodies: list[dict], path: str, concurrency: int, time_limit: float
+) -> dict:
     sem = asyncio.Semaphore(concurrency)
     lat, codes = [], []
     t_end = time.perf_counter() + time_limit
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+
         async def one(body):
             async with sem:
                 if time.perf_counter() > t_end:
@@ -66,11 +69,23 @@ async def hammer(port: int, bodies: list[dict], path: str, concurrency: int, tim
         wall = time.perf_counter() - t0
         metrics = (await c.get("/metrics")).text
     ok = sum(c == 200 for c in codes)
-    hits = sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("attncache_hits_total "))
-    lookups = sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("attncache_lookups_total "))
-    return {"requests": len(codes), "ok": ok, "errors": len(codes) - ok, "throughput_rps": ok / wall,
-            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "hit_rate": hits / lookups if lookups else 0.0}
+    hits = sum(
+        float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("attncache_hits_total ")
+    )
+    lookups = sum(
+        float(x.split()[-1])
+        for x in metrics.splitlines()
+        if x.startswith("attncache_lookups_total ")
+    )
+    return {
+        "requests": len(codes),
+        "ok": ok,
+        "errors": len(codes) - ok,
+        "throughput_rps": ok / wall,
+        "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+        "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+        "hit_rate": hits / lookups if lookups else 0.0,
+    }
 
 
 def main() -> None:
@@ -91,10 +106,21 @@ def main() -> None:
     if causal:
         path, bodies = "/v1/score", [{"prompt": r.prompt, "choices": list(r.choices)} for r in rows]
     else:
-        path, bodies = "/v1/embeddings", [{"input": getattr(r, "text", None) or r.text1} for r in rows]
+        path, bodies = (
+            "/v1/embeddings",
+            [{"input": getattr(r, "text", None) or r.text1} for r in rows],
+        )
     env_threads = os.environ.get("OMP_NUM_THREADS")
-    res = {"db": a.db, "data": a.data, "endpoint": path, "concurrency": a.concurrency, "max_batch": a.max_batch,
-           "policy": a.policy, "machine": machine(), "omp_threads": env_threads}
+    res = {
+        "db": a.db,
+        "data": a.data,
+        "endpoint": path,
+        "concurrency": a.concurrency,
+        "max_batch": a.max_batch,
+        "policy": a.policy,
+        "machine": machine(),
+        "omp_threads": env_threads,
+    }
     for name, extra in (("detached", ["--no-cache"]), ("attached", ["--policy", a.policy])):
         port = free_port()
         p = start(a.db, port, ["--max-batch", str(a.max_batch), *extra])

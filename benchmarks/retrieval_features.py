@@ -1,11 +1,12 @@
 """How good are the neighbours that different retrieval features find? (issue 4, "better features")
 
-For held-out inputs, the map distance (mean row-wise total variation over layers, heads and sampled rows,
-on the common top-left block) to the build entry chosen by each feature's nearest neighbour, vs a random
-length-compatible entry, the oracle (the entry with the truly closest maps) and the templates (every head's
-mean map, no retrieval).
+For held-out inputs, the map distance (mean row-wise total variation over layers, heads and sampled
+rows, on the common top-left block) to the build entry chosen by each feature's nearest neighbour,
+vs a random length-compatible entry, the oracle (the entry with the truly closest maps) and the
+templates (every head's mean map, no retrieval).
 
-    python benchmarks/retrieval_features.py --db runs/sst2-smollm2.db --build "sst2[0:436]" --data "sst2[654:872]" \
+    python benchmarks/retrieval_features.py --db runs/sst2-smollm2.db --build "sst2[0:436]" --data
+    "sst2[654:872]" \
         --limit 60 --out runs/exp/retrieval_features_sst2.json
 """
 
@@ -17,18 +18,24 @@ import json
 import numpy as np
 import torch
 
+from attncache.build.record import Recorder
+from attncache.build.templates import mean_maps
 from attncache.inputs import collate
-from attncache.patch import ForwardInputs
-from attncache.record import Recorder, features
-from attncache.templates import mean_maps
+from attncache.runtime.features import features
 from attncache.workflows import Session
+
+
+def feats_of(model, adapter, seq):
+    return features(model, adapter, torch.tensor([seq]), [(0, len(seq))])
 
 
 def hidden_means(model, seqs, layers):
     out = {k: [] for k in layers}
     with torch.no_grad():
         for s in seqs:
-            hs = model(**collate([s], 0, True), output_hidden_states=True, logits_to_keep=1).hidden_states
+            hs = model(
+                **collate([s], 0, True), output_hidden_states=True, logits_to_keep=1
+            ).hidden_states
             for k in layers:
                 out[k].append(hs[k][0].float().mean(0).numpy())
     return {k: np.stack(v) for k, v in out.items()}
@@ -37,7 +44,9 @@ def hidden_means(model, seqs, layers):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", required=True)
-    ap.add_argument("--build", required=True, help="the DATA the DB was built from (to recover token ids)")
+    ap.add_argument(
+        "--build", required=True, help="the DATA the DB was built from (to recover token ids)"
+    )
     ap.add_argument("--data", required=True)
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--rows", type=int, default=8, help="rows sampled per map")
@@ -50,35 +59,50 @@ def main() -> None:
     store = c.store
     # token ids of the entries: match each build sequence's projector input to the stored ones
     build = s.plan(a.build, quiet=True).seqs
-    stored_f = c._features()
-    bf = np.concatenate([features(model, c.adapter, ForwardInputs(torch.tensor([x]), None, None, False))[0]
-                         for x in build])
+    stored_f = c.db.features()
+    bf = np.concatenate([feats_of(model, c.adapter, x) for x in build])
     match = [int(np.argmin(((bf - f) ** 2).sum(1))) for f in stored_f]
     ent_seqs = [build[m] for m in match]
-    assert all(len(x) == int(L) for x, L in zip(ent_seqs, store.lengths)), "could not recover the entries' inputs"
+    assert all(len(x) == int(L) for x, L in zip(ent_seqs, store.lengths)), (
+        "could not recover the entries' inputs"
+    )
     test = s.plan(a.data, a.limit, quiet=True).seqs[: a.limit]
-    layers_h = [1, 4, 8]
-    feats = {"layer0 (projector input, raw)": (stored_f, np.concatenate(
-        [features(model, c.adapter, ForwardInputs(torch.tensor([x]), None, None, False))[0] for x in test]))}
-    feats["layer0 projected (what lookup uses)"] = (c.projector.project(feats["layer0 (projector input, raw)"][0]),
-                                                     c.projector.project(feats["layer0 (projector input, raw)"][1]))
+    n_layers = c.shape.n_layers
+    layers_h = sorted({min(k, n_layers) for k in (1, 4, 8)})
+    mid = min(4, n_layers)
+    feats = {
+        "layer0 (projector input, raw)": (
+            stored_f,
+            np.concatenate([feats_of(model, c.adapter, x) for x in test]),
+        )
+    }
+    feats["layer0 projected (what lookup uses)"] = (
+        c.projector.project(feats["layer0 (projector input, raw)"][0]),
+        c.projector.project(feats["layer0 (projector input, raw)"][1]),
+    )
     he, ht = hidden_means(model, ent_seqs, layers_h), hidden_means(model, test, layers_h)
     for k in layers_h:
         feats[f"mean hidden state after layer {k}"] = (he[k], ht[k])
+
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     raw_e, raw_t = feats["layer0 (projector input, raw)"]
-    feats["layers 0+4 concatenated"] = (np.concatenate([unit(raw_e[:, :-1]), unit(he[4])], 1),
-                                        np.concatenate([unit(raw_t[:, :-1]), unit(ht[4])], 1))
+    feats[f"layers 0+{mid} concatenated"] = (
+        np.concatenate([unit(raw_e[:, :-1]), unit(he[mid])], 1),
+        np.concatenate([unit(raw_t[:, :-1]), unit(ht[mid])], 1),
+    )
     nl = len(store.layout.layers)
     means = mean_maps(store)  # the template of every head (no retrieval)
-    res = {k: [] for k in list(feats) + ["random compatible entry", "oracle (closest maps)", "templates (mean maps)"]}
-    with Recorder(model, c.adapter, list(store.layout.layers)) as rec, torch.no_grad():
+    res = {
+        k: []
+        for k in list(feats)
+        + ["random compatible entry", "oracle (closest maps)", "templates (mean maps)"]
+    }
+    with Recorder(model, c.adapter, list(store.layout.layers)) as rec:
         for t, x in enumerate(test):
             L = len(x)
-            model(**collate([x], 0, True), logits_to_keep=1)
-            A = rec.take()[0][0]  # [nl, H, L, L]
+            A = rec.run(collate([x], 0, True)).maps[0]  # [nl, H, L, L]
             comp = [e for e in range(len(store)) if c.compatible(e, L)]
             if not comp:
                 continue
@@ -94,10 +118,17 @@ def main() -> None:
             res["oracle (closest maps)"].append(float(d.min()))
             tm = means[:, :, :L, :L]
             tm = tm / tm.sum(-1, keepdims=True)
-            res["templates (mean maps)"].append(float(0.5 * np.abs(A[:, :, rows, :] - tm[:, :, rows, :]).sum(-1).mean()))
-    out = {"db": a.db, "data": a.data, "n": len(res["oracle (closest maps)"]), "layers": nl,
-           "median_tv": {k: float(np.median(v)) for k, v in res.items()},
-           "mean_tv": {k: float(np.mean(v)) for k, v in res.items()}}
+            res["templates (mean maps)"].append(
+                float(0.5 * np.abs(A[:, :, rows, :] - tm[:, :, rows, :]).sum(-1).mean())
+            )
+    out = {
+        "db": a.db,
+        "data": a.data,
+        "n": len(res["oracle (closest maps)"]),
+        "layers": nl,
+        "median_tv": {k: float(np.median(v)) for k, v in res.items()},
+        "mean_tv": {k: float(np.mean(v)) for k, v in res.items()},
+    }
     print(json.dumps(out, indent=1))
     if a.out:
         with open(a.out, "w") as f:

@@ -1,9 +1,10 @@
-"""Speedup vs accuracy per threshold (the paper's figure, measured honestly): for each policy and a few
-thresholds of an `eval --sweep`, the whole-workload speedup vs SDPA (hits, misses, lookups, fetches) from
-`bench`, next to the accuracy and agreement the sweep measured at that threshold.
+"""Speedup vs accuracy per threshold (the paper's figure, measured honestly): for each policy and a
+few thresholds of an `eval --sweep`, the whole-workload speedup vs SDPA (hits, misses, lookups,
+fetches) from `bench`, next to the accuracy and agreement the sweep measured at that threshold.
 
     python benchmarks/speed_accuracy.py --db runs/sst2-smollm2.db --data "sst2[436:]" \
-        --sweep runs/exp/sst2_sweep.json --out runs/exp/speed_accuracy_sst2.json --plot docs/speed_accuracy_sst2.png
+        --sweep runs/exp/sst2_sweep.json --out runs/exp/speed_accuracy_sst2.json --plot
+        docs/speed_accuracy_sst2.png
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from attncache.bench import BenchConfig, bench
 
 def pick(points: list[dict], policy: str, hit_rates: list[float]) -> list[dict]:
     pts = [p for p in points if p["policy"] == policy and p["threshold"] >= 0]
-    return list({min(pts, key=lambda p: abs(p["hit_rate"] - h))["threshold"]: min(pts, key=lambda p: abs(p["hit_rate"] - h))
-                 for h in hit_rates}.values())
+    return list(
+        {
+            min(pts, key=lambda p: abs(p["hit_rate"] - h))["threshold"]: min(
+                pts, key=lambda p: abs(p["hit_rate"] - h)
+            )
+            for h in hit_rates
+        }.values()
+    )
 
 
 def main() -> None:
@@ -38,14 +45,25 @@ def main() -> None:
     for pol in a.policies.split(","):
         for p in pick(points, pol, [float(x) for x in a.hit_rates.split(",")]):
             r = bench(a.db, a.data, pol, a.limit, cfg, progress=False, threshold=p["threshold"])
-            rows.append({"policy": pol, "threshold": p["threshold"], "hit_rate_sweep": p["hit_rate"],
-                         "hit_rate_bench": r["hit_rate"], "accuracy_cached": p.get("accuracy_cached"),
-                         "accuracy_loss": p.get("accuracy_loss"), "agreement": p.get("agreement"),
-                         "reuse_fraction": p["reuse_fraction"], "workload_speedup_vs_sdpa": r["workload_speedup_vs_sdpa"],
-                         "e2e_speedup_hits": r["e2e_speedup_vs_sdpa"]})
+            rows.append(
+                {
+                    "policy": pol,
+                    "threshold": p["threshold"],
+                    "hit_rate_sweep": p["hit_rate"],
+                    "hit_rate_bench": r["hit_rate"],
+                    "accuracy_cached": p.get("accuracy_cached"),
+                    "accuracy_loss": p.get("accuracy_loss"),
+                    "agreement": p.get("agreement"),
+                    "reuse_fraction": p["reuse_fraction"],
+                    "workload_speedup_vs_sdpa": r["workload_speedup_vs_sdpa"],
+                    "e2e_speedup_hits": r["e2e_speedup_vs_sdpa"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             # saved after every point, so an interrupted run keeps what it measured
-            Path(a.out).write_text(json.dumps({"db": a.db, "data": a.data, "limit": a.limit, "rows": rows}, indent=1))
+            Path(a.out).write_text(
+                json.dumps({"db": a.db, "data": a.data, "limit": a.limit, "rows": rows}, indent=1)
+            )
     if a.plot:
         plot(rows, points, a.data, a.plot)
 
@@ -58,13 +76,21 @@ def plot(rows: list[dict], points: list[dict], title: str, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    for ax, key, label in ((axes[0], "accuracy_cached", "accuracy"), (axes[1], "agreement", "agreement with exact")):
+    for ax, key, label in (
+        (axes[0], "accuracy_cached", "accuracy"),
+        (axes[1], "agreement", "agreement with exact"),
+    ):
         for pol in policies:  # in threshold order, each point labelled with its hit rate
-            pts = sorted((r["threshold"], r["workload_speedup_vs_sdpa"], r[key], r["hit_rate_sweep"])
-                         for r in rows if r["policy"] == pol)
+            pts = sorted(
+                (r["threshold"], r["workload_speedup_vs_sdpa"], r[key], r["hit_rate_sweep"])
+                for r in rows
+                if r["policy"] == pol
+            )
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=pol)
             for _, x, y, h in pts:
-                ax.annotate(f"{h:.0%}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    f"{h:.0%}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
         ax.axvline(1.0, color="k", lw=0.6)
         ax.set_xlabel("workload speedup vs SDPA (hits + misses + lookup)")
         ax.set_ylabel(label)

@@ -1,10 +1,12 @@
 """Which ranking picks the heads that tolerate a template best? (issue 4)
 
-Ranks every head on RANK data by (a) attribution of the decision margin (what `attncache templates` does),
-(b) the same with each row's effect divided by its exact margin, (c) the template's row-wise total variation
-to the exact maps; then measures agreement and accuracy of the first k heads' templates on TEST data.
+Ranks every head on RANK data by (a) attribution of the decision margin (what `attncache templates`
+does), (b) the same with each row's effect divided by its exact margin, (c) the template's row-wise
+total variation to the exact maps; then measures agreement and accuracy of the first k heads'
+templates on TEST data.
 
-    python benchmarks/template_ranking.py --db runs/sst2-smollm2.db --rank "sst2[436:654]" --test "sst2[654:872]" \
+    python benchmarks/template_ranking.py --db runs/sst2-smollm2.db --rank "sst2[436:654]" --test
+    "sst2[654:872]" \
         --out runs/exp/template_ranking_sst2.json
 """
 
@@ -15,10 +17,11 @@ import json
 
 import numpy as np
 
-from attncache.calibrate import choice_targets, points, policy_curves
+from attncache.build.calibrate import choice_targets
+from attncache.build.templates import Target, mean_maps, rank, select
 from attncache.tasks import choice_scores, run
-from attncache.templates import Target, Templates, mean_maps, rank
 from attncache.workflows import Session
+from attncache.workflows.sweep import points, policy_curves
 
 
 def main() -> None:
@@ -43,18 +46,26 @@ def main() -> None:
         sc = sorted(choice_scores(rp.rows[t.row], ex_r))[::-1]
         m = max(sc[0] - sc[1], 1e-3)
         relative.append(Target(t.seq, [(f, tok, w / m) for f, tok, w in t.terms], t.row))
-    scores = {"attribution": rank(s.model, c.adapter, means, layers, rp.seqs, targets),
-              "attribution / margin": rank(s.model, c.adapter, means, layers, rp.seqs, relative),
-              "template TV": rank(s.model, c.adapter, means, layers, rp.seqs, None)}
+    scores = {
+        "attribution": rank(s.model, c.adapter, means, layers, rp.seqs, targets),
+        "attribution / margin": rank(s.model, c.adapter, means, layers, rp.seqs, relative),
+        "template TV": rank(s.model, c.adapter, means, layers, rp.seqs, None),
+    }
     ks = [int(k) for k in a.ks.split(",")]
     out = []
     for name, sc in scores.items():
         flat = np.argsort(sc.ravel(), kind="stable")[: max(ks)]
-        c.use_templates(Templates.select(means, layers, [(layers[i // H], i % H) for i in flat], True))
+        c.use_templates(select(means, layers, [(layers[i // H], i % H) for i in flat], True))
         for k, cv in zip(ks, policy_curves(s, tp, ex_t, [f"fixed:{k}" for k in ks], 8, False)):
-            p = points(s, tp, ex_t, cv, [-1.0])[0]
-            row = {"ranking": name, "k": k, "reuse_fraction": p["reuse_fraction"], "agreement": p["agreement"],
-                   "accuracy_exact": p["accuracy_baseline"], "accuracy_cached": p["accuracy_cached"]}
+            p = points(s, tp, ex_t, cv, [-1.0])[0].as_dict()
+            row = {
+                "ranking": name,
+                "k": k,
+                "reuse_fraction": p["reuse_fraction"],
+                "agreement": p["agreement"],
+                "accuracy_exact": p["accuracy_baseline"],
+                "accuracy_cached": p["accuracy_cached"],
+            }
             out.append(row)
             print(json.dumps(row), flush=True)
     if a.out:

@@ -23,8 +23,25 @@ def built(tmp_path_factory):
             model = tiny_model(family)
             seqs = random_seqs(10, seed=1)
             db = tmp_path_factory.mktemp(f"db-{family}") / "db"
-            cache = AttnCache.build(model, TinyTokenizer(), seqs, db, BuildConfig(codec="float32"), progress=False)
+            cache = AttnCache.build(
+                model, TinyTokenizer(), seqs, db, BuildConfig(codec="float32"), progress=False
+            )
             out[family] = (model, cache, seqs)
+        return out[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Per family: the path of a tiny random HF model folder with a character tokenizer."""
+    from tiny import save_tiny_hf
+
+    out = {}
+
+    def get(family: str = "llama"):
+        if family not in out:
+            out[family] = str(save_tiny_hf(family, tmp_path_factory.mktemp(f"hf-{family}")))
         return out[family]
 
     return get

@@ -26,10 +26,21 @@ def test_ray_batch_equals_single_process(tmp_path):
     rows = data_mod.load("sst2[30:54]", encoder=True).rows
     with s.cache.attach(s.model) as att:
         want = predict_rows(s, rows, list(range(24)), att, 8)
-    assert [r["cache_hit"] for r in got] == want["cache_hit"] and any(want["cache_hit"]) and not all(want["cache_hit"])
+    assert (
+        [r["cache_hit"] for r in got] == want["cache_hit"]
+        and any(want["cache_hit"])
+        and not all(want["cache_hit"])
+    )
     emb = np.array([r["embedding"] for r in got])
     assert np.abs(emb - np.array(want["embedding"])).max() < 1e-4
-    pq = run_batch(str(db), "sst2[30:34]", str(tmp_path / "out.parquet"), actors=1, batch_size=4, progress=False)
+    pq = run_batch(
+        str(db),
+        "sst2[30:34]",
+        str(tmp_path / "out.parquet"),
+        actors=1,
+        batch_size=4,
+        progress=False,
+    )
     import pyarrow.parquet as papq
 
     assert pq["rows"] == 4 and papq.read_table(tmp_path / "out.parquet").num_rows == 4

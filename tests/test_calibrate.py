@@ -1,4 +1,5 @@
-"""Calibration: the confidence bound, the sweep's exactness, and a calibrated bound holding on fresh data."""
+"""Calibration: the confidence bound, the sweep's exactness, and a calibrated bound holding on fresh
+data."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 from test_cli import cli
 
-from attncache.calibrate import binom_upper
+from attncache.build.calibrate import binom_upper
 from attncache.tasks import RunOutput, mix
 
 
@@ -18,42 +19,169 @@ def test_binom_upper_known_values():
 
 
 def test_mix_takes_cached_only_within_threshold():
-    exact = RunOutput({(0, 1, 5): -1.0, (1, 1, 5): -2.0}, [1, 2], None, [False, False], 0.0, [math.inf] * 2)
-    cached = RunOutput({(0, 1, 5): -9.0, (1, 1, 5): -8.0}, [7, 8], None, [True, True], 0.0, [0.1, 0.3])
+    exact = RunOutput(
+        {(0, 1, 5): -1.0, (1, 1, 5): -2.0}, [1, 2], None, [False, False], 0.0, [math.inf] * 2
+    )
+    cached = RunOutput(
+        {(0, 1, 5): -9.0, (1, 1, 5): -8.0}, [7, 8], None, [True, True], 0.0, [0.1, 0.3]
+    )
     m = mix(exact, cached, 0.2)
-    assert m.logprobs == {(0, 1, 5): -9.0, (1, 1, 5): -2.0} and m.argmax == [7, 2] and m.hit == [True, False]
+    assert (
+        m.logprobs == {(0, 1, 5): -9.0, (1, 1, 5): -2.0}
+        and m.argmax == [7, 2]
+        and m.hit == [True, False]
+    )
 
 
 @pytest.mark.real
+@pytest.mark.timeout(2700)
 def test_calibrated_setting_holds_on_fresh_data(tmp_path):
     db = tmp_path / "db"
     cli("build", "--data", "sst2[0:100]", "--out", str(db), "--quiet")
-    res = json.loads(cli("calibrate", "--db", str(db), "--data", "sst2[100:300]", "--max-loss", "0.1",
-                         "--json", timeout=2400).stdout)  # ~50 candidate policies: minutes on 2 busy cores
+    res = json.loads(
+        cli(
+            "calibrate",
+            "--db",
+            str(db),
+            "--data",
+            "sst2[100:300]",
+            "--max-loss",
+            "0.1",
+            "--json",
+            timeout=2400,
+        ).stdout
+    )  # ~50 candidate policies: minutes on 2 busy cores
     assert res["disagreement_bound"] <= 0.1 and res["reuse_fraction"] > 0
-    assert res["rank_rows"] == 50 and res["n"] == 150  # templates ranked on 50 rows, the bound on the other 150
+    assert (
+        res["rank_rows"] == 50 and res["n"] == 150
+    )  # templates ranked on 50 rows, the bound on the other 150
     info = json.loads(cli("inspect", str(db), "--json").stdout)
-    assert info["policy_layers"] == res["policy_layers"] and info["policy_heads"] == res["policy_heads"]
+    assert (
+        info["policy_layers"] == res["policy_layers"]
+        and info["policy_heads"] == res["policy_heads"]
+    )
     assert info["threshold"] == res["threshold"]
-    # SST-2 at a 10 % bound always affords some template heads (measured: 20 % of maps at 0.97 agreement)
+    # SST-2 at a 10 % bound always affords some template heads (measured: 20 % of maps at 0.97
+    # agreement)
     assert res["policy_fixed_heads"] > 0 and res["template_fraction"] > 0
     assert info["policy_fixed_heads"] == info["template_heads"] == res["policy_fixed_heads"]
-    fresh = json.loads(cli("eval", "--db", str(db), "--data", "sst2[300:600]", "--no-prefix-cache", "--json").stdout)
+    fresh = json.loads(
+        cli(
+            "eval", "--db", str(db), "--data", "sst2[300:600]", "--no-prefix-cache", "--json"
+        ).stdout
+    )
     assert 1 - fresh["agreement"] <= 0.1
     assert fresh["accuracy_baseline"] - fresh["accuracy_cached"] <= 0.1
     # template heads serve every input no longer than the templates (the longest build input)
     assert fresh["reuse_fraction"] > 0.5 * res["template_fraction"]
     # the sweep over the stored template heads: one point each (no lookup), reuse grows with N
     k = res["policy_fixed_heads"]
-    pts = json.loads(cli("eval", "--db", str(db), "--data", "sst2[300:340]", "--sweep", "--policy", "fixed:1",
-                         "--policy", f"fixed:{k}", "--json").stdout)["points"]
-    assert [p["policy"] for p in pts] == ["fixed:1", f"fixed:{k}"] and all(p["hit_rate"] == 0 for p in pts)
+    pts = json.loads(
+        cli(
+            "eval",
+            "--db",
+            str(db),
+            "--data",
+            "sst2[300:340]",
+            "--sweep",
+            "--policy",
+            "fixed:1",
+            "--policy",
+            f"fixed:{k}",
+            "--json",
+        ).stdout
+    )["points"]
+    assert [p["policy"] for p in pts] == ["fixed:1", f"fixed:{k}"] and all(
+        p["hit_rate"] == 0 for p in pts
+    )
     assert 0 < pts[0]["reuse_fraction"] < pts[1]["reuse_fraction"] <= k / 270 + 1e-9
     # 'templates' stores a given share of ranked heads without choosing N
-    t = json.loads(cli("templates", "--db", str(db), "--data", "sst2[100:140]", "--max-share", "0.1",
-                       "--json").stdout)
+    t = json.loads(
+        cli(
+            "templates", "--db", str(db), "--data", "sst2[100:140]", "--max-share", "0.1", "--json"
+        ).stdout
+    )
     info = json.loads(cli("inspect", str(db), "--json").stdout)
     assert t["template_heads"] == info["template_heads"] == 27
-    # the stored policy keeps only the template heads that still have templates, so 'default' still runs
+    # the stored policy keeps only the template heads that still have templates, so 'default' still
+    # runs
     assert info["policy_fixed_heads"] <= 27
     cli("eval", "--db", str(db), "--data", "sst2[300:310]", "--json")
+
+
+def test_each_candidate_bound_is_computed_once(monkeypatch):
+    """A sweep point already carries its 95 % bound: calibrating at 95 % reuses it instead of
+    recomputing."""
+    import attncache.build.calibrate as cal
+    from attncache.tasks import Comparison
+
+    point = cal.SweepPoint(
+        Comparison(n=100, n_sequences=100, hit_rate=0.5, agreement=0.97),
+        "all",
+        0.2,
+        0.5,
+        0.0,
+        0.1,
+        disagreement_upper95=cal.binom_upper(3, 100),
+    )
+
+    def fail(*a, **k):
+        raise AssertionError("the bound was computed again")
+
+    monkeypatch.setattr(cal, "binom_upper", fail)
+    assert point.with_bound(0.95).bound == point.disagreement_upper95
+    monkeypatch.undo()
+    assert point.with_bound(0.9).bound == cal.binom_upper(3, 100, 0.9) < point.disagreement_upper95
+
+
+def test_change_counts_equal_mixing_then_comparing():
+    """The per-row state walk counts exactly what mixing at each threshold and comparing would."""
+    import numpy as np
+
+    from attncache.build.calibrate import change_counts
+    from attncache.tasks import Plan, Query, RowPlan, compare
+
+    rng = np.random.default_rng(3)
+    rows, seqs = [], []
+    for r in range(30):  # choice rows of 1 to 3 continuation sequences each
+        n = int(rng.integers(1, 4))
+        ids = list(range(len(seqs), len(seqs) + n))
+        seqs += [[1, r, j] for j in range(n)]
+        queries = [[Query(s, 1, 7), Query(s, 1, 8)] for s in ids] if n > 1 else [[Query(ids[0], 1, 7)],
+                                                                                [Query(ids[0], 1, 8)]]
+        rows.append(RowPlan("choiceN" if n > 1 else "choice1", ids, queries, [1.0] * len(queries)))
+    plan = Plan(seqs, rows, [], True)
+
+    def out(seed, dist=None):
+        g = np.random.default_rng(seed)
+        lp = {(s, 1, t): float(g.normal()) for s in range(len(seqs)) for t in (7, 8)}
+        return RunOutput(lp, [0] * len(seqs), None, [True] * len(seqs), 0.0,
+                         list(dist) if dist is not None else [math.inf] * len(seqs))
+
+    dist = rng.uniform(0, 1, len(seqs))
+    dist[rng.random(len(seqs)) < 0.2] = math.inf  # no compatible entry
+    exact, base, cached = out(1), out(2), out(3, dist)
+    ts = np.array([-1.0, 0.1, 0.3, 0.5, 0.9, 2.0])
+    got = change_counts(plan, list(range(30)), exact, base, cached, ts)
+    for t, n in zip(ts, got):
+        want = round((1 - compare(plan, exact, mix(base, cached, t)).agreement) * 30)
+        assert n == want
+    assert got[0] != got[-1]  # the thresholds matter in this example
+
+
+def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path):
+    """On a tiny model: the pruned search stores a setting within 10 % of the exhaustive search's reuse,
+    within the bound, running fewer passes; a time limit labels its (valid) result."""
+    model = tiny_hf("llama")
+    db = tmp_path / "db"
+    cli("build", "--model", model, "--data", "sst2[0:40]", "--out", str(db), "--quiet", "--max-tokens", "200")
+    args = ["calibrate", "--db", str(db), "--data", "sst2[40:120]", "--max-loss", "0.2", "--json",
+            "--dry-run", "--quiet", "--max-tokens", "200"]
+    full = json.loads(cli(*args, "--exhaustive").stdout)
+    fast = json.loads(cli(*args).stdout)
+    for res in (full, fast):
+        assert res["disagreement_bound"] <= 0.2 and res["search"] == "complete"
+    assert fast["reuse_fraction"] >= 0.9 * full["reuse_fraction"]
+    assert fast["passes"] < full["passes"] and fast["candidates"] <= full["candidates"]
+    capped = json.loads(cli(*args, "--max-minutes", "0.0001").stdout)
+    assert capped["search"].startswith("stopped at the time limit") and capped["disagreement_bound"] <= 0.2

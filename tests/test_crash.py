@@ -1,5 +1,6 @@
-"""SIGKILL at random points of inserting and of building: the DB still opens, verifies, and keeps every
-entry committed before the kill; an interrupted build leaves no DB and the next build succeeds."""
+"""SIGKILL at random points of inserting and of building: the DB still opens, verifies, and keeps
+every entry committed before the kill; an interrupted build leaves no DB and the next build
+succeeds."""
 
 import os
 import random
@@ -29,7 +30,8 @@ print("ready", flush=True)
 k = 0
 with cache.attach(model, "all", threshold=0.0, learn=True) as att, torch.no_grad():
     while True:  # what 'eval --learn' does per batch: forward, then record and insert the misses
-        model(**collate(random_seqs(2, lo=9, hi=14, seed=1000 * {run} + k), 0, True), logits_to_keep=1)
+        batch = collate(random_seqs(2, lo=9, hi=14, seed=1000 * {run} + k), 0, True)
+        model(**batch, logits_to_keep=1)
         att.learn_pending()
         print("committed", *cache.store.table.uid[-2:].tolist(), flush=True)
         k += 1
@@ -56,13 +58,16 @@ sys.path.insert(0, {tests!r})
 from tiny import TinyTokenizer, random_seqs, tiny_model
 from attncache import AttnCache
 print("ready", flush=True)
-AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(40, seed=3), {out!r}, progress=False)
+seqs = random_seqs(40, seed=3)
+AttnCache.build(tiny_model("llama"), TinyTokenizer(), seqs, {out!r}, progress=False)
 print("built", flush=True)
 """
 
 
 def _run_and_kill(code: str, rng: random.Random) -> list[str]:
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines = [p.stdout.readline().strip()]  # "ready": imports are done, the work starts now
     assert lines[0] == "ready", p.stderr.read()
     time.sleep(rng.uniform(0.0, 1.5))
@@ -73,9 +78,12 @@ def _run_and_kill(code: str, rng: random.Random) -> list[str]:
 
 @pytest.mark.parametrize("cap", [None, 40_000])
 def test_sigkill_during_inserts(tmp_path, cap):
-    """No cap: a learning loop (forward, record misses, insert). Cap: inserts that evict and compact."""
+    """No cap: a learning loop (forward, record misses, insert). Cap: inserts that evict and
+    compact."""
     db = tmp_path / "db"
-    AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(6, lo=7, hi=7, seed=4), db, progress=False)
+    AttnCache.build(
+        tiny_model("llama"), TinyTokenizer(), random_seqs(6, lo=7, hi=7, seed=4), db, progress=False
+    )
     rng = random.Random(7 if cap else 8)
     committed: set[int] = set(range(6))
     for run in range(KILLS):
@@ -92,7 +100,8 @@ def test_sigkill_during_inserts(tmp_path, cap):
         else:
             assert cache.store.nbytes <= cap
             assert sum(p.stat().st_size for p in db.glob("seg-*.bin")) <= cap + max(
-                (p.stat().st_size for p in db.glob("seg-*.bin")), default=0)  # at most one uncommitted segment
+                (p.stat().st_size for p in db.glob("seg-*.bin")), default=0
+            )  # at most one uncommitted segment
         for e in range(len(cache.store)):
             assert cache.store.check(e)
     assert len(committed) > 6  # the writer did get work done between kills
@@ -109,6 +118,8 @@ def test_sigkill_during_build(tmp_path):
         assert not out.exists()  # an interrupted build publishes nothing
     # the next build starts clean and removes the interrupted one's temporary folder
     if not out.exists():
-        AttnCache.build(tiny_model("llama"), TinyTokenizer(), random_seqs(40, seed=3), out, progress=False)
+        AttnCache.build(
+            tiny_model("llama"), TinyTokenizer(), random_seqs(40, seed=3), out, progress=False
+        )
     assert AttnCache.verify(out) == []
     assert not [p for p in tmp_path.iterdir() if ".building-" in p.name]

@@ -19,23 +19,32 @@ def write(tmp_path, lines: list[bytes]):
 
 
 def test_jsonl_reports_and_skips_bad_rows(tmp_path):
-    p = write(tmp_path, [
-        json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 1}).encode(),
-        b"{not json",
-        b"\xff\xfe bad utf8",
-        json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 5}).encode(),
-        json.dumps({"prompt": "  ", "choices": ["a", "b"], "answer": 0}).encode(),
-        json.dumps({"text": 3}).encode(),
-        json.dumps({"text1": "a", "text2": "b", "label": 1}).encode(),
-        json.dumps([1, 2]).encode(),
-        json.dumps({"text": "fine"}).encode(),
-    ])
+    p = write(
+        tmp_path,
+        [
+            json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 1}).encode(),
+            b"{not json",
+            b"\xff\xfe bad utf8",
+            json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 5}).encode(),
+            json.dumps({"prompt": "  ", "choices": ["a", "b"], "answer": 0}).encode(),
+            json.dumps({"text": 3}).encode(),
+            json.dumps({"text1": "a", "text2": "b", "label": 1}).encode(),
+            json.dumps([1, 2]).encode(),
+            json.dumps({"text": "fine"}).encode(),
+        ],
+    )
     ds = D.read_jsonl(p)
     assert [type(r).__name__ for r in ds.rows] == ["ChoiceRow", "PairRow", "TextRow"]
     assert len(ds.skipped) == 6
     joined = "\n".join(ds.skipped)
-    for needle in (":2: malformed JSON", ":3: not valid UTF-8", "out of range", "'prompt' is empty",
-                   "'text' must be a string", "expected a JSON object"):
+    for needle in (
+        ":2: malformed JSON",
+        ":3: not valid UTF-8",
+        "out of range",
+        "'prompt' is empty",
+        "'text' must be a string",
+        "expected a JSON object",
+    ):
         assert needle in joined
     with pytest.raises(UserError, match=":2: malformed"):
         D.read_jsonl(p, strict=True)
@@ -69,14 +78,38 @@ def test_builtin_sets_load():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(
-    st.sampled_from(["prompt", "choices", "answer", "text", "text1", "text2", "label", "x"]), c), max_leaves=8))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: (
+            st.lists(c)
+            | st.dictionaries(
+                st.sampled_from(
+                    ["prompt", "choices", "answer", "text", "text1", "text2", "label", "x"]
+                ),
+                c,
+            )
+        ),
+        max_leaves=8,
+    )
+)
 def test_parse_row_accepts_or_raises_valueerror(obj):
+    """Any JSON value: either a row that carries exactly the input's fields, or a ValueError saying
+    why."""
     try:
         row = D.parse_row(obj)
-    except ValueError:
+    except ValueError as e:
+        assert str(e)  # a reason for the report
         return
-    assert isinstance(row, (D.ChoiceRow, D.TextRow, D.PairRow))
+    if isinstance(row, D.ChoiceRow):
+        assert row.prompt == obj["prompt"] and row.choices == tuple(obj["choices"])
+        assert 0 <= row.answer == obj["answer"] < len(row.choices) and len(row.choices) >= 2
+    elif isinstance(row, D.PairRow):
+        assert (row.text1, row.text2) == (obj["text1"], obj["text2"]) and row.label == obj.get(
+            "label", 0
+        )
+    else:
+        assert isinstance(row, D.TextRow) and row.text == obj["text"] and row.text.strip()
 
 
 class CharTok:
@@ -89,7 +122,11 @@ class CharTok:
 
 
 def test_plan_single_and_multi_token_choices():
-    rows = [D.ChoiceRow("ab", ("x", "y"), 0), D.ChoiceRow("ab", ("xy", "z"), 1), D.ChoiceRow("c" * 50, ("x", "y"), 0)]
+    rows = [
+        D.ChoiceRow("ab", ("x", "y"), 0),
+        D.ChoiceRow("ab", ("xy", "z"), 1),
+        D.ChoiceRow("c" * 50, ("x", "y"), 0),
+    ]
     plan = plan_rows(rows, CharTok(), causal=True, max_len=20)
     assert [r.kind for r in plan.rows] == ["choice1", "choiceN"]
     assert plan.skipped and "longer than" in plan.skipped[0]

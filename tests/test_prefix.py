@@ -1,11 +1,12 @@
-"""The exact prefix K/V tier: exactness, radix tree structure, the byte cap, composition with map reuse."""
+"""The exact prefix K/V tier: exactness, radix tree structure, the byte cap, composition with map
+reuse."""
 
 import pytest
 import torch
 from tiny import random_seqs, tiny_model
 
 from attncache.inputs import collate
-from attncache.prefix import PrefixRunner, RadixKV, supports_prefix
+from attncache.tiers import PrefixTier, RadixKV, supports_prefix
 
 
 def exact_logits(model, seqs, keep):
@@ -18,10 +19,16 @@ def test_prefix_tier_is_exact(family):
     model = tiny_model(family)
     base = random_seqs(1, lo=40, hi=40, seed=3)[0]
     first = [base + [5, 6, 7], random_seqs(1, seed=8)[0]]
-    second = [base + [9], base[:20] + [1, 2, 3, 4], base + [5, 6, 7, 8, 9], random_seqs(1, seed=9)[0], base[:25]]
-    runner = PrefixRunner(model, min_prefix=4)
-    got1, _ = runner.logits(first, 2, 0)
-    got2, _ = runner.logits(second, 2, 0)
+    second = [
+        base + [9],
+        base[:20] + [1, 2, 3, 4],
+        base + [5, 6, 7, 8, 9],
+        random_seqs(1, seed=9)[0],
+        base[:25],
+    ]
+    runner = PrefixTier(model, min_prefix=4)
+    got1, _ = runner.run(first, 2, 0)
+    got2, _ = runner.run(second, 2, 0)
     ref = exact_logits(model, first + second, 2)
     for r, g in zip(ref, list(got1) + list(got2)):
         assert (r - g).abs().max() < 1e-4
@@ -35,9 +42,9 @@ def test_prefix_tier_is_exact(family):
 def test_short_prefixes_run_whole():
     model = tiny_model("llama")
     base = random_seqs(1, lo=30, hi=30, seed=3)[0]
-    runner = PrefixRunner(model, min_prefix=16)
-    runner.logits([base], 1, 0)
-    runner.logits([base[:10] + [3, 4, 5]], 1, 0)
+    runner = PrefixTier(model, min_prefix=16)
+    runner.run([base], 1, 0)
+    runner.run([base[:10] + [3, 4, 5]], 1, 0)
     assert runner.stats.tokens_reused == 0
 
 
@@ -47,27 +54,31 @@ def test_radix_split_and_match():
     a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9]
     t.insert(a, kv(5, 1))
     t.insert(b, kv(4, 2))
-    n, segs = t.match([1, 2, 3, 9, 9], max_len=5)
-    assert n == 4 and torch.cat(segs, dim=3).shape[3] == 4
-    assert torch.cat(segs, dim=3)[0, 0, 0, 3, 0] == 2  # the 9 came from b
-    assert torch.cat(segs, dim=3)[0, 0, 0, 0, 0] == 1  # the shared run is kept once (from a)
-    assert t.match([1, 2, 3, 4, 5], max_len=3)[0] == 3
-    assert t.match([7], max_len=1)[0] == 0
+    m = t.match([1, 2, 3, 9, 9], max_len=5)
+    assert m.length == 4 and m.kv().shape[3] == 4
+    assert m.kv()[0, 0, 0, 3, 0] == 2  # the 9 came from b
+    assert m.kv()[0, 0, 0, 0, 0] == 1  # the shared run is kept once (from a)
+    assert t.match([1, 2, 3, 4, 5], max_len=3).length == 3
+    assert t.match([7], max_len=1).length == 0
     assert len(t) == 2 and t.bytes == (5 + 1) * 2 * 2 * 3 * 4
 
 
 def test_insert_suffix_only_needs_its_prefix_in_the_tree():
     t = RadixKV(max_bytes=1 << 20)
     kv = lambda n, val: torch.full((2, 2, 1, n, 3), float(val))  # noqa: E731
-    assert t.insert([1, 2, 3, 4], kv(4, 1))
-    assert t.insert([1, 2, 3, 4, 7, 8], kv(2, 2), start=4)  # only the new tokens' K/V is passed
-    n, segs = t.match([1, 2, 3, 4, 7, 8], max_len=6)
-    got = torch.cat(segs, dim=3)[0, 0, 0, :, 0].tolist()
-    assert n == 6 and got == [1, 1, 1, 1, 2, 2]
+    assert t.insert([1, 2, 3, 4], kv(4, 1)).inserted
+    assert t.insert(
+        [1, 2, 3, 4, 7, 8], kv(2, 2), start=4
+    ).inserted  # only the new tokens' K/V is passed
+    m = t.match([1, 2, 3, 4, 7, 8], max_len=6)
+    got = m.kv()[0, 0, 0, :, 0].tolist()
+    assert m.length == 6 and got == [1, 1, 1, 1, 2, 2]
     # a prefix that is not (or no longer) in the tree: nothing is inserted
     before = t.bytes
-    assert not t.insert([5, 6, 7, 8], kv(2, 3), start=2)
-    assert not t.insert([1, 2, 9, 9, 9], kv(1, 3), start=4)  # diverges inside the claimed prefix
+    assert not t.insert([5, 6, 7, 8], kv(2, 3), start=2).inserted
+    assert not t.insert(
+        [1, 2, 9, 9, 9], kv(1, 3), start=4
+    ).inserted  # diverges inside the claimed prefix
     assert t.bytes == before and t.peak_bytes == before
 
 
@@ -80,7 +91,8 @@ def test_byte_cap_never_exceeded_and_lru_evicted():
     t.match(seqs[0], 10)  # touch the first: the second is now least recently used
     t.insert(seqs[2], torch.zeros(2, 2, 1, 10, 3))
     assert t.bytes <= t.max_bytes
-    assert t.match(seqs[0], 10)[0] == 10 and t.match(seqs[1], 10)[0] == 0 and t.match(seqs[2], 10)[0] == 10
+    assert t.match(seqs[0], 10).length == 10 and t.match(seqs[1], 10).length == 0
+    assert t.match(seqs[2], 10).length == 10
     for s in seqs[3:]:
         t.insert(s, torch.zeros(2, 2, 1, 10, 3))
         assert t.bytes <= t.max_bytes
@@ -88,15 +100,17 @@ def test_byte_cap_never_exceeded_and_lru_evicted():
 
 def test_composition_with_map_reuse(built):
     model, cache, seqs = built("llama")
-    runner = PrefixRunner(model, min_prefix=4)
+    runner = PrefixTier(model, min_prefix=4)
     new = random_seqs(2, lo=12, hi=12, seed=21)
-    with cache.attach(model, policy="all", threshold=1e-4):
-        _, hits = runner.logits([seqs[0], new[0]], 1, 0)  # seqs[0] hits the map cache, new[0] misses
+    with cache.attach(model, policy="all", threshold=1e-4) as att:
+        _, hits = runner.run(
+            [seqs[0], new[0]], 1, 0, maps=att
+        )  # seqs[0] hits the map cache, new[0] misses
         assert hits[0] is not None and hits[1] is None
         # Only the miss was inserted (the hit computed no keys in reused layers).
-        assert runner.tree.match(new[0], len(new[0]))[0] == len(new[0])
-        assert runner.tree.match(seqs[0], len(seqs[0]))[0] == 0
-        logits, hits2 = runner.logits([new[0][:-1] + [77], seqs[1]], 1, 0)
+        assert runner.tree.match(new[0], len(new[0])).length == len(new[0])
+        assert runner.tree.match(seqs[0], len(seqs[0])).length == 0
+        logits, hits2 = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)
     assert runner.stats.items_with_prefix == 1 and hits2[0] is None
     ref = exact_logits(model, [new[0][:-1] + [77], seqs[1]], 1)
     for r, g in zip(ref, logits):
@@ -109,24 +123,29 @@ def test_sliding_window_models_are_excluded():
 
 
 def test_tier_goes_idle_without_shared_prefixes():
-    from attncache.prefix import IDLE_AFTER
+    from attncache.tiers.prefix import IDLE_AFTER
 
     model = tiny_model("llama")
-    runner = PrefixRunner(model, min_prefix=4)
+    runner = PrefixTier(model, min_prefix=4)
     for s in random_seqs(IDLE_AFTER + 4, lo=10, hi=12, seed=50):
-        runner.logits([s], 1, 0)
+        runner.run([s], 1, 0)
     assert runner.idle and runner.stats.tokens_reused == 0
     n = len(runner.tree)
-    runner.logits([random_seqs(1, seed=77)[0]], 1, 0)
+    runner.run([random_seqs(1, seed=77)[0]], 1, 0)
     assert len(runner.tree) == n  # no more insertions
 
 
 def test_continuations_in_one_batch_compute_the_prompt_once():
     model = tiny_model("llama")
     prompt = random_seqs(1, lo=24, hi=24, seed=61)[0]
-    batch = [prompt + [7, 8, 9], prompt + [10, 11], random_seqs(1, seed=62)[0], prompt + [12, 13, 14, 15]]
-    runner = PrefixRunner(model, min_prefix=8)
-    got, _ = runner.logits(batch, 3, 0)
+    batch = [
+        prompt + [7, 8, 9],
+        prompt + [10, 11],
+        random_seqs(1, seed=62)[0],
+        prompt + [12, 13, 14, 15],
+    ]
+    runner = PrefixTier(model, min_prefix=8)
+    got, _ = runner.run(batch, 3, 0)
     ref = exact_logits(model, batch, 3)
     for r, g in zip(ref, got):
         assert (r - g).abs().max() < 1e-4
@@ -136,8 +155,8 @@ def test_continuations_in_one_batch_compute_the_prompt_once():
 
 def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
     model, cache, seqs = built("llama")
-    runner = PrefixRunner(model, min_prefix=4)
+    runner = PrefixTier(model, min_prefix=4)
     with cache.attach(model, policy="none") as att:
-        runner.logits([seqs[0]], 1, 0)
+        runner.run([seqs[0]], 1, 0, maps=att)
         assert att.last_hits[0] is not None and not att.last_reused[0]
-    assert runner.tree.match(seqs[0], len(seqs[0]))[0] == len(seqs[0])
+    assert runner.tree.match(seqs[0], len(seqs[0])).length == len(seqs[0])

@@ -1,4 +1,5 @@
-"""Replay exactness, the Q/K skip, hit/miss mixing, padding, crops and detaching, on every family."""
+"""Replay exactness, the Q/K skip, hit/miss mixing, padding, crops and detaching, on every
+family."""
 
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import torch
 from tiny import FAMILIES, random_seqs
 
 from attncache import AttnCache, UserError
-from attncache.adapters import get_adapter
 from attncache.inputs import collate
+from attncache.runtime.adapters import get_adapter
 
 
 def forward(model, seqs, causal):
@@ -28,7 +29,8 @@ def qk_modules(cache, model):
 
 
 class Spy:
-    """Counts calls of modules (forward hooks) and of the attention modules' original class forward."""
+    """Counts calls of modules (forward hooks) and of the attention modules' original class
+    forward."""
 
     def __init__(self, modules, attn_cls=None):
         self.calls = 0
@@ -145,9 +147,21 @@ def test_causal_crop_of_longer_entry_is_exact(built, family):
     ref, mask = forward(model, [prefix], True)
     # Look up with the query's own features, but force the nearest entry to be the longer one.
     e = [i for i, L in enumerate(cache.store.lengths) if len(longest) == L][0]
-    from attncache.replay import Hit
+    from attncache.runtime import Attachment, Hit, MapStats, PresetHits, StoreMaps
 
-    with cache.attach(model, policy="all", preset=[Hit(e, len(prefix), 0.0)]):
+    preset = Attachment(
+        model,
+        cache.adapter,
+        cache.shape,
+        cache.policy("all"),
+        PresetHits([Hit(e, len(prefix), 0.0)]),
+        StoreMaps(cache.db, False),
+        None,
+        MapStats(),
+        cache.store.layout.layers,
+        0.0,
+    )
+    with preset:
         out, _ = forward(model, [prefix], True)
     assert (ref - out)[mask].abs().max() < 1e-4
 
@@ -191,12 +205,15 @@ def test_db_opened_in_another_process_gives_same_hits(built, tmp_path):
         cache = AttnCache.open({str(cache.folder)!r})
         with cache.attach(model, policy="all") as att, torch.no_grad():
             model(**collate({queries!r}, 0, True))
-            print(json.dumps([None if h is None else (h.entry, round(h.distance, 5)) for h in att.last_hits]))
+            hits = [None if h is None else (h.entry, round(h.distance, 5)) for h in att.last_hits]
+            print(json.dumps(hits))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     import json
 
-    there = [None if h is None else tuple(h) for h in json.loads(out.stdout.strip().splitlines()[-1])]
+    there = [
+        None if h is None else tuple(h) for h in json.loads(out.stdout.strip().splitlines()[-1])
+    ]
     assert there == here
     assert sum(h is not None for h in here) >= 4
 
@@ -239,15 +256,20 @@ def test_reopen_matches(built):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_head_reuse_is_exact_on_own_maps(built, family, monkeypatch):
-    """Reused heads take the (exact) recorded maps, the others are computed: outputs equal the model's."""
-    import attncache.adapters.base as base
+    """Reused heads take the (exact) recorded maps, the others are computed: outputs equal the
+    model's."""
+    import attncache.runtime.kernels as kernels
 
     model, cache, seqs = built(family)
     causal = cache.adapter.causal
     n_heads = cache.shape.n_heads
     calls = []
-    real = base._linear_rows
-    monkeypatch.setattr(base, "_linear_rows", lambda lin, x, heads, d: calls.append(list(heads)) or real(lin, x, heads, d))
+    real = kernels.linear_rows
+    monkeypatch.setattr(
+        kernels,
+        "linear_rows",
+        lambda lin, x, heads, d: calls.append(list(heads)) or real(lin, x, heads, d),
+    )
     pol = cache.policy("heads:3")
     assert sum(len(h) for h in pol.heads.values()) == 3 and not all(pol.full(x) for x in pol.layers)
     batch = seqs[:4]
@@ -272,3 +294,92 @@ def test_per_head_mixed_padded_batch(built):
         out, _ = forward(model, batch, True)
         assert [h is not None for h in att.last_hits] == [True, False, True, False]
     assert (ref - out)[mask].abs().max() < 1e-4
+
+
+def test_detach_restores_an_instance_forward_that_was_there(built):
+    """accelerate (device maps, offload) installs instance-level forwards: detaching must put them
+    back."""
+    model, cache, seqs = built("llama")
+    mods = cache.adapter.attention_modules(model)
+    calls = []
+
+    def wrapping(m):
+        inner = m.forward
+
+        def forward(*a, **k):
+            calls.append(m)
+            return inner(*a, **k)
+
+        return forward
+
+    wrappers = [wrapping(m) for m in mods]
+    for m, w in zip(mods, wrappers):
+        m.forward = w
+    try:
+        with cache.attach(
+            model, policy="all", threshold=-1.0
+        ):  # every item misses: the wrappers run
+            forward(model, seqs[:2], True)
+        assert len(calls) == len(mods)
+        assert all(m.__dict__.get("forward") is w for m, w in zip(mods, wrappers))
+        forward(model, seqs[:2], True)
+        assert len(calls) == 2 * len(mods)
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+
+
+def test_quantized_model_with_partial_layer_policies(built):
+    """Dynamic int8 linears have no weight tensor to slice: partial-head replay computes their Q/K
+    whole."""
+    import attncache.runtime.kernels as kernels
+    from attncache.workflows.session import quantize_int8
+
+    model, cache, seqs = built("llama")
+    q = quantize_int8(model)
+    lin = cache.adapter.attention_modules(q)[0].q_proj
+    x = torch.randn(2, 5, 64)
+    d = cache.shape.head_dim
+    assert torch.equal(
+        kernels.linear_rows(lin, x, [1, 3], d),
+        torch.cat([lin(x)[..., d : 2 * d], lin(x)[..., 3 * d :]], -1),
+    )
+    ref, mask = forward(q, seqs[:3], True)
+    for pol in ("heads:5", "fixed+1" if cache.templates else "heads:2"):
+        with cache.attach(q, policy=pol) as att:
+            out, _ = forward(q, seqs[:3], True)
+            assert any(att.last_reused)
+        assert (
+            torch.isfinite(out).all() and (ref - out)[mask].abs().max() < 0.05
+        )  # own maps: near exact
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_replay_creates_no_tensor_off_the_model_device(built, family):
+    """Under a default device of 'meta', any tensor made without the model's device would not
+    compute: replay with per-head, whole-layer and template policies makes every tensor on the
+    data's device."""
+    from attncache.build.templates import mean_maps, select
+
+    model, cache, seqs = built(family)
+    causal = cache.adapter.causal
+    cache.use_templates(
+        select(mean_maps(cache.store), cache.store.layout.layers, [(0, 1), (1, 2)], causal)
+    )
+    try:
+        ref, mask = forward(model, seqs[:3] + random_seqs(1, seed=9), causal)
+        inputs = collate(seqs[:3] + random_seqs(1, seed=9), 0, causal, "cpu")
+        for pol in ("heads:3", "all", "fixed+1"):
+            with cache.attach(model, pol) as att, torch.no_grad():
+                torch.set_default_device("meta")
+                try:
+                    out = model(**inputs)
+                finally:
+                    torch.set_default_device(None)
+                assert att.last_reused[:3] == [True] * 3
+            y = out.logits if causal else out.last_hidden_state
+            assert y.device.type == "cpu" and torch.isfinite(y).all()
+            if pol != "fixed+1":  # own maps: exact
+                assert (ref - y)[mask].abs().max() < 1e-4
+    finally:
+        cache.use_templates(None)

@@ -1,8 +1,8 @@
-"""The HTTP service on tiny models: every endpoint with good and bad requests, metrics equal to true counts,
-backpressure and timeouts."""
+"""The HTTP service on tiny models: every endpoint with good and bad requests, metrics equal to true
+counts, backpressure and timeouts."""
 
 import asyncio
-import time
+import threading
 
 import pytest
 import torch
@@ -27,8 +27,11 @@ def session(tmp_path, family="llama") -> Session:
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
-               line.startswith(name + "{"))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 def test_embeddings_score_health_metrics(tmp_path):
@@ -38,23 +41,36 @@ def test_embeddings_score_health_metrics(tmp_path):
         r = c.post("/v1/embeddings", json={"input": TEXTS[:2], "model": "x", "extra": 1})
         assert r.status_code == 200
         body = r.json()
-        assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] == len(TEXTS[0]) + len(TEXTS[1])
+        assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"][
+            "prompt_tokens"
+        ] == len(TEXTS[0]) + len(TEXTS[1])
         vec = torch.tensor(body["data"][0]["embedding"])
         assert abs(float(vec.norm()) - 1) < 1e-4 and all(d["cache_hit"] for d in body["data"])
         one = c.post("/v1/embeddings", json={"input": "something never seen"}).json()
         assert len(one["data"]) == 1 and one["data"][0]["cache_hit"] is False
-        sc = c.post("/v1/score", json={"prompt": TEXTS[0], "choices": [" yes", " no way"], "ignored": True})
+        sc = c.post(
+            "/v1/score", json={"prompt": TEXTS[0], "choices": [" yes", " no way"], "ignored": True}
+        )
         assert sc.status_code == 200
         out = sc.json()
-        assert len(out["logprobs"]) == 2 and out["choice"] in (0, 1) and isinstance(out["cache_hit"], bool)
+        assert (
+            len(out["logprobs"]) == 2
+            and out["choice"] in (0, 1)
+            and isinstance(out["cache_hit"], bool)
+        )
         assert all(lp < 0 for lp in out["logprobs"])
         m = c.get("/metrics").text
         st = s.cache.stats.as_dict()
         assert metric(m, "attncache_lookups_total") == st["lookups"] > 0
-        assert metric(m, "attncache_hits_total") == st["hits"] and metric(m, "attncache_misses_total") == st["misses"]
+        assert (
+            metric(m, "attncache_hits_total") == st["hits"]
+            and metric(m, "attncache_misses_total") == st["misses"]
+        )
         assert metric(m, 'attncache_requests_total{endpoint="/v1/embeddings",code="200"}') == 3
         assert metric(m, "attncache_request_seconds_count") == 4
-        assert "attncache_batch_size_bucket" in m and metric(m, "attncache_store_entries") == len(s.cache.store)
+        assert "attncache_batch_size_bucket" in m and metric(m, "attncache_store_entries") == len(
+            s.cache.store
+        )
 
 
 def test_score_matches_the_plain_model(tmp_path):
@@ -64,7 +80,9 @@ def test_score_matches_the_plain_model(tmp_path):
         out = c.post("/v1/score", json={"prompt": "abc", "choices": ["d", "ef"]}).json()
     ids = s.tokenizer("abc")["input_ids"]
     with torch.no_grad():
-        lp = torch.log_softmax(s.model(torch.tensor([ids + [1 + ord("e") % 127]])).logits[0].float(), -1)
+        lp = torch.log_softmax(
+            s.model(torch.tensor([ids + [1 + ord("e") % 127]])).logits[0].float(), -1
+        )
     want = float(lp[-2, 1 + ord("e") % 127] + lp[-1, 1 + ord("f") % 127])
     assert abs(out["logprobs"][1] - want) < 1e-4
 
@@ -87,7 +105,12 @@ def test_bad_requests_name_the_field_and_the_server_goes_on(tmp_path):
             r = c.post(path, json=body)
             assert r.status_code == code, (body, r.text)
             assert r.json()["error"]["field"] == fld, (body, r.json())
-        assert c.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert (
+            c.post(
+                "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+            ).status_code
+            == 422
+        )
         assert c.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
 
 
@@ -96,33 +119,86 @@ def test_score_on_an_encoder_is_refused(tmp_path):
     with TestClient(create_app(s)) as c:
         r = c.post("/v1/score", json={"prompt": "hi", "choices": ["a"]})
         assert r.status_code == 400 and r.json()["error"]["field"] == "model"
-        assert len(c.post("/v1/embeddings", json={"input": "hi there"}).json()["data"][0]["embedding"]) == 64
+        assert (
+            len(c.post("/v1/embeddings", json={"input": "hi there"}).json()["data"][0]["embedding"])
+            == 64
+        )
 
 
-def test_backpressure_and_timeouts(tmp_path):
-    s = session(tmp_path)
-    app = create_app(s, ServeConfig(max_batch=1, max_wait_ms=1, max_queue=2, timeout_s=0.5))
+def blocked_engine(app):
+    """Make the app's model worker wait on an event (released by the test): no timing
+    assumptions."""
     engine = app.state.engine
-    slow = engine.embed
+    gate, started = threading.Event(), threading.Event()
+    real = engine.embed
 
-    def sleepy(texts):
-        time.sleep(0.3)
-        return slow(texts)
+    def waiting(texts):
+        started.set()
+        assert gate.wait(30), "the test never released the worker"
+        return real(texts)
 
-    engine.embed = sleepy
+    engine.embed = waiting
+    return gate, started
+
+
+def test_backpressure(tmp_path):
+    """One request in the (blocked) worker and two queued: every further request gets 503 at
+    once."""
     import httpx
+
+    s = session(tmp_path)
+    app = create_app(s, ServeConfig(max_batch=1, max_wait_ms=1, max_queue=2, timeout_s=30))
+    gate, started = blocked_engine(app)
 
     async def burst():
         transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            rs = await asyncio.gather(*(c.post("/v1/embeddings", json={"input": f"text {i}"}) for i in range(8)))
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+        ):
+            tasks = [
+                asyncio.create_task(c.post("/v1/embeddings", json={"input": f"text {i}"}))
+                for i in range(8)
+            ]
+            while (
+                sum(t.done() for t in tasks) < 5
+            ):  # the refused ones answer while the worker is blocked
+                await asyncio.sleep(0.01)
+            refused = [t.result().status_code for t in tasks if t.done()]
+            gate.set()
+            codes = [r.status_code for r in await asyncio.gather(*tasks)]
             metrics = (await c.get("/metrics")).text
-        return [r.status_code for r in rs], metrics
+        return refused, codes, metrics
 
-    codes, m = asyncio.run(burst())
-    assert 503 in codes and 200 in codes  # the bounded queue pushed back, the rest were served
-    assert set(codes) <= {200, 503, 504}
-    assert metric(m, 'attncache_requests_total{endpoint="/v1/embeddings",code="503"}') == codes.count(503)
+    refused, codes, m = asyncio.run(burst())
+    assert started.is_set() and set(refused) == {503}
+    assert codes.count(503) >= 5 and codes.count(200) == 8 - codes.count(503) >= 1
+    assert metric(
+        m, 'attncache_requests_total{endpoint="/v1/embeddings",code="503"}'
+    ) == codes.count(503)
+    assert metric(
+        m, 'attncache_requests_total{endpoint="/v1/embeddings",code="200"}'
+    ) == codes.count(200)
+
+
+def test_timeout(tmp_path):
+    """A request the worker cannot answer within timeout_s gets 504; the server goes on
+    afterwards."""
+    s = session(tmp_path)
+    app = create_app(s, ServeConfig(max_batch=1, max_wait_ms=1, timeout_s=0.2))
+    gate, _ = blocked_engine(app)
+    with TestClient(app) as c:
+        r = c.post("/v1/embeddings", json={"input": "stuck"})  # the worker waits for the gate
+        assert r.status_code == 504 and r.json()["error"]["field"] == "timeout"
+        gate.set()
+        assert c.post("/v1/embeddings", json={"input": "free again"}).status_code == 200
+        assert (
+            metric(
+                c.get("/metrics").text,
+                'attncache_requests_total{endpoint="/v1/embeddings",code="504"}',
+            )
+            == 1
+        )
 
 
 def test_learn_mode_inserts_misses(tmp_path):
@@ -134,3 +210,31 @@ def test_learn_mode_inserts_misses(tmp_path):
         assert metric(c.get("/metrics").text, "attncache_learned_total") == 1
     assert first["data"][0]["cache_hit"] is False and second["data"][0]["cache_hit"] is True
     assert len(AttnCache.open(tmp_path / "db").store) == n0 + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_engine_makes_no_tensor_off_the_model_device(tmp_path, family):
+    """Every batch the service builds lands on the model's device: under a default device of 'meta'
+    a tensor made without it could not compute."""
+    from attncache.serve import Engine
+
+    s = session(tmp_path, family)
+    engine = Engine(s, ServeConfig(policy="all"))
+    ids = [s.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    want = engine.embed(ids)
+    torch.set_default_device("meta")
+    try:
+        got = engine.embed(ids)
+        scored = engine.score([(TEXTS[0], [" yes", " no"])]) if family == "llama" else None
+    finally:
+        torch.set_default_device(None)
+        engine.close()
+    assert [g["cache_hit"] for g in got] == [w["cache_hit"] for w in want] and any(
+        w["cache_hit"] for w in want
+    )
+    assert (
+        max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g["embedding"], w["embedding"]))
+        < 1e-5
+    )
+    if scored is not None:
+        assert all(lp < 0 for lp in scored[0]["logprobs"])

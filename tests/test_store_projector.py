@@ -7,10 +7,24 @@ import pytest
 import torch
 
 from attncache import UserError
-from attncache.adapters import apply_maps
-from attncache.index import VectorIndex
-from attncache.projector import ProjectorConfig, pair_distance, pair_labels, sample_pairs, train
-from attncache.store import EntryTable, MapStore, StoreLayout, encode_entry, read_manifest, seg_name, write_segment
+from attncache.build.projector_fit import (
+    ProjectorConfig,
+    pair_distance,
+    pair_labels,
+    sample_pairs,
+    train,
+)
+from attncache.db.index import VectorIndex
+from attncache.db.manifest import read_manifest
+from attncache.db.segments import (
+    EntryTable,
+    MapStore,
+    StoreLayout,
+    encode_entry,
+    seg_name,
+    write_segment,
+)
+from attncache.runtime.kernels import apply_maps
 
 
 def rand_maps(nl, h, L, rng, causal=True):
@@ -21,19 +35,35 @@ def rand_maps(nl, h, L, rng, causal=True):
 
 
 def write_store(tmp_path, entries, codec="float32", causal=True):
-    layout = StoreLayout(n_heads=entries[0].shape[1], layers=list(range(entries[0].shape[0])), codec=codec, causal=causal)
+    layout = StoreLayout(
+        n_heads=entries[0].shape[1],
+        layers=list(range(entries[0].shape[0])),
+        codec=codec,
+        causal=causal,
+    )
     blobs = [encode_entry(layout, e) for e in entries]
-    offsets, crcs = write_segment(tmp_path, 0, blobs)
+    written = write_segment(tmp_path, 0, blobs)
     n = len(blobs)
-    table = EntryTable(np.arange(n), np.zeros(n, np.int64), np.asarray(offsets), np.asarray([len(b) for b in blobs]),
-                       np.asarray([e.shape[-1] for e in entries]), np.asarray(crcs), np.zeros(n, np.int64), np.zeros(n))
+    table = EntryTable(
+        np.arange(n),
+        np.zeros(n, np.int64),
+        np.asarray(written.offsets),
+        np.asarray([len(b) for b in blobs]),
+        np.asarray([e.shape[-1] for e in entries]),
+        np.asarray(written.crcs),
+        np.zeros(n, np.int64),
+        np.zeros(n),
+    )
     return MapStore(tmp_path, layout, table, {seg_name(0): sum(map(len, blobs))})
 
 
-@pytest.mark.parametrize("codec,tol", [("float32", 0.0), ("float16", 1e-3), ("int8", 0.03), ("sparse", 0.1)])
+@pytest.mark.parametrize(
+    "codec,tol", [("float32", 0.0), ("float16", 1e-3), ("int8", 0.03), ("sparse", 0.1)]
+)
 @pytest.mark.parametrize("causal", [True, False])
 def test_store_round_trip(tmp_path, codec, tol, causal):
-    """Every codec: decoded maps within its error (row total variation), rows sum to 1, exact causal crops."""
+    """Every codec: decoded maps within its error (row total variation), rows sum to 1, exact causal
+    crops."""
     rng = np.random.default_rng(0)
     entries = [rand_maps(2, 3, L, rng, causal) for L in (4, 9, 6, 40)]
     store = write_store(tmp_path, entries, codec, causal)
@@ -55,7 +85,8 @@ def test_store_round_trip(tmp_path, codec, tol, causal):
 
 
 def test_compact_codecs_are_small(tmp_path):
-    """int8 stores a causal map in under 1/8 of its fp32 bytes; sparse keeps >= 1 - eps of every row's mass."""
+    """int8 stores a causal map in under 1/8 of its fp32 bytes; sparse keeps >= 1 - eps of every
+    row's mass."""
     rng = np.random.default_rng(1)
     L = 64
     e = rand_maps(1, 2, L, rng)
@@ -97,15 +128,18 @@ def test_pair_distance_matches_definition(tmp_path):
     d = pair_distance(store, 0, 1, rows=6, causal=True, rng=np.random.default_rng(0))
     want = 0.5 * np.abs(a - b).sum(-1).mean(axis=2)  # per (layer, head)
     assert np.allclose(d, want, atol=1e-6)
-    assert np.allclose(pair_distance(store, 0, 2, rows=6, causal=True, rng=np.random.default_rng(0)), 0)
+    assert np.allclose(
+        pair_distance(store, 0, 2, rows=6, causal=True, rng=np.random.default_rng(0)), 0
+    )
 
 
 def test_pair_labels_add_length_term(tmp_path):
     rng = np.random.default_rng(2)
     a = rand_maps(1, 1, 8, rng)
     store = write_store(tmp_path, [a, a[:, :, :5, :5].copy()])  # exact causal prefix: TV 0
-    labels, per_layer = pair_labels(store, np.array([[0, 1]]), ProjectorConfig(alpha=0.1, rows=8), causal=True,
-                                    progress=False)
+    labels, per_layer = pair_labels(
+        store, np.array([[0, 1]]), ProjectorConfig(alpha=0.1, rows=8), causal=True, progress=False
+    )
     assert np.allclose(per_layer, 0, atol=1e-6) and np.isclose(labels[0], 0.3)
 
 
@@ -113,7 +147,9 @@ def test_projector_learns_and_is_seeded():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5)).astype(np.float32)
     pairs = sample_pairs(np.full(60, 10), 600, rng)
-    labels = np.linalg.norm(x[pairs[:, 0], :2] - x[pairs[:, 1], :2], axis=1)  # depends on 2 of 5 dims
+    labels = np.linalg.norm(
+        x[pairs[:, 0], :2] - x[pairs[:, 1], :2], axis=1
+    )  # depends on 2 of 5 dims
     cfg = ProjectorConfig(epochs=40, hidden=32, out_dim=8)
     p1, rep = train(x, pairs, labels, cfg, progress=False)
     p2, _ = train(x, pairs, labels, cfg, progress=False)
@@ -143,7 +179,7 @@ def test_index_search(approx):
 
 
 def test_numpy_fallback_matches_faiss(monkeypatch):
-    import attncache.index as ix
+    import attncache.db.index as ix
 
     rng = np.random.default_rng(1)
     v = rng.normal(size=(200, 8)).astype(np.float32)

@@ -14,20 +14,42 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON, num_key_value_heads=2),
     "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
-    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                        moe_intermediate_size=32, shared_expert_intermediate_size=32),
-    "gemma3_text": lambda: Gemma3TextConfig(**COMMON, num_key_value_heads=1, head_dim=16, sliding_window=6,
-                                            layer_types=["sliding_attention", "sliding_attention",
-                                                         "full_attention"]),
-    "bert": lambda: BertConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                               num_attention_heads=4, max_position_embeddings=256),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **COMMON,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    ),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **COMMON,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    ),
+    "bert": lambda: BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
 }
 FAMILIES = list(CONFIGS)
 
@@ -63,3 +85,28 @@ def random_seqs(n: int, lo: int = 5, hi: int = 20, seed: int = 0) -> list[list[i
         L = int(torch.randint(lo, hi + 1, (1,), generator=g))
         out.append(torch.randint(1, 128, (L,), generator=g).tolist())
     return out
+
+
+def char_tokenizer():
+    """A real (fast, savable) Hugging Face tokenizer: one token per printable character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{chr(i): i - 30 for i in range(32, 127)}, "\n": 97}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny_hf(family: str, folder, max_positions: int = 512):
+    """A tiny random model with a character tokenizer as an ordinary HF folder: loadable by name (a
+    path) by the CLI, workflows and benchmark scripts, so they run end to end in seconds."""
+    torch.manual_seed(0)
+    cfg = CONFIGS[family]()
+    cfg.max_position_embeddings = max_positions
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    model = cls.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,10 +1,11 @@
 """Scale-out: a Ray Data batch job over DATA with the cache attached in every actor.
 
-``run_batch`` reads DATA on the driver, hands rows to ``ray.data``'s ``map_batches`` with an actor pool;
-each actor opens the DB read-only (memory-mapped, so actors on one node share the page cache) and loads
-the model once. Output rows, in input order, carry the row index, the prediction (choice index, or greedy
-token for text rows on a decoder) or the embedding (encoders), the choices' scores, and whether the cache hit.
-Written as JSONL or Parquet (by the OUT suffix). Ray is an optional extra: ``pip install 'attncache[ray]'``.
+``run_batch`` reads DATA on the driver, hands rows to ``ray.data``'s ``map_batches`` with an actor
+pool; each actor opens the DB read-only (memory-mapped, so actors on one node share the page cache)
+and loads the model once. Output rows, in input order, carry the row index, the prediction (choice
+index, or greedy token for text rows on a decoder) or the embedding (encoders), the choices' scores,
+and whether the cache hit. Written as JSONL or Parquet (by the OUT suffix). Ray is an optional
+extra: ``pip install 'attncache[ray]'``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from . import data as data_mod
+from . import models
 from .data import ChoiceRow, PairRow, TextRow
 from .errors import UserError
+from .tiers import DEFAULT_PREFIX_BYTES
 
 _KINDS = {"choice": ChoiceRow, "text": TextRow, "pair": PairRow}
 
@@ -36,33 +39,50 @@ def _decode(s: str):
 
 
 class Predictor:
-    """One per Ray actor: the session (model + read-only DB) and the cache attached for the actor's life."""
+    """One per Ray actor: the session (model + read-only DB) and the cache attached for the actor's
+    life."""
 
-    def __init__(self, db: str, model_name: str | None, policy: str | None, batch_size: int,
-                 max_tokens: int | None, attach: bool = True):
+    def __init__(
+        self,
+        db: str,
+        model_name: str | None,
+        policy: str | None,
+        batch_size: int,
+        max_tokens: int | None,
+        attach: bool = True,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         from .workflows import Session
 
-        self.s = Session.open(db, model_name, max_tokens=max_tokens)
+        self.s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
         self.batch_size = batch_size
         self.att = self.s.cache.attach(self.s.model, policy) if attach else None
         if self.att is not None:
             self.att.__enter__()
-        self.prefix = self.s.prefix_runner(2 << 30)
+        self.prefix = self.s.prefix_tier(DEFAULT_PREFIX_BYTES)
 
     def __call__(self, batch: dict) -> dict:
-        return predict_rows(self.s, [_decode(x) for x in batch["row"]], list(batch["idx"]), self.att,
-                            self.batch_size, self.prefix)
+        return predict_rows(
+            self.s,
+            [_decode(x) for x in batch["row"]],
+            list(batch["idx"]),
+            self.att,
+            self.batch_size,
+            self.prefix,
+        )
 
 
 def predict_rows(s, rows: list, idx: list[int], attached, batch_size: int, prefix=None) -> dict:
     """Per row: index, prediction or embedding, scores, cache hit (the columns of the output)."""
     from .tasks import choice_scores, plan_rows, run
-    from .workflows import _max_len
 
-    plan = plan_rows(rows, s.tokenizer, s.cache.adapter.causal, _max_len(s.model, s.tokenizer, s.max_tokens))
+    plan = plan_rows(rows, s.tokenizer, s.causal, s.max_len)
     if plan.skipped:  # rows were validated on the driver; a skip here would misalign the output
         raise UserError(f"rows could not be planned in an actor: {plan.skipped[0]}")
-    out = run(s.model, s.tokenizer, plan, batch_size, attached=attached, progress=False, prefix=prefix)
+    out = run(
+        s.model, s.tokenizer, plan, batch_size, attached=attached, progress=False, prefix=prefix
+    )
     cols: dict = {"idx": [], "prediction": [], "scores": [], "embedding": [], "cache_hit": []}
     for i, r in zip(idx, plan.rows):
         cols["idx"].append(int(i))
@@ -79,19 +99,33 @@ def predict_rows(s, rows: list, idx: list[int], attached, batch_size: int, prefi
         else:
             cols["prediction"].append(-1)
             cols["scores"].append([])
-            cols["embedding"].append([float(x) for x in np.concatenate([out.embeddings[q] for q in r.seqs])])
+            cols["embedding"].append(
+                [float(x) for x in np.concatenate([out.embeddings[q] for q in r.seqs])]
+            )
     return cols
 
 
-def run_batch(db: str, data: str, out: str, address: str | None = None, actors: int = 2, batch_size: int = 16,
-              model_name: str | None = None, policy: str | None = None, limit: int | None = None,
-              max_tokens: int | None = None, attach: bool = True, progress: bool = True) -> dict:
+def run_batch(
+    db: str,
+    data: str,
+    out: str,
+    address: str | None = None,
+    actors: int = 2,
+    batch_size: int = 16,
+    model_name: str | None = None,
+    policy: str | None = None,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    attach: bool = True,
+    progress: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
     try:
         import ray
     except ImportError:
         raise UserError("the batch job needs Ray: pip install 'attncache[ray]'") from None
     from .cache import AttnCache
-    from .models import model_kind  # noqa: F401  (import check: the package is importable in actors)
 
     out_path = Path(out)
     if out_path.suffix not in (".jsonl", ".parquet"):
@@ -105,23 +139,49 @@ def run_batch(db: str, data: str, out: str, address: str | None = None, actors: 
     items = [{"idx": i, "row": _encode(r)} for i, r in enumerate(ds_rows)]
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else max(1, actors),
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address,
+            num_cpus=None if address else max(1, actors),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ds = ray.data.from_items(items)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs={
-            "db": str(Path(db).resolve()), "model_name": model_name, "policy": policy, "batch_size": batch_size,
-            "max_tokens": max_tokens, "attach": attach},
-            batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={
+                "db": str(Path(db).resolve()),
+                "model_name": model_name,
+                "policy": policy,
+                "batch_size": batch_size,
+                "max_tokens": max_tokens,
+                "attach": attach,
+                "device": device,
+                "dtype": dtype,
+            },
+            batch_size=batch_size,
+            concurrency=actors,
+            num_cpus=1,
+            batch_format="numpy",
+        )
         rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
     finally:
         if started:
             ray.shutdown()
-    clean = [{"idx": int(r["idx"]), "prediction": int(r["prediction"]), "scores": [float(x) for x in r["scores"]],
-              "embedding": [float(x) for x in r["embedding"]], "cache_hit": bool(r["cache_hit"])} for r in rows]
+    clean = [
+        {
+            "idx": int(r["idx"]),
+            "prediction": int(r["prediction"]),
+            "scores": [float(x) for x in r["scores"]],
+            "embedding": [float(x) for x in r["embedding"]],
+            "cache_hit": bool(r["cache_hit"]),
+        }
+        for r in rows
+    ]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".jsonl":
         with open(out_path, "w") as f:
@@ -132,5 +192,11 @@ def run_batch(db: str, data: str, out: str, address: str | None = None, actors: 
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(clean), out_path)
-    return {"rows": len(clean), "hit_rate": float(np.mean([r["cache_hit"] for r in clean])), "out": str(out_path),
-            "actors": actors}
+    return {
+        "rows": len(clean),
+        "hit_rate": float(np.mean([r["cache_hit"] for r in clean])),
+        "out": str(out_path),
+        "actors": actors,
+        "device": models.resolve_device(device),
+        "dtype": dtype,
+    }

@@ -1,8 +1,8 @@
 """The timing harness behind ``attncache bench``.
 
-Every item (one model input, batch 1) is timed under each variant in interleaved order
-(sdpa, cached, bound, eager, sdpa, cached, ...) after warm-up; each figure is the median over repeats.
-Time inside the attention modules is measured with forward hooks on the same calls.
+Every item (one model input, batch 1) is timed under each variant in interleaved order (sdpa,
+cached, bound, eager, sdpa, cached, ...) after warm-up; each figure is the median over repeats. Time
+inside the attention modules is measured with forward hooks on the same calls.
 
 Variants:
 - ``sdpa``: the untouched model (the baseline a user has today);
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .inputs import collate
-from .prefix import DEFAULT_PREFIX_BYTES
+from .runtime import Attachment, MapStats, PreloadedMaps, PresetHits
 from .tasks import run as run_plan
+from .tiers import DEFAULT_PREFIX_BYTES
 from .workflows import Session
 
 
@@ -42,14 +43,21 @@ class BenchConfig:
     quantize: str | None = None
     max_tokens: int | None = None
     prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
-def interleaved(variants: dict[str, Callable[[int], dict[str, float] | None]], n_items: int, repeats: int,
-                warmup: int) -> dict[str, dict[str, list[float]]]:
+def interleaved(
+    variants: dict[str, Callable[[int], dict[str, float] | None]],
+    n_items: int,
+    repeats: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict[str, list[float]]]:
     """Per variant and measure, the median per item, timing the variants in turn (A B A B ...).
 
     A variant may return its own measures (e.g. ``{"e2e": s, "attn": s}``); otherwise the call is
-    timed here as ``e2e``.
+    timed here as ``e2e`` with ``clock``.
     """
     samples: dict[str, dict[str, list[list[float]]]] = {k: {} for k in variants}
     for i in range(n_items):
@@ -58,12 +66,15 @@ def interleaved(variants: dict[str, Callable[[int], dict[str, float] | None]], n
                 fn(i)
         for _ in range(repeats):
             for name, fn in variants.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 got = fn(i)
-                got = got if got is not None else {"e2e": time.perf_counter() - t0}
+                got = got if got is not None else {"e2e": clock() - t0}
                 for measure, v in got.items():
                     samples[name].setdefault(measure, [[] for _ in range(n_items)])[i].append(v)
-    return {k: {m: [statistics.median(x) for x in per] for m, per in v.items()} for k, v in samples.items()}
+    return {
+        k: {m: [statistics.median(x) for x in per] for m, per in v.items()}
+        for k, v in samples.items()
+    }
 
 
 class AttentionTimer:
@@ -106,8 +117,13 @@ def machine() -> dict:
     dev = "cpu"
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": dev}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": dev,
+    }
 
 
 def _ratio(num: list[float], den: list[float]) -> float | None:
@@ -115,24 +131,36 @@ def _ratio(num: list[float], den: list[float]) -> float | None:
 
 
 @torch.no_grad()
-def bench(db: str, data: str, policy: str | None = "all", limit: int | None = None, cfg: BenchConfig | None = None,
-          model_name: str | None = None, progress: bool = True, threshold: float | None = None) -> dict:
+def bench(
+    db: str,
+    data: str,
+    policy: str | None = "all",
+    limit: int | None = None,
+    cfg: BenchConfig | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+    threshold: float | None = None,
+) -> dict:
     cfg = cfg or BenchConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    s = Session.open(db, model_name, cfg.quantize, cfg.max_tokens)
+    s = Session.open(
+        db, model_name, cfg.quantize, cfg.max_tokens, device=cfg.device, dtype=cfg.dtype
+    )
     cache, model, tok = s.cache, s.model, s.tokenizer
     plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
     seqs = plan.seqs
     causal = cache.adapter.causal
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    inputs = [collate([q], pad, causal) for q in seqs]
+    device = next(model.parameters()).device
+    inputs = [collate([q], pad, causal, device) for q in seqs]
     kw = {"logits_to_keep": 1} if causal else {}
     pol = cache.policy(policy)
     attn_modules = cache.adapter.attention_modules(model)
     base_impl = model.config._attn_implementation
 
-    # Which items hit (and which reuse anything: template heads serve misses too), and the hits' maps
+    # Which items hit (and which reuse anything: template heads serve misses too), and the hits'
+    # maps
     # preloaded for the bound variant.
     hits, reused = [], []
     with cache.attach(model, pol, threshold) as att:
@@ -145,7 +173,25 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         if h is not None:
             for layer in pol.layers:
                 if layer in cache.store.layer_pos:
-                    preloaded[(h.entry, layer, h.length)] = cache.fetch(h.entry, layer, h.length).clone()
+                    preloaded[(h.entry, layer, h.length)] = cache.fetch(
+                        h.entry, layer, h.length
+                    ).clone()
+
+    def bound_ctx(i: int) -> Attachment:
+        """The same replay with no lookup and the hit's maps already in memory: the method's
+        ceiling."""
+        return Attachment(
+            model,
+            cache.adapter,
+            cache.shape,
+            pol,
+            PresetHits([hits[i]]),
+            PreloadedMaps(cache.db, preloaded),
+            cache.templates,
+            MapStats(),
+            cache.store.layout.layers,
+            cache.threshold,
+        )
 
     lookup_ms: list[float] = []
     fetch_ms: list[float] = []
@@ -163,6 +209,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
             finally:
                 timer.remove()
             return {"e2e": dt, "attn": timer.total}
+
         return fn
 
     @contextlib.contextmanager
@@ -178,7 +225,7 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
     variants = {
         "sdpa": variant(lambda i: contextlib.nullcontext()),
         "cached": variant(cached_ctx),
-        "bound": variant(lambda i: cache.attach(model, pol, threshold, preset=[hits[i]], preloaded=preloaded)),
+        "bound": variant(bound_ctx),
     }
     if cfg.eager:
         variants["eager"] = variant(lambda i: contextlib.nullcontext(), impl="eager")
@@ -196,7 +243,9 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         return [xs[i] for i in idx]
 
     res = {
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", "") if cfg.quantize is None else "int8-dynamic",
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", "")
+        if cfg.quantize is None
+        else "int8-dynamic",
         "n": len(inputs),
         "n_hits": sum(h is not None for h in hits),
         "hit_rate": sum(h is not None for h in hits) / len(inputs) if inputs else 0.0,
@@ -208,9 +257,13 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         "repeats": cfg.repeats,
         "tokens_median": statistics.median(len(q) for q in seqs),
         "attn_speedup_vs_sdpa": _ratio(pick(attn["sdpa"], H), pick(attn["cached"], H)),
-        "attn_speedup_vs_eager": _ratio(pick(attn["eager"], H), pick(attn["cached"], H)) if cfg.eager else None,
+        "attn_speedup_vs_eager": _ratio(pick(attn["eager"], H), pick(attn["cached"], H))
+        if cfg.eager
+        else None,
         "e2e_speedup_vs_sdpa": _ratio(pick(med["sdpa"], H), pick(med["cached"], H)),
-        "e2e_speedup_vs_eager": _ratio(pick(med["eager"], H), pick(med["cached"], H)) if cfg.eager else None,
+        "e2e_speedup_vs_eager": _ratio(pick(med["eager"], H), pick(med["cached"], H))
+        if cfg.eager
+        else None,
         **workload,
         "bound_e2e_speedup": _ratio(pick(med["sdpa"], H), pick(med["bound"], H)),
         "lookup_ms_median": statistics.median(lookup_ms) if lookup_ms else None,
@@ -218,15 +271,24 @@ def bench(db: str, data: str, policy: str | None = "all", limit: int | None = No
         "prefill_ms_median_sdpa": 1000 * statistics.median(med["sdpa"]),
         "prefill_ms_median_cached": 1000 * statistics.median(med["cached"]),
         "machine": machine(),
-        "per_item": [{"tokens": len(seqs[i]), "hit": hits[i] is not None, "reused": reused[i], "sdpa_ms": 1000 * med["sdpa"][i],
-                      "cached_ms": 1000 * med["cached"][i], "bound_ms": 1000 * med["bound"][i]}
-                     for i in range(len(inputs))],
+        "per_item": [
+            {
+                "tokens": len(seqs[i]),
+                "hit": hits[i] is not None,
+                "reused": reused[i],
+                "sdpa_ms": 1000 * med["sdpa"][i],
+                "cached_ms": 1000 * med["cached"][i],
+                "bound_ms": 1000 * med["bound"][i],
+            }
+            for i in range(len(inputs))
+        ],
     }
     e2e, bound = res["e2e_speedup_vs_sdpa"], res["bound_e2e_speedup"]
     res["fraction_of_bound"] = e2e / bound if e2e and bound else None
     if res["lookup_ms_median"] is not None and res["prefill_ms_median_sdpa"]:
-        res["lookup_fetch_share_of_prefill"] = ((res["lookup_ms_median"] + (res["fetch_ms_median"] or 0.0))
-                                                / res["prefill_ms_median_sdpa"])
+        res["lookup_fetch_share_of_prefill"] = (
+            res["lookup_ms_median"] + (res["fetch_ms_median"] or 0.0)
+        ) / res["prefill_ms_median_sdpa"]
     return res
 
 
@@ -238,17 +300,26 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
 
     def one(use_map: bool, use_prefix: bool):
         def fn(_i: int):
-            prefix = s.prefix_runner(cfg.prefix_bytes) if use_prefix else None
+            prefix = s.prefix_tier(cfg.prefix_bytes) if use_prefix else None
             ctx = cache.attach(model, pol, threshold) if use_map else contextlib.nullcontext()
-            with ctx:
-                out = run_plan(model, tok, plan, batch_size=cfg.batch_size, progress=False, prefix=prefix)
+            with ctx as att:
+                out = run_plan(
+                    model,
+                    tok,
+                    plan,
+                    batch_size=cfg.batch_size,
+                    attached=att,
+                    progress=False,
+                    prefix=prefix,
+                )
             if prefix is not None:
                 stats["prefix"] = prefix.report()
             return {"e2e": out.seconds}
+
         return fn
 
     variants = {"sdpa": one(False, False), "map": one(True, False)}
-    has_prefix = s.prefix_runner(cfg.prefix_bytes) is not None
+    has_prefix = s.prefix_tier(cfg.prefix_bytes) is not None
     if has_prefix:
         variants["prefix"] = one(False, True)
         variants["both"] = one(True, True)
@@ -261,29 +332,9 @@ def _workload_passes(s: Session, plan, pol, threshold, cfg: BenchConfig) -> dict
         "workload_seconds_sdpa": t["sdpa"],
         "workload_batch_size": cfg.batch_size,
         "prefix_cache": has_prefix,
-        "prefix_tokens_reused_fraction": stats.get("prefix", {}).get("prefix_tokens_reused_fraction", 0.0),
+        "prefix_tokens_reused_fraction": stats.get("prefix", {}).get(
+            "prefix_tokens_reused_fraction", 0.0
+        ),
         "prefix_bytes_peak": stats.get("prefix", {}).get("prefix_bytes_peak", 0),
         "prefix_bytes_cap": cfg.prefix_bytes if has_prefix else 0,
     }
-
-
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = res["per_item"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for hit, color, label in ((True, "tab:blue", "hit"), (False, "tab:gray", "miss")):
-        xs = [it["tokens"] for it in items if it["hit"] == hit]
-        ys = [it["sdpa_ms"] / it["cached_ms"] for it in items if it["hit"] == hit]
-        ax.scatter(xs, ys, c=color, label=label, s=18)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("speedup vs SDPA (median)")
-    ax.set_title(f"policy {res['policy']}: workload {res['workload_speedup_vs_sdpa']:.2f}x")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

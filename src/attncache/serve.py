@@ -1,16 +1,19 @@
-"""The HTTP service: OpenAI-shaped embeddings, multiple-choice scoring, health and Prometheus metrics.
+"""The HTTP service: OpenAI-shaped embeddings, multiple-choice scoring, health and Prometheus
+metrics.
 
-Requests are batched dynamically: the first request in the queue opens a batch, which closes when it holds
-``max_batch`` requests or ``max_wait_ms`` has passed. One worker thread runs the model (a model is not
-safe to call from several threads); the event loop only queues and answers. The queue is bounded: when
-it is full a request gets 503 at once (backpressure), and a request that waits longer than ``timeout_s``
-gets 504. Bad requests get 400/422 with a JSON error naming the field; the server keeps serving.
+Requests are batched dynamically: the first request in the queue opens a batch, which closes when it
+holds ``max_batch`` requests or ``max_wait_ms`` has passed. One worker thread runs the model (a
+model is not safe to call from several threads); the event loop only queues and answers. The queue
+is bounded: when it is full a request gets 503 at once (backpressure), and a request that waits
+longer than ``timeout_s`` gets 504. Bad requests get 400/422 with a JSON error naming the field; the
+server keeps serving.
 
-Embeddings: encoders return the mean of the last hidden states over real tokens; decoders return the last
-token's final hidden state (after the final norm). Both are L2-normalised.
+Embeddings: encoders return the mean of the last hidden states over real tokens; decoders return the
+last token's final hidden state (after the final norm). Both are L2-normalised.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the endpoint annotations of the request models
+# No ``from __future__ import annotations``: FastAPI reads the endpoint annotations of the request
+# models
 # defined inside create_app at run time.
 import asyncio
 import threading
@@ -24,9 +27,9 @@ import torch
 from .data import ChoiceRow
 from .errors import UserError
 from .inputs import collate
-from .prefix import DEFAULT_PREFIX_BYTES
 from .tasks import choice_scores, plan_rows, run
-from .workflows import Session, _max_len
+from .tiers import DEFAULT_PREFIX_BYTES
+from .workflows import Session
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -72,7 +75,11 @@ class Histogram:
     def lines(self, name: str) -> list[str]:
         out = [f"# TYPE {name} histogram"]
         out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total}", f"{name}_count {self.n}"]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.n}',
+            f"{name}_sum {self.total}",
+            f"{name}_count {self.n}",
+        ]
         return out
 
 
@@ -98,16 +105,30 @@ class Metrics:
         info = engine.session.cache.store
         lines = ["# TYPE attncache_requests_total counter"]
         with self._lock:
-            lines += [f'attncache_requests_total{{endpoint="{e}",code="{c}"}} {n}'
-                      for (e, c), n in sorted(self.requests.items())]
-            lines += self.latency.lines("attncache_request_seconds") + self.batch.lines("attncache_batch_size")
-        for k, kind in (("lookups", "counter"), ("hits", "counter"), ("misses", "counter"),
-                        ("layer_maps_reused", "counter")):
+            lines += [
+                f'attncache_requests_total{{endpoint="{e}",code="{c}"}} {n}'
+                for (e, c), n in sorted(self.requests.items())
+            ]
+            lines += self.latency.lines("attncache_request_seconds") + self.batch.lines(
+                "attncache_batch_size"
+            )
+        for k, kind in (
+            ("lookups", "counter"),
+            ("hits", "counter"),
+            ("misses", "counter"),
+            ("layer_maps_reused", "counter"),
+        ):
             lines += [f"# TYPE attncache_{k}_total {kind}", f"attncache_{k}_total {st[k]}"]
-        lines += ["# TYPE attncache_store_bytes gauge", f"attncache_store_bytes {info.nbytes}",
-                  "# TYPE attncache_store_entries gauge", f"attncache_store_entries {len(info)}",
-                  "# TYPE attncache_learned_total counter", f"attncache_learned_total {engine.learned}",
-                  "# TYPE attncache_queue_depth gauge", f"attncache_queue_depth {engine.queue_depth}"]
+        lines += [
+            "# TYPE attncache_store_bytes gauge",
+            f"attncache_store_bytes {info.nbytes}",
+            "# TYPE attncache_store_entries gauge",
+            f"attncache_store_entries {len(info)}",
+            "# TYPE attncache_learned_total counter",
+            f"attncache_learned_total {engine.learned}",
+            "# TYPE attncache_queue_depth gauge",
+            f"attncache_queue_depth {engine.queue_depth}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -117,12 +138,12 @@ class Engine:
     def __init__(self, session: Session, cfg: ServeConfig):
         self.session, self.cfg = session, cfg
         self.causal = session.cache.adapter.causal
-        self.max_len = _max_len(session.model, session.tokenizer, session.max_tokens)
+        self.max_len = session.max_len
         self.att = None
         if cfg.attach:
             self.att = session.cache.attach(session.model, cfg.policy, learn=cfg.learn)
             self.att.__enter__()
-        self.prefix = session.prefix_runner(cfg.prefix_bytes) if self.causal else None
+        self.prefix = session.prefix_tier(cfg.prefix_bytes) if self.causal else None
         self.queue_depth = 0
 
     @property
@@ -141,51 +162,74 @@ class Engine:
             raise RequestError(fld, f"{fld} is empty")
         ids = list(self.session.tokenizer(text)["input_ids"])
         if self.max_len and len(ids) > self.max_len:
-            raise RequestError(fld, f"{fld} has {len(ids)} tokens; the model takes at most {self.max_len}")
+            raise RequestError(
+                fld, f"{fld} has {len(ids)} tokens; the model takes at most {self.max_len}"
+            )
         return ids
 
     def check_score(self, prompt: str, choices: list[str]) -> None:
         if not self.causal:
-            raise RequestError("model", "/v1/score needs a decoder model; this DB is for an encoder")
+            raise RequestError(
+                "model", "/v1/score needs a decoder model; this DB is for an encoder"
+            )
         if len(choices) < 1:
             raise RequestError("choices", "choices must hold at least one string")
         self.tokens(prompt, "prompt")
-        plan = plan_rows([ChoiceRow(prompt, tuple(choices), 0)], self.session.tokenizer, True, self.max_len)
+        plan = plan_rows(
+            [ChoiceRow(prompt, tuple(choices), 0)], self.session.tokenizer, True, self.max_len
+        )
         if plan.skipped:
             raise RequestError("choices", plan.skipped[0].split(": ", 1)[-1])
 
-    # -- batches ------------------------------------------------------------------------------------
+    # -- batches
+    # ------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, items: list[tuple[str, list[str]]]) -> list[dict]:
         rows = [ChoiceRow(p, tuple(c), 0) for p, c in items]
         plan = plan_rows(rows, self.session.tokenizer, True, self.max_len)
-        out = run(self.session.model, self.session.tokenizer, plan, batch_size=self.cfg.max_batch,
-                  attached=self.att, progress=False, prefix=self.prefix)
+        out = run(
+            self.session.model,
+            self.session.tokenizer,
+            plan,
+            batch_size=self.cfg.max_batch,
+            attached=self.att,
+            progress=False,
+            prefix=self.prefix,
+        )
         res = []
         for r in plan.rows:
             lp = [sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in qs) for qs in r.queries]
             norm = choice_scores(r, out)
-            res.append({"logprobs": lp, "choice": int(np.argmax(norm)),
-                        "cache_hit": any(out.hit[s] for s in r.seqs)})
+            res.append(
+                {
+                    "logprobs": lp,
+                    "choice": int(np.argmax(norm)),
+                    "cache_hit": any(out.hit[s] for s in r.seqs),
+                }
+            )
         return res
 
     @torch.no_grad()
     def embed(self, texts: list[list[int]]) -> list[dict]:
         model, pad = self.session.model, self.session.tokenizer.pad_token_id or 0
-        inputs = collate(texts, pad, self.causal)
+        inputs = collate(texts, pad, self.causal, next(model.parameters()).device)
         if self.causal:
             out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            vec = out.hidden_states[-1][:, -1]  # left padding: the last position is every row's last token
+            vec = out.hidden_states[-1][
+                :, -1
+            ]  # left padding: the last position is every row's last token
         else:
             out = model(**inputs)
             m = inputs["attention_mask"].unsqueeze(-1).float()
             vec = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
         vec = torch.nn.functional.normalize(vec.float(), dim=-1)
         hits = self.att.last_hits if self.att is not None else [None] * len(texts)
-        if self.att is not None and self.att.learn:
+        if self.att is not None and self.att.learning:
             self.att.learn_pending()
-        return [{"embedding": vec[i].tolist(), "cache_hit": hits[i] is not None, "tokens": len(t)}
-                for i, t in enumerate(texts)]
+        return [
+            {"embedding": vec[i].tolist(), "cache_hit": hits[i] is not None, "tokens": len(t)}
+            for i, t in enumerate(texts)
+        ]
 
 
 class Batcher:
@@ -238,7 +282,8 @@ class Batcher:
                 self.metrics.batch_size(len(part))
                 try:
                     results = await loop.run_in_executor(self.pool, fn, [b[1] for b in part])
-                except Exception as e:  # noqa: BLE001 - reported to each waiting request, the server goes on
+                # noqa: BLE001 - reported to each waiting request, the server goes on
+                except Exception as e:
                     for b in part:
                         if not b[2].done():
                             b[2].set_exception(e)
@@ -289,8 +334,13 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid request"}
         parts = [x for x in first.get("loc", []) if x != "body"]
-        # the field, then list positions; pydantic's union-member tags ('str', 'list[str]') are dropped
-        fld = (str(parts[0]) + "".join(f"[{x}]" for x in parts[1:] if isinstance(x, int))) if parts else "body"
+        # the field, then list positions; pydantic's union-member tags ('str', 'list[str]') are
+        # dropped
+        fld = (
+            (str(parts[0]) + "".join(f"[{x}]" for x in parts[1:] if isinstance(x, int)))
+            if parts
+            else "body"
+        )
         metrics.request(request.url.path, 422)
         return error(422, fld, f"{fld}: {first.get('msg')}")
 
@@ -317,8 +367,10 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
             metrics.request("/v1/embeddings", 400)
             return error(400, "input", "input is an empty list")
         try:
-            ids = [engine.tokens(t, f"input[{i}]" if isinstance(body.input, list) else "input")
-                   for i, t in enumerate(texts)]
+            ids = [
+                engine.tokens(t, f"input[{i}]" if isinstance(body.input, list) else "input")
+                for i, t in enumerate(texts)
+            ]
         except RequestError as e:
             metrics.request("/v1/embeddings", 400)
             return error(400, e.field, str(e))
@@ -326,11 +378,22 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
         bad = next((err for _, err in results if err is not None), None)
         if bad is not None:
             return bad
-        data = [{"object": "embedding", "index": i, "embedding": r["embedding"], "cache_hit": r["cache_hit"]}
-                for i, (r, _) in enumerate(results)]
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": r["embedding"],
+                "cache_hit": r["cache_hit"],
+            }
+            for i, (r, _) in enumerate(results)
+        ]
         n_tok = sum(r["tokens"] for r, _ in results)
-        return {"object": "list", "model": body.model or session.cache.manifest["model"]["name"], "data": data,
-                "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+        return {
+            "object": "list",
+            "model": body.model or session.cache.manifest["model"]["name"],
+            "data": data,
+            "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+        }
 
     @app.post("/v1/score")
     async def score(body: ScoreIn):
@@ -353,11 +416,19 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
     return app
 
 
-def serve(db: str, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          cfg: ServeConfig | None = None, max_bytes: int | None = None) -> None:
+def serve(
+    db: str,
+    model_name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cfg: ServeConfig | None = None,
+    max_bytes: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> None:
     try:
         import uvicorn
     except ImportError:
         raise UserError("serving needs the 'serve' extra: pip install 'attncache[serve]'") from None
-    session = Session.open(db, model_name, max_bytes=max_bytes)
+    session = Session.open(db, model_name, max_bytes=max_bytes, device=device, dtype=dtype)
     uvicorn.run(create_app(session, cfg), host=host, port=port, log_level="warning")

@@ -13,16 +13,16 @@ The unit of caching is one model input sequence:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import ChoiceRow, PairRow, Row, TextRow
 from .errors import UserError
 from .inputs import collate, length_batches
+from .progress import Stage
 
 
 @dataclass
@@ -87,18 +87,33 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                 if all(len(c) == 1 for c in cs):
                     _check_len(len(p), max_len)
                     s = seq_id(p)
-                    plans.append(RowPlan("choice1", [s], [[Query(s, 1, c[0])] for c in cs], [1.0] * len(cs),
-                                         answer=row.answer))
+                    plans.append(
+                        RowPlan(
+                            "choice1",
+                            [s],
+                            [[Query(s, 1, c[0])] for c in cs],
+                            [1.0] * len(cs),
+                            answer=row.answer,
+                        )
+                    )
                 else:
                     ids, qs = [], []
                     for c in cs:
                         _check_len(len(p) + len(c), max_len)
                         s = seq_id(p + c)
                         ids.append(s)
-                        # logits at position t predict token t+1: choice token j sits len(c)-j from the end
+                        # logits at position t predict token t+1: choice token j sits len(c)-j from
+                        # the end
                         qs.append([Query(s, len(c) - j + 1, tok) for j, tok in enumerate(c)])
-                    plans.append(RowPlan("choiceN", ids, qs, [float(len(ch)) for ch in row.choices],
-                                         answer=row.answer))
+                    plans.append(
+                        RowPlan(
+                            "choiceN",
+                            ids,
+                            qs,
+                            [float(len(ch)) for ch in row.choices],
+                            answer=row.answer,
+                        )
+                    )
             elif isinstance(row, TextRow):
                 ids = enc(row.text)
                 _check_len(len(ids), max_len)
@@ -128,13 +143,27 @@ class RunOutput:
     embeddings: np.ndarray | None  # encoders: [n_seqs, D]
     hit: list[bool]
     seconds: float
-    distance: list[float] = field(default_factory=list)  # per seq: the hit's predicted distance (inf: none)
+    distance: list[float] = field(
+        default_factory=list
+    )  # per seq: the hit's predicted distance (inf: none)
 
 
 @torch.no_grad()
-def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=None, progress: bool = True,
-        desc: str = "forward", prefix=None) -> RunOutput:
-    """Forward every planned sequence once (batched by length) and collect what the rows need."""
+def run(
+    model: nn.Module,
+    tokenizer,
+    plan: Plan,
+    batch_size: int = 8,
+    attached=None,
+    progress: bool = True,
+    desc: str = "forward",
+    prefix=None,
+    seq_ids: list[int] | None = None,
+    into: RunOutput | None = None,
+) -> RunOutput:
+    """Forward every planned sequence once (batched by length) and collect what the rows need.
+
+    ``seq_ids``: only these sequences (the others keep what ``into`` holds, or nothing)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     need = plan.need()
     wanted: dict[int, list[Query]] = {}
@@ -142,21 +171,28 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
         for qs in r.queries:
             for q in qs:
                 wanted.setdefault(q.seq, []).append(q)
-    logprobs: dict[tuple[int, int, int], float] = {}
-    argmax = [0] * len(plan.seqs)
-    emb = None
-    hit = [False] * len(plan.seqs)
-    distance = [float("inf")] * len(plan.seqs)
-    seconds = 0.0
+    if into is None:
+        into = RunOutput(
+            {},
+            [0] * len(plan.seqs),
+            None,
+            [False] * len(plan.seqs),
+            0.0,
+            [float("inf")] * len(plan.seqs),
+        )
+    logprobs, argmax, emb = into.logprobs, into.argmax, into.embeddings
+    hit, distance, seconds = into.hit, into.distance, into.seconds
     device = next(model.parameters()).device
-    bar = tqdm(total=len(plan.seqs), desc=desc, disable=not progress, leave=False)
-    for batch in length_batches([len(s) for s in plan.seqs], batch_size):
+    todo = list(range(len(plan.seqs))) if seq_ids is None else list(seq_ids)
+    bar = Stage(len(todo), desc, progress)
+    for picked in length_batches([len(plan.seqs[i]) for i in todo], batch_size):
+        batch = [todo[j] for j in picked]
         t0 = time.perf_counter()
         if plan.causal and prefix is not None:
             keep = max(need[i] for i in batch)
-            logits, batch_hits = prefix.logits([plan.seqs[i] for i in batch], keep, pad)
+            logits, batch_hits = prefix.run([plan.seqs[i] for i in batch], keep, pad, maps=attached)
         else:
-            inputs = {k: v.to(device) for k, v in collate([plan.seqs[i] for i in batch], pad, plan.causal).items()}
+            inputs = collate([plan.seqs[i] for i in batch], pad, plan.causal, device)
         if plan.causal:
             if prefix is None:
                 keep = max(need[i] for i in batch)
@@ -170,7 +206,7 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
             batch_hits = attached.last_hits if attached is not None else None
         seconds += time.perf_counter() - t0
-        if attached is not None and attached.learn:
+        if attached is not None and attached.learning:
             attached.learn_pending()  # outside the timed region: learning is a side job
         if batch_hits is not None:
             for j, i in enumerate(batch):
@@ -188,14 +224,15 @@ def run(model: nn.Module, tokenizer, plan: Plan, batch_size: int = 8, attached=N
             emb[batch] = pooled.cpu().numpy()
         bar.update(len(batch))
     bar.close()
-    return RunOutput(logprobs, argmax, emb, hit, seconds, distance)
+    into.embeddings, into.seconds = emb, seconds
+    return into
 
 
 def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:
     """What a cached run at ``threshold`` would output, from one run at threshold infinity.
 
-    A lookup takes the nearest compatible entry and hits iff its distance <= threshold, so each sequence
-    either reuses exactly the maps of the infinite-threshold run or computes exactly.
+    A lookup takes the nearest compatible entry and hits iff its distance <= threshold, so each
+    sequence either reuses exactly the maps of the infinite-threshold run or computes exactly.
     """
     use = [d <= threshold for d in cached.distance]
     lp = {k: (cached.logprobs[k] if use[k[0]] else v) for k, v in exact.logprobs.items()}
@@ -207,21 +244,24 @@ def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:
     return RunOutput(lp, am, emb, use, float("nan"), dist)
 
 
+def row_prediction(r: RowPlan, out: RunOutput) -> int:
+    """The chosen index (choice rows) or greedy token (text rows); -1 for embedding rows."""
+    if r.kind in ("choice1", "choiceN"):
+        return int(np.argmax(choice_scores(r, out)))
+    if r.kind == "text":
+        return out.argmax[r.seqs[0]]
+    return -1
+
+
 def predictions(plan: Plan, out: RunOutput) -> list[int]:
-    """Per row: the chosen index (choice rows) or greedy token (text rows); -1 for embedding rows."""
-    preds = []
-    for r in plan.rows:
-        if r.kind in ("choice1", "choiceN"):
-            preds.append(int(np.argmax(choice_scores(r, out))))
-        elif r.kind == "text":
-            preds.append(out.argmax[r.seqs[0]])
-        else:
-            preds.append(-1)
-    return preds
+    return [row_prediction(r, out) for r in plan.rows]
 
 
 def choice_scores(r: RowPlan, out: RunOutput) -> list[float]:
-    return [sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in qs) / n for qs, n in zip(r.queries, r.norms)]
+    return [
+        sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in qs) / n
+        for qs, n in zip(r.queries, r.norms)
+    ]
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -239,32 +279,61 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
 
 
-def compare(plan: Plan, exact: RunOutput, cached: RunOutput) -> dict:
+@dataclass
+class Comparison:
+    """A cached run against the exact run of the same plan (fields that do not apply are None)."""
+
+    n: int
+    n_sequences: int
+    hit_rate: float
+    agreement: float | None = None  # share of scored rows whose prediction did not change
+    accuracy_baseline: float | None = None
+    accuracy_cached: float | None = None
+    cosine_to_exact_mean: float | None = None
+    cosine_to_exact_min: float | None = None
+    cosine_to_exact_p01: float | None = None
+    pair_auc_exact: float | None = None
+    pair_auc_cached: float | None = None
+    seconds_exact: float | None = None
+    seconds_cached: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def compare(plan: Plan, exact: RunOutput, cached: RunOutput) -> Comparison:
     """Metrics of a cached run against the exact run of the same plan."""
-    res: dict = {"n": len(plan.rows), "n_sequences": len(plan.seqs)}
+    res = Comparison(
+        len(plan.rows),
+        len(plan.seqs),
+        float(np.mean(cached.hit)) if cached.hit else 0.0,
+        seconds_exact=exact.seconds,
+        seconds_cached=cached.seconds,
+    )
     pe, pc = predictions(plan, exact), predictions(plan, cached)
     scored = [i for i, r in enumerate(plan.rows) if r.kind in ("choice1", "choiceN", "text")]
     if scored:
-        res["agreement"] = float(np.mean([pe[i] == pc[i] for i in scored]))
+        res.agreement = float(np.mean([pe[i] == pc[i] for i in scored]))
     choice = [i for i, r in enumerate(plan.rows) if r.answer is not None]
     if choice:
-        res["accuracy_baseline"] = float(np.mean([pe[i] == plan.rows[i].answer for i in choice]))
-        res["accuracy_cached"] = float(np.mean([pc[i] == plan.rows[i].answer for i in choice]))
+        res.accuracy_baseline = float(np.mean([pe[i] == plan.rows[i].answer for i in choice]))
+        res.accuracy_cached = float(np.mean([pc[i] == plan.rows[i].answer for i in choice]))
     if exact.embeddings is not None:
         cos = (exact.embeddings * cached.embeddings).sum(-1)
-        res["cosine_to_exact_mean"] = float(cos.mean())
-        res["cosine_to_exact_min"] = float(cos.min())
-        res["cosine_to_exact_p01"] = float(np.quantile(cos, 0.01))
+        res.cosine_to_exact_mean = float(cos.mean())
+        res.cosine_to_exact_min = float(cos.min())
+        res.cosine_to_exact_p01 = float(np.quantile(cos, 0.01))
         pairs = [r for r in plan.rows if r.kind == "pair"]
         if pairs:
-            lab = np.array([r.label for r in pairs])
-            se = np.array([float(exact.embeddings[r.seqs[0]] @ exact.embeddings[r.seqs[1]]) for r in pairs])
-            sc = np.array([float(cached.embeddings[r.seqs[0]] @ cached.embeddings[r.seqs[1]]) for r in pairs])
-            res["pair_auc_exact"] = auc(se, lab)
-            res["pair_auc_cached"] = auc(sc, lab)
-    res["hit_rate"] = float(np.mean(cached.hit)) if cached.hit else 0.0
-    res["seconds_exact"] = exact.seconds
-    res["seconds_cached"] = cached.seconds
+            labels = np.array([r.label for r in pairs])
+            se = np.array(
+                [float(exact.embeddings[r.seqs[0]] @ exact.embeddings[r.seqs[1]]) for r in pairs]
+            )
+            sc = np.array(
+                [float(cached.embeddings[r.seqs[0]] @ cached.embeddings[r.seqs[1]]) for r in pairs]
+            )
+            res.pair_auc_exact = auc(se, labels)
+            res.pair_auc_cached = auc(sc, labels)
     return res
 
 

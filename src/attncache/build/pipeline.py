@@ -1,0 +1,252 @@
+"""The offline build: record -> pair labels -> projector -> index -> defaults -> publish.
+
+Every stage writes into a staging folder beside ``out`` (``db.staging``); the DB appears at ``out``
+only when the whole build succeeded, so an interrupted build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .. import models
+from ..db import (
+    Database,
+    MapStore,
+    SegmentWriter,
+    StoreLayout,
+    VectorIndex,
+    scratch_folder,
+    staging,
+)
+from ..db import eviction as eviction_policies
+from ..db.codecs import get_codec
+from ..db.manifest import FORMAT_VERSION, ModelInfo
+from ..errors import UserError
+from ..runtime.adapters import Adapter, get_adapter
+from ..runtime.lookup import SEARCH_K, fits
+from .projector_fit import ProjectorConfig, default_policy, fit_projector
+from .record import record
+
+PROBE_INPUTS = (
+    64  # inputs recorded with every layer to choose the stored layers (store_layers='auto')
+)
+
+
+@dataclass
+class BuildConfig:
+    # how maps are stored (codecs.py): 'auto' = int8 for decoders (a causal map in < 1/8 of its fp32
+    # bytes, accuracy within one row of float16 on SST-2 and PIQA), float16 for encoders
+    codec: str = "auto"
+    sparse_eps: float | None = None  # sparse codec: mass a row may drop (default 0.02)
+    layers: list[int] | None = None  # layers whose maps are stored (None: all)
+    store_layers: str = "all"  # 'auto': store only the layers the default policy reuses (probed)
+    batch_size: int = 8
+    max_batch_elems: int = 8 * 256 * 256  # cap on batch * T^2 while recording (memory)
+    default_policy_fraction: float = 1 / 6  # share of layers the conservative default reuses
+    threshold_quantile: float = 0.5  # of each entry's distance to its nearest other entry
+    max_bytes: int | None = None  # cap on the map segments' bytes; inputs past it are not stored
+    eviction: str = "lru"
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+def unique(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Non-empty sequences, first occurrence kept."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for s in seqs:
+        key = tuple(int(x) for x in s)
+        if key and key not in seen:
+            seen.add(key)
+            out.append(list(key))
+    return out
+
+
+def build(
+    model: nn.Module,
+    tokenizer,
+    sequences: Sequence[Sequence[int]],
+    out,
+    cfg: BuildConfig | None = None,
+    progress: bool = True,
+    force: bool = False,
+    groups: Sequence[int] | None = None,
+) -> None:
+    """Record maps for ``sequences``, train the projector, index, and publish the DB at ``out``.
+
+    ``groups`` (optional, one per sequence) names the data row each sequence came from; the default
+    threshold then ignores neighbours from the same row (e.g. two choices of one prompt)."""
+    cfg = cfg or BuildConfig()
+    eviction_policies.check(cfg.eviction)
+    if cfg.store_layers not in ("all", "auto"):
+        raise UserError(f"store_layers must be 'all' or 'auto', got '{cfg.store_layers}'")
+    adapter = get_adapter(model.config)
+    shape = adapter.shape(model.config)
+    group_of: dict[tuple[int, ...], int] = {}
+    for i, s in enumerate(sequences):  # first occurrence wins, as in unique()
+        group_of.setdefault(tuple(map(int, s)), int(groups[i]) if groups is not None else i)
+    seqs = unique(sequences)
+    if len(seqs) < 2:
+        raise UserError(
+            f"need at least 2 distinct non-empty inputs to build a cache, got {len(seqs)}"
+        )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(s) for s in seqs)
+    if max_pos and longest > max_pos:
+        raise UserError(f"an input has {longest} tokens; the model takes at most {max_pos}")
+    if cfg.layers is not None:
+        bad = [x for x in cfg.layers if not 0 <= x < shape.n_layers]
+        if bad:
+            raise UserError(
+                f"layer {bad[0]} does not exist (the model has {shape.n_layers} layers)"
+            )
+    layers = sorted(set(cfg.layers)) if cfg.layers is not None else list(range(shape.n_layers))
+    codec = get_codec(
+        cfg.codec if cfg.codec != "auto" else ("int8" if adapter.causal else "float16"),
+        cfg.sparse_eps,
+    )  # refuse a bad name before any work
+    with staging(out, force) as folder:
+        probe_source = None
+        if cfg.store_layers == "auto":
+            layers = _probe_layers(model, adapter, seqs, layers, cfg, folder, progress)
+            probe_source = (
+                f"build: only these {len(layers)} layers are stored: the most stable on a "
+                f"probe of {min(len(seqs), PROBE_INPUTS)} inputs (store_layers=auto)"
+            )
+        layout = StoreLayout(
+            shape.n_heads, layers, codec.name, getattr(codec, "eps", None), adapter.causal
+        )
+        writer = SegmentWriter(folder, layout, cfg.max_bytes)
+        feats, entry_groups = [], []
+        for i, maps, f in record(
+            model, adapter, layers, seqs, cfg.batch_size, cfg.max_batch_elems, progress
+        ):
+            if writer.add(maps):
+                feats.append(f)
+                entry_groups.append(group_of[tuple(seqs[i])])
+        table, segments = writer.finish()
+        if len(table) < 2:
+            raise UserError(
+                f"--max-bytes {cfg.max_bytes} holds {len(table)} entries; at least 2 are needed"
+            )
+        feats_arr = np.stack(feats)
+        store = MapStore(folder, layout, table, segments)
+        fit = fit_projector(store, feats_arr, adapter.causal, cfg.projector, progress)
+        vectors = fit.projector.project(feats_arr)
+        index = VectorIndex.build(vectors, table.uid)
+        manifest = _manifest(model, tokenizer, adapter, layout, cfg)
+        manifest["projector"].update(train=fit.report, in_dim=int(feats_arr.shape[1]))
+        manifest["policy"] = (
+            default_policy(fit.layer_distance, layers, cfg.default_policy_fraction)
+            if probe_source is None
+            else {"layers": layers, "source": probe_source}
+        )
+        manifest["threshold"] = default_threshold(
+            index,
+            vectors,
+            table.uid,
+            table.length,
+            adapter.causal,
+            entry_groups,
+            cfg.threshold_quantile,
+        )
+        if writer.dropped:
+            manifest["build_dropped_by_cap"] = writer.dropped
+        Database.create(
+            folder, manifest, table, segments, layout, feats_arr, fit.projector, index, vectors
+        )
+    if writer.dropped and progress:
+        print(
+            f"--max-bytes reached: {writer.dropped} of {len(seqs)} inputs were not stored",
+            file=sys.stderr,
+        )
+
+
+def default_threshold(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    uids: np.ndarray,
+    lengths: np.ndarray,
+    allow_crop: bool,
+    groups: Sequence[int],
+    quantile: float,
+) -> float:
+    """Quantile of each entry's predicted distance to its nearest compatible entry of another row (a
+    new input never has a sibling from its own row, e.g. another choice of the same prompt)."""
+    dist, found = index.search(vectors, SEARCH_K + 1)
+    rows = np.searchsorted(uids, np.where(found < 0, 0, found))
+    nearest = []
+    for i in range(len(vectors)):
+        for d, uid, row in zip(dist[i], found[i], rows[i], strict=True):
+            if (
+                uid >= 0
+                and groups[row] != groups[i]
+                and fits(int(lengths[row]), int(lengths[i]), allow_crop)
+            ):
+                nearest.append(float(d))
+                break
+    return float(np.quantile(nearest, quantile)) if nearest else 0.0
+
+
+def _probe_layers(
+    model, adapter: Adapter, seqs, layers: list[int], cfg: BuildConfig, folder, progress: bool
+) -> list[int]:
+    """Record a sample with every layer (float16), measure layer stability, keep the default's
+    layers."""
+    sample = seqs[:PROBE_INPUTS]
+    layout = StoreLayout(
+        adapter.shape(model.config).n_heads, layers, "float16", None, adapter.causal
+    )
+    with scratch_folder(folder, "probe") as probe:
+        writer = SegmentWriter(probe, layout)
+        feats = []
+        for _, maps, f in record(
+            model,
+            adapter,
+            layers,
+            sample,
+            cfg.batch_size,
+            cfg.max_batch_elems,
+            progress,
+            "probing layers",
+        ):
+            writer.add(maps)
+            feats.append(f)
+        table, segments = writer.finish()
+        store = MapStore(probe, layout, table, segments)
+        pcfg = ProjectorConfig(**{**asdict(cfg.projector), "pairs": min(cfg.projector.pairs, 1000)})
+        fit = fit_projector(store, np.stack(feats), adapter.causal, pcfg, progress)
+        del store
+    return default_policy(fit.layer_distance, layers, cfg.default_policy_fraction)["layers"]
+
+
+def _manifest(model, tokenizer, adapter: Adapter, layout: StoreLayout, cfg: BuildConfig) -> dict:
+    shape = adapter.shape(model.config)
+    info = ModelInfo(
+        models.name_of(model),
+        model.config.model_type,
+        adapter.name,
+        adapter.causal,
+        models.fingerprint(model, tokenizer),
+        shape,
+    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": info.to_json(),
+        "store": {**asdict(layout), "max_bytes": cfg.max_bytes, "eviction": cfg.eviction},
+        "threshold_quantile": cfg.threshold_quantile,
+        "projector": {
+            "in_dim": None,
+            "hidden": cfg.projector.hidden,
+            "out_dim": cfg.projector.out_dim,
+            "alpha": cfg.projector.alpha,
+            "features": "mean layer-0 normalised token embeddings + log(L)",
+        },
+        "allow_crop": adapter.causal,
+    }

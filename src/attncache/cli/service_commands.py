@@ -1,0 +1,132 @@
+"""Long-running and scale-out commands: serve (HTTP) and batch (Ray Data)."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .options import (
+    POLICY_GRAMMAR,
+    POSITIVE,
+    add_data,
+    add_db,
+    add_model,
+    add_output,
+    add_prefix,
+    db_of,
+    number,
+    prefix_bytes,
+    refuse,
+    size,
+)
+from .output import emit
+
+
+def run_serve(a) -> int:
+    from ..serve import ServeConfig, serve
+
+    if not a.learn:
+        refuse(a, ["max_bytes"], "without --learn (it bounds what learning inserts)")
+    if a.no_cache:
+        refuse(a, ["policy", "learn"], "with --no-cache (no map cache is attached)")
+    cfg = ServeConfig(
+        max_batch=a.max_batch,
+        max_wait_ms=a.max_wait_ms,
+        max_queue=a.max_queue,
+        timeout_s=a.timeout_s,
+        policy=a.policy,
+        attach=not a.no_cache,
+        learn=a.learn,
+        prefix_bytes=prefix_bytes(a),
+    )
+    serve(
+        db_of(a),
+        a.model,
+        a.host,
+        a.port,
+        cfg,
+        max_bytes=a.max_bytes,
+        device=a.device,
+        dtype=a.dtype,
+    )
+    return 0
+
+
+def run_batch(a) -> int:
+    from ..batch import run_batch as job
+
+    if a.strict:
+        raise UserError(
+            "--strict has no effect in batch: rows are validated on the driver, bad ones reported"
+        )
+    res = job(
+        db_of(a),
+        a.data,
+        a.out,
+        address=a.address,
+        actors=a.actors,
+        batch_size=a.batch_size,
+        model_name=a.model,
+        policy=a.policy,
+        limit=a.limit,
+        max_tokens=a.max_tokens,
+        progress=not a.quiet and not a.json,
+        device=a.device,
+        dtype=a.dtype,
+    )
+    emit(res, a.json)
+    return 0
+
+
+def register(sub, formatter) -> None:
+    sp = sub.add_parser(
+        "serve",
+        help="HTTP service: /v1/embeddings, /v1/score, /health, /metrics",
+        epilog=POLICY_GRAMMAR,
+        formatter_class=formatter,
+    )
+    add_db(sp)
+    add_model(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=number(int, 1, 65535), default=8000)
+    sp.add_argument("--policy", help="reuse policy (below; default: the DB's)")
+    sp.add_argument("--max-batch", type=POSITIVE, default=8, help="requests per model batch (8)")
+    sp.add_argument(
+        "--max-wait-ms",
+        type=number(float, 0.0),
+        default=5.0,
+        help="how long a batch waits to fill (5)",
+    )
+    sp.add_argument(
+        "--max-queue", type=POSITIVE, default=256, help="queued requests before 503 (256)"
+    )
+    sp.add_argument(
+        "--timeout-s",
+        type=number(float, 0.0, lo_open=True),
+        default=30.0,
+        help="per-request timeout, 504 after (30)",
+    )
+    sp.add_argument(
+        "--no-cache", action="store_true", help="serve the plain model (a baseline for load tests)"
+    )
+    sp.add_argument(
+        "--learn", action="store_true", help="insert inputs that miss (one writer per DB)"
+    )
+    sp.add_argument("--max-bytes", type=size, help="with --learn: cap on the stored maps")
+    add_prefix(sp)
+    sp.set_defaults(fn=run_serve)
+
+    sp = sub.add_parser(
+        "batch",
+        help="offline batch job on Ray Data (an actor pool, each with the DB attached)",
+        epilog=POLICY_GRAMMAR,
+        formatter_class=formatter,
+    )
+    add_db(sp)
+    add_data(sp)
+    add_output(sp)
+    add_model(sp)
+    sp.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
+    sp.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    sp.add_argument("--actors", type=POSITIVE, default=2)
+    sp.add_argument("--batch-size", type=POSITIVE, default=16)
+    sp.add_argument("--policy", help="reuse policy (below; default: the DB's)")
+    sp.set_defaults(fn=run_batch)

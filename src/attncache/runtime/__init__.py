@@ -1,0 +1,25 @@
+"""Online replay: lookup, the per-batch plan, map sources, replay arithmetic, the patch
+lifecycle."""
+
+from .adapters import Adapter, get_adapter
+from .attach import Attachment, Learner, MapStats
+from .lookup import Hit, Lookup, PresetHits, compatible, nearest
+from .maps import PreloadedMaps, StoreMaps
+from .policy import Policy, parse_policy
+
+__all__ = [
+    "Adapter",
+    "Attachment",
+    "Hit",
+    "Learner",
+    "Lookup",
+    "MapStats",
+    "Policy",
+    "PreloadedMaps",
+    "PresetHits",
+    "StoreMaps",
+    "compatible",
+    "get_adapter",
+    "nearest",
+    "parse_policy",
+]

@@ -1,0 +1,92 @@
+"""Lookup: projector -> index -> the nearest length-compatible entry, if within the threshold.
+
+A map serves an input of the same length or, for causal models, a shorter input by its top-left crop
+(exactly the map of the entry's prefix). The index returns the ``SEARCH_K`` nearest uids; the first
+compatible one is the candidate, and it hits iff its predicted distance is within the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..db import Database
+
+SEARCH_K = 64  # neighbours inspected per lookup to find the nearest length-compatible entry
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: int  # row of the entry table
+    length: int  # the query's length; < the entry's length means an exact causal crop
+    distance: float
+
+
+class HitSource(Protocol):
+    """What an attachment asks for each batch's hits."""
+
+    def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]: ...
+
+    @property
+    def needs_features(self) -> bool: ...
+
+
+def fits(entry_len: int, query_len: int, allow_crop: bool) -> bool:
+    """Whether an entry's maps serve a query: same length, or a longer causal entry's exact crop."""
+    return entry_len == query_len or (allow_crop and entry_len > query_len)
+
+
+def compatible(db: Database, entry: int, length: int) -> bool:
+    return fits(int(db.store.lengths[entry]), length, db.allow_crop)
+
+
+def nearest(
+    db: Database, feats: np.ndarray, lengths: Sequence[int], threshold: float, k: int = SEARCH_K
+) -> list[Hit | None]:
+    """Per query, the nearest compatible entry within ``threshold`` (no usage counted)."""
+    if len(db.store) == 0 or len(lengths) == 0:
+        return [None] * len(lengths)
+    dist, uids = db.index.search(db.projector.project(feats), k)
+    rows = db.rows_of(np.where(uids < 0, 0, uids))
+    hits: list[Hit | None] = []
+    for b, length in enumerate(lengths):
+        hit = None
+        for d, uid, row in zip(dist[b], uids[b], rows[b], strict=True):
+            if uid < 0 or length <= 0:
+                break
+            if compatible(db, int(row), length):
+                if d <= threshold:
+                    hit = Hit(int(row), int(length), float(d))
+                break
+        hits.append(hit)
+    return hits
+
+
+class Lookup:
+    """The lookup an attached cache runs per batch; counts each hit's use for eviction."""
+
+    needs_features = True
+
+    def __init__(self, db: Database, threshold: float):
+        self.db, self.threshold = db, threshold
+
+    def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]:
+        assert feats is not None
+        hits = nearest(self.db, feats, lengths, self.threshold)
+        self.db.usage.record(int(self.db.store.table.uid[h.entry]) for h in hits if h is not None)
+        return hits
+
+
+class PresetHits:
+    """Hits fixed in advance (benchmarks: the method's ceiling without retrieval)."""
+
+    needs_features = False
+
+    def __init__(self, hits: Sequence[Hit | None]):
+        self.hits = list(hits)
+
+    def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]:
+        return list(self.hits)

@@ -1,0 +1,17 @@
+"""Exact reuse: tiers that skip work without changing any answer."""
+
+from .base import Tier, TierOutput
+from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier, supports_prefix
+from .radix import InsertResult, Match, RadixKV
+
+__all__ = [
+    "DEFAULT_PREFIX_BYTES",
+    "InsertResult",
+    "Match",
+    "PrefixStats",
+    "PrefixTier",
+    "RadixKV",
+    "Tier",
+    "TierOutput",
+    "supports_prefix",
+]

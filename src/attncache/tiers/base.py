@@ -1,0 +1,27 @@
+"""What every exact tier shares: the typed result of a run and the protocol a tier implements.
+
+A tier takes a batch of token sequences and returns, per item, the logits of the last ``keep``
+positions, computing as little as it can while staying exact; it reports its own counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+
+class TierOutput(NamedTuple):
+    logits: torch.Tensor  # [B, keep, V]
+    hits: list[Any]  # per item: the map-cache hit it replayed (runtime.Hit), or None
+
+
+class Tier(Protocol):
+    def run(self, seqs: list[list[int]], keep: int, pad_id: int, maps: Any = None) -> TierOutput:
+        """Logits of ``seqs``; ``maps``: an attached map cache whose hits apply where the tier
+        computes."""
+        ...
+
+    def report(self) -> dict[str, float]:
+        """Counters and memory, for JSON results and metrics."""
+        ...

@@ -1,0 +1,18 @@
+"""The commands as Python functions: the CLI, bench, serve and batch are thin layers over these."""
+
+from .calibrate import CalibrationResult, calibrate, templates_only
+from .evaluate import EvalResult, build, evaluate
+from .session import Session, input_limit
+from .sweep import sweep
+
+__all__ = [
+    "CalibrationResult",
+    "EvalResult",
+    "Session",
+    "build",
+    "calibrate",
+    "evaluate",
+    "input_limit",
+    "sweep",
+    "templates_only",
+]

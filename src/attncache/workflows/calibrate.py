@@ -1,0 +1,306 @@
+"""``calibrate`` and ``templates``: choose (and store) the setting that reuses most within a
+bound."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..build.calibrate import TEMPLATE_SHARES, binom_upper, choice_targets
+from ..build.templates import greedy_order, mean_maps, select
+from ..db import Templates
+from ..errors import UserError
+from ..runtime import Policy
+from ..tasks import Plan, RunOutput, compare, mix, run
+from .search import Search
+from .session import Session
+
+CANDIDATE_LAYER_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
+CANDIDATE_HEAD_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def candidate_policies(s: Session, heads: bool = True) -> list[Policy]:
+    """The k most stable layers for growing k, and (optionally) the N most stable single heads."""
+    c = s.cache
+    layer_dist = c.db.train_report.get("layer_distance")
+    stored = c.store.layout.layers
+    order = (
+        [stored[i] for i in np.argsort(layer_dist, kind="stable")] if layer_dist else list(stored)
+    )
+    ks = sorted({k for k in (*CANDIDATE_LAYER_COUNTS, len(order)) if k <= len(order)})
+    out = [c.policy(",".join(map(str, sorted(order[:k])))) for k in ks]
+    total = len(stored) * c.shape.n_heads
+    if heads and c.head_distance is not None:
+        out += [c.policy(f"heads:{max(1, round(total * f))}") for f in CANDIDATE_HEAD_SHARES]
+    return out
+
+
+def fit_templates(
+    s: Session,
+    plan: Plan,
+    exact: RunOutput,
+    rank_rows: list[int],
+    max_share: float,
+    progress: bool,
+    rounds: int = 1,
+) -> tuple[Templates, dict]:
+    """Average the stored maps, rank every stored (layer, head) by the estimated output effect of
+    its template on ``rank_rows``, and keep the templates of the best ``max_share`` of all heads, in
+    rank order. ``rounds`` > 1 ranks in chunks, each with the earlier chunks' templates in place
+    (measured on SST-2: no better than one round, see docs/results.md)."""
+    c = s.cache
+    if rounds < 1:
+        raise UserError(f"--rank-rounds must be at least 1, got {rounds}")
+    targets = choice_targets(plan, exact, rank_rows)
+    if not targets:
+        raise UserError(
+            "ranking heads for templates needs multiple-choice rows (with 2+ choices) in DATA"
+        )
+    means = mean_maps(c.store, progress=progress)
+    layers = c.store.layout.layers
+    keep = max(1, int(round(max_share * c.shape.n_layers * c.shape.n_heads)))
+    order, scores = greedy_order(
+        s.model, c.adapter, means, layers, plan.seqs, targets, keep, rounds, progress
+    )
+    info = {"ranked_on": len(targets), "method": "attribution", "rounds": rounds, "score": scores}
+    return select(means, layers, order, c.adapter.causal), info
+
+
+def exact_on_decoder(
+    db: str,
+    data: str,
+    limit,
+    batch_size: int,
+    progress: bool,
+    model_name,
+    max_tokens,
+    refusal: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[Session, Plan, RunOutput]:
+    """Open a decoder DB (``refusal`` otherwise), plan DATA and run it exactly."""
+    s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
+    if not s.causal:
+        raise UserError(refusal)
+    plan = s.plan(data, limit, quiet=not progress)
+    return s, plan, run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+
+
+@dataclass(frozen=True)
+class TemplatesResult:
+    db: str
+    template_heads: int
+    max_len: int
+    ranked_on: int
+    bytes: int
+    device: str
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def templates_only(
+    db: str,
+    data: str,
+    max_share: float = 0.6,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    model_name: str | None = None,
+    max_tokens: int | None = None,
+    rounds: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> TemplatesResult:
+    """Fit and store templates for the ``max_share`` of heads that rank best on DATA, without
+    choosing how many to use (``--policy fixed:N`` picks; ``calibrate`` chooses N under a bound)."""
+    if not 0 < max_share <= 1:
+        raise UserError(f"--max-share must be in (0, 1], got {max_share}")
+    s, plan, exact = exact_on_decoder(
+        db,
+        data,
+        limit,
+        batch_size,
+        progress,
+        model_name,
+        max_tokens,
+        "templates are ranked by their effect on choice scores: they need a decoder cache",
+        device,
+        dtype,
+    )
+    t, info = fit_templates(
+        s, plan, exact, list(range(len(plan.rows))), max_share, progress, rounds
+    )
+    s.cache.set_templates(t, {"source": f"attncache templates on {data}", **info})
+    return TemplatesResult(
+        db, len(t.heads), t.max_len, info["ranked_on"], int(t.maps.nbytes), s.device, s.dtype
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    max_loss: float
+    confidence: float
+    data: str
+    n: int  # rows the bound was measured on
+    rank_rows: int  # rows that only ranked heads for templates
+    policy: str
+    policy_layers: list[int]  # whole layers
+    policy_heads: int  # retrieved heads of other layers
+    policy_fixed_heads: int  # served by templates
+    threshold: float
+    reuse_fraction: float
+    template_fraction: float
+    agreement: float | None
+    disagreement_bound: float
+    accuracy_baseline: float | None
+    accuracy_cached: float | None
+    candidates: int  # candidate settings whose passes ran (fully or until they broke the bound)
+    passes: float  # cached passes over the calibration rows, in whole-pass units
+    seconds: float
+    search: str  # "complete", or "stopped at the time limit: the best setting found so far"
+    device: str
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(
+    db: str,
+    data: str,
+    max_loss: float,
+    limit: int | None = None,
+    batch_size: int = 8,
+    conf: float = 0.95,
+    progress: bool = True,
+    model_name: str | None = None,
+    write: bool = True,
+    heads: bool = True,
+    max_tokens: int | None = None,
+    templates: bool = True,
+    rank_share: float = 0.25,
+    max_template_share: float = 0.6,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_minutes: float | None = None,
+    exhaustive: bool = False,
+) -> CalibrationResult:
+    """Store the setting that reuses the most maps while the upper bound on changed answers <=
+    max_loss.
+
+    Candidates: retrieval policies (the k most stable layers, the N most stable heads) at every
+    threshold; with ``templates``, also the k best template heads alone (k = 5..60 % of all maps)
+    and the largest such k within the bound combined with each retrieval policy. The first
+    ``rank_share`` of DATA's rows only ranks heads for templates; the bound is measured on the rest.
+    The search (``search.py``) skips and stops candidates that cannot win; ``max_minutes`` caps its
+    time and returns the best setting found within it, labelled as such."""
+    if not 0 < max_loss < 1:
+        raise UserError(
+            f"--max-loss must be between 0 and 1 (a fraction of predictions), got {max_loss}"
+        )
+    if max_minutes is not None and max_minutes <= 0:
+        raise UserError(f"--max-minutes must be positive, got {max_minutes}")
+    t0 = time.monotonic()
+    s, plan, exact = exact_on_decoder(
+        db,
+        data,
+        limit,
+        batch_size,
+        progress,
+        model_name,
+        max_tokens,
+        "calibrate needs labelled predictions: it supports decoder caches (choice or text rows)",
+        device,
+        dtype,
+    )
+    n_rank = int(round(rank_share * len(plan.rows))) if templates else 0
+    if templates and (n_rank < 8 or len(plan.rows) - n_rank < 20):
+        raise UserError(
+            f"calibrating templates needs at least ~60 rows in DATA (8+ to rank heads, 20+ to "
+            f"measure the bound), got {len(plan.rows)}; pass more data or --no-templates"
+        )
+    held_rows = list(range(n_rank, len(plan.rows)))
+    held = Plan(plan.seqs, plan.rows[n_rank:], plan.skipped, plan.causal)
+    deadline = t0 + 60 * max_minutes if max_minutes is not None else None
+    tmpl_info: dict = {}
+    if templates:
+        t, tmpl_info = fit_templates(
+            s, plan, exact, list(range(n_rank)), max_template_share, progress
+        )
+        s.cache.use_templates(t)
+    search = Search(
+        s, plan, held_rows, exact, max_loss, conf, batch_size, progress, deadline, exhaustive
+    )
+    specs = candidate_policies(s, heads)
+    k_ok, k_base = 0, None
+    if templates:
+        total = s.cache.shape.n_layers * s.cache.shape.n_heads
+        ks = sorted({min(len(t.heads), max(1, round(f * total))) for f in TEMPLATE_SHARES})
+        k_ok, k_base = search.templates(ks)
+    search.policies(specs, exact)
+    if (
+        k_ok and k_base is not None
+    ):  # each retrieval policy on top of the largest template set in the bound
+        search.policies([s.cache.policy(f"fixed:{k_ok}+{x.name}") for x in specs], k_base)
+    best = search.best
+    final = (
+        best.cached if not best.policy.retrieves else mix(best.base, best.cached, best.threshold)
+    )
+    cmp = compare(held, exact, final)
+    pj = best.policy.to_json()
+    n_fixed = sum(len(h) for h in pj.get("fixed", {}).values())
+    n_layers = s.cache.shape.n_layers
+    result = CalibrationResult(
+        max_loss=max_loss,
+        confidence=conf,
+        data=data,
+        n=cmp.n,
+        rank_rows=n_rank,
+        policy=best.policy.name,
+        policy_layers=pj["layers"],
+        policy_heads=sum(len(h) for h in pj["heads"].values()),
+        policy_fixed_heads=n_fixed,
+        threshold=best.threshold,
+        reuse_fraction=best.reuse,
+        template_fraction=best.policy.fixed_maps() / n_layers * search.template_share,
+        agreement=cmp.agreement,
+        disagreement_bound=binom_upper(best.changes, cmp.n, conf),
+        accuracy_baseline=cmp.accuracy_baseline,
+        accuracy_cached=cmp.accuracy_cached,
+        candidates=search.tried,
+        passes=round(search.passes, 2),
+        seconds=round(time.monotonic() - t0, 1),
+        search="stopped at the time limit: the best setting found so far"
+        if search.stopped_early
+        else "complete",
+        device=s.device,
+        dtype=s.dtype,
+    )
+    if write:
+        kept = (
+            s.cache.templates.first(n_fixed) if n_fixed else None
+        )  # the chosen heads, in rank order
+        s.cache.use_templates(None)
+        if kept is not None:
+            s.cache.set_templates(
+                kept,
+                {
+                    "source": f"calibrate on {data}",
+                    **tmpl_info,
+                    "score": tmpl_info.get("score", [])[:n_fixed],
+                },
+            )
+        s.cache.update_settings(
+            threshold=result.threshold if best.policy.retrieves else s.cache.threshold,
+            policy={
+                **pj,
+                "source": f"calibrate ({result.policy}): max_loss {max_loss} at {conf:.0%} "
+                f"confidence on {len(held_rows)} rows of {data}",
+            },
+            calibration=result.as_dict(),
+        )
+    return result

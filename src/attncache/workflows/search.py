@@ -1,0 +1,214 @@
+"""The calibration search: the setting with the most reuse whose disagreement bound fits, found
+cheaply.
+
+Reuse of a (policy, threshold) setting is known before any pass: template heads serve every input
+that fits them, and the share of inputs whose nearest entry is within a threshold follows from the
+lookups alone (``lookup_distances``). Only feasibility (the bound) needs a cached pass. So
+candidates are taken best-first and
+
+- a candidate whose largest possible reuse is no better than the best setting found is skipped;
+- a pass runs in chunks of rows and stops as soon as, at every threshold that would beat the best
+  setting, more rows already changed than the bound allows (the count can only grow);
+- template heads are searched by bisection over their count (more heads change more answers).
+
+``exhaustive`` runs every candidate to the end (the pre-search behaviour, for comparisons).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..build.calibrate import allowed_changes, change_counts
+from ..inputs import length_batches
+from ..progress import Stage
+from ..runtime import Policy, nearest
+from ..runtime.features import features
+from ..tasks import Plan, RunOutput, run
+from .session import Session
+
+CHUNKS = 8  # a pass is checked against the bound this many times
+
+
+@torch.no_grad()
+def lookup_distances(s: Session, plan: Plan, batch_size: int = 32) -> list[float]:
+    """Per sequence, the predicted distance to its nearest compatible entry (inf: none), no model
+    pass."""
+    model, adapter = s.model, s.cache.adapter
+    device = next(model.parameters()).device
+    out = [float("inf")] * len(plan.seqs)
+    for batch in length_batches([len(x) for x in plan.seqs], batch_size):
+        for i in batch:  # one at a time: no padding, the exact features a lookup computes
+            seq = plan.seqs[i]
+            feats = features(model, adapter, torch.tensor([seq], device=device), [(0, len(seq))])
+            hit = nearest(s.cache.db, feats, [len(seq)], float("inf"))[0]
+            out[i] = hit.distance if hit is not None else float("inf")
+    return out
+
+
+@dataclass
+class Setting:
+    policy: Policy
+    threshold: float
+    reuse: float
+    changes: int
+    base: RunOutput | None = None  # what a miss outputs
+    cached: RunOutput | None = None  # the policy's pass (threshold infinity)
+
+
+class Search:
+    def __init__(
+        self,
+        s: Session,
+        plan: Plan,
+        rows: list[int],
+        exact: RunOutput,
+        max_loss: float,
+        conf: float,
+        batch_size: int,
+        progress: bool,
+        deadline: float | None = None,
+        exhaustive: bool = False,
+    ):
+        self.s, self.plan, self.rows, self.exact = s, plan, rows, exact
+        self.batch_size, self.progress, self.deadline, self.exhaustive = (
+            batch_size,
+            progress,
+            deadline,
+            exhaustive,
+        )
+        self.c_max = allowed_changes(len(rows), max_loss, conf)
+        seqs = sorted({q for r in rows for q in plan.rows[r].seqs})
+        self.seqs = seqs
+        self.distances = lookup_distances(s, plan)
+        finite = sorted({self.distances[q] for q in seqs if np.isfinite(self.distances[q])})
+        self.thresholds = np.array([-1.0] + finite)
+        d = np.array([self.distances[q] for q in seqs])
+        self.hit_rate = np.array([float(np.mean(d <= t)) for t in self.thresholds])
+        tmax = s.cache.templates.max_len if s.cache.templates is not None else 0
+        self.template_share = (
+            float(np.mean([len(plan.seqs[q]) <= tmax for q in seqs])) if seqs else 0.0
+        )
+        self.best = Setting(Policy({}, s.cache.shape.n_heads, "none"), -1.0, 0.0, 0, exact, exact)
+        self.tried = 0
+        self.passes = 0.0  # cached passes run, in units of whole passes over the rows
+        self.stopped_early = False  # the time limit ended the search
+        order = np.random.default_rng(0).permutation(len(rows))
+        self.chunks = [
+            [rows[i] for i in part] for part in np.array_split(order, min(CHUNKS, len(rows)))
+        ]
+
+    # -- what a setting reuses, before running anything
+    # ---------------------------------------------
+    def reuse(self, policy: Policy) -> np.ndarray:
+        """Share of all (layer, head) maps reused, per threshold."""
+        c = self.s.cache
+        n_layers = c.shape.n_layers
+        fixed = policy.fixed_maps() / n_layers * self.template_share if policy.fixed else 0.0
+        per_hit = policy.head_maps(c.store.layer_pos) / n_layers if policy.retrieves else 0.0
+        return fixed + self.hit_rate * per_hit
+
+    def out_of_time(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.stopped_early = True
+        return self.stopped_early
+
+    # -- one candidate
+    # --------------------------------------------------------------------------------
+    def evaluate(self, policy: Policy, base: RunOutput) -> RunOutput | None:
+        """Run ``policy`` (threshold infinity) chunk by chunk; update the best setting.
+
+        Returns the pass when it ran to the end (a template-only pass is the base of combined
+        policies), else None."""
+        reuse = self.reuse(policy)
+        if not policy.retrieves:
+            reuse = reuse[:1]  # one setting: no lookup, no threshold
+        if not self.exhaustive and reuse.max() <= self.best.reuse:
+            return None  # cannot beat the best even if it changed nothing
+        self.tried += 1
+        threshold = float("inf") if policy.retrieves else -1.0
+        out: RunOutput | None = None
+        done: list[int] = []
+        with self.s.cache.attach(self.s.model, policy, threshold=threshold) as att:
+            for chunk in self.chunks:
+                if self.out_of_time():
+                    return None
+                seq_ids = sorted({q for r in chunk for q in self.plan.rows[r].seqs})
+                out = run(
+                    self.s.model,
+                    self.s.tokenizer,
+                    self.plan,
+                    self.batch_size,
+                    attached=att,
+                    progress=False,
+                    seq_ids=seq_ids,
+                    into=out,
+                )
+                self.passes += len(seq_ids) / max(1, len(self.seqs))
+                done += chunk
+                counts = self._counts(done, base, out, policy)
+                better = reuse > self.best.reuse
+                if not self.exhaustive and not np.any(better & (counts <= self.c_max)):
+                    return None  # every setting that would improve already broke the bound
+        feasible = np.flatnonzero(counts <= self.c_max)
+        if len(feasible):
+            k = int(feasible[np.argmax(reuse[feasible])])
+            if reuse[k] > self.best.reuse:
+                t = float(self.thresholds[k]) if policy.retrieves else -1.0
+                self.best = Setting(policy, t, float(reuse[k]), int(counts[k]), base, out)
+        return out
+
+    def _counts(
+        self, rows: list[int], base: RunOutput, out: RunOutput, policy: Policy
+    ) -> np.ndarray:
+        if not policy.retrieves:  # the pass itself is the outcome
+            return change_counts(self.plan, rows, self.exact, out, out, self.thresholds[:1])
+        return change_counts(
+            self.plan, rows, self.exact, base, out, self.thresholds, self.distances
+        )
+
+    # -- the search
+    # ------------------------------------------------------------------------------------
+    def templates(self, ks: list[int]) -> tuple[int, RunOutput | None]:
+        """The largest feasible template count among ``ks`` (bisection; all of them when
+        exhaustive)."""
+        outs: dict[int, RunOutput] = {}
+        if self.exhaustive:
+            for k in ks:
+                got = self.evaluate(self.s.cache.policy(f"fixed:{k}"), self.exact)
+                if got is not None and self._feasible_alone(got, k):
+                    outs[k] = got
+            best = max(outs, default=0)
+            return best, outs.get(best)
+        lo, hi = -1, len(ks)  # ks[lo] feasible (or none), ks[hi] infeasible (or past the end)
+        while hi - lo > 1 and not self.out_of_time():
+            mid = (lo + hi) // 2
+            got = self.evaluate(self.s.cache.policy(f"fixed:{ks[mid]}"), self.exact)
+            if got is not None and self._feasible_alone(got, ks[mid]):
+                lo, outs[ks[mid]] = mid, got
+            else:
+                hi = mid
+        return (ks[lo], outs[ks[lo]]) if lo >= 0 else (0, None)
+
+    def _feasible_alone(self, out: RunOutput, k: int) -> bool:
+        return (
+            int(change_counts(self.plan, self.rows, self.exact, out, out, self.thresholds[:1])[0])
+            <= self.c_max
+        )
+
+    def policies(self, candidates: list[Policy], base: RunOutput) -> None:
+        """Branch and bound over retrieval candidates, the most promising (largest reuse) first."""
+        order = sorted(candidates, key=lambda p: -float(self.reuse(p).max()))
+        with Stage(len(order), "calibration candidates", self.progress) as bar:
+            for policy in order:
+                if self.out_of_time():
+                    break
+                self.evaluate(policy, base)
+                bar.update()
+                bar.set_postfix(
+                    f"best reuse {self.best.reuse:.3f} ({self.best.policy.name}), "
+                    f"{self.passes:.1f} passes"
+                )

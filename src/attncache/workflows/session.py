@@ -1,0 +1,125 @@
+"""An opened DB with its model loaded and checked: what eval, bench, calibrate and serve start
+from."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .. import data as data_mod
+from .. import models
+from ..cache import AttnCache
+from ..errors import UserError
+from ..tasks import Plan, plan_rows, require_rows
+from ..tiers import PrefixTier, supports_prefix
+
+
+def input_limit(model, tokenizer, cap: int | None = None) -> int | None:
+    """The longest input the model (and tokenizer) take, or ``cap`` if that is smaller."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    if cap is not None:
+        n = min(n, cap) if n else cap
+    t = getattr(tokenizer, "model_max_length", None)
+    if t is not None and t < 10**6:
+        n = min(n, t) if n else t
+    return n
+
+
+def warn_skipped(msgs: list[str], quiet: bool) -> None:
+    if msgs and not quiet:
+        for m in msgs[:5]:
+            print(f"skipped {m}", file=sys.stderr)
+        if len(msgs) > 5:
+            print(f"... and {len(msgs) - 5} more skipped rows", file=sys.stderr)
+
+
+def quantize_int8(model):
+    """torch's CPU dynamic int8 quantization of every Linear (weights int8, activations on the fly).
+
+    The maps were recorded on the fp32 model; replay only needs ``v_proj``/``o_proj`` to be
+    callable, and computes the Q/K rows of partially reused layers through the quantized linears
+    whole."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    models.same_identity(
+        quantized, model
+    )  # the identity check refers to the weights the maps came from
+    return quantized
+
+
+@dataclass
+class Session:
+    cache: AttnCache
+    model: object
+    tokenizer: object
+    max_tokens: int | None = None  # rows with a longer input are skipped (reported)
+    quantized: bool = False
+
+    @classmethod
+    def open(
+        cls,
+        db: str,
+        model_name: str | None = None,
+        quantize: str | None = None,
+        max_tokens: int | None = None,
+        max_bytes: int | None = None,
+        eviction: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> Session:
+        """Open ``db`` and load its model (or ``model_name``, which must be the same weights) on
+        ``device`` in ``dtype``; ``quantize='int8'``: torch's dynamic int8 linears (CPU, fp32)."""
+        if quantize is not None and quantize != "int8":
+            raise UserError(f"--quantize: only 'int8' is supported, got '{quantize}'")
+        if quantize and (dtype != "float32" or models.resolve_device(device) != "cpu"):
+            raise UserError(
+                "--quantize int8 is torch's CPU dynamic quantization of a float32 model; "
+                "it cannot be combined with --dtype or a GPU --device"
+            )
+        cache = AttnCache.open(db, max_bytes=max_bytes, eviction=eviction)
+        model, tok = models.load(
+            model_name or cache.manifest["model"]["name"], dtype=dtype, device=device
+        )
+        cache.check_model(model)  # on the weights the DB was built with
+        cache.check_tokenizer(tok)
+        if quantize == "int8":
+            model = quantize_int8(model)
+        return cls(cache, model, tok, max_tokens, quantized=quantize == "int8")
+
+    @property
+    def device(self) -> str:
+        return models.describe(self.model)[0]
+
+    @property
+    def dtype(self) -> str:
+        return "int8-dynamic" if self.quantized else models.describe(self.model)[1]
+
+    @property
+    def causal(self) -> bool:
+        return self.cache.adapter.causal
+
+    @property
+    def max_len(self) -> int | None:
+        return input_limit(self.model, self.tokenizer, self.max_tokens)
+
+    def prefix_tier(self, max_bytes: int | None) -> PrefixTier | None:
+        """A fresh exact prefix tier, for decoders whose cache keeps every key (no sliding
+        windows)."""
+        if max_bytes is None or not self.causal or not supports_prefix(self.model):
+            return None
+        return PrefixTier(self.model, max_bytes)
+
+    def plan(
+        self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False
+    ) -> Plan:
+        ds = data_mod.load(data, encoder=not self.causal, limit=limit, strict=strict)
+        plan = plan_rows(ds.rows, self.tokenizer, self.causal, self.max_len)
+        warn_skipped(ds.skipped + plan.skipped, quiet)
+        require_rows(plan)
+        return plan

@@ -1,0 +1,227 @@
+"""Benchmarks are code: every script runs end to end on a tiny model for one short iteration."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = [sys.executable]
+
+
+def run(*args, timeout=600):
+    r = subprocess.run(
+        PY + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert r.returncode == 0, (args, r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tiny_hf, tmp_path_factory):
+    db = tmp_path_factory.mktemp("bench") / "db"
+    run(
+        "-m",
+        "attncache",
+        "build",
+        "--model",
+        tiny_hf("llama"),
+        "--data",
+        "sst2[0:24]",
+        "--out",
+        db,
+        "--quiet",
+        "--compression",
+        "float16",
+    )
+    return db
+
+
+def test_speed_accuracy(tiny_db, tmp_path):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(
+        run(
+            "-m",
+            "attncache",
+            "eval",
+            "--db",
+            tiny_db,
+            "--data",
+            "sst2[24:34]",
+            "--sweep",
+            "--json",
+            "--quiet",
+        ).stdout
+    )
+    out = tmp_path / "out.json"
+    run(
+        "benchmarks/speed_accuracy.py",
+        "--db",
+        tiny_db,
+        "--data",
+        "sst2[24:30]",
+        "--sweep",
+        sweep,
+        "--out",
+        out,
+        "--hit-rates",
+        "0.5",
+        "--limit",
+        "4",
+        "--plot",
+        tmp_path / "p.png",
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert (
+        rows
+        and all(r["workload_speedup_vs_sdpa"] > 0 for r in rows)
+        and (tmp_path / "p.png").exists()
+    )
+
+
+def test_retrieval_features_and_template_ranking(tiny_db, tmp_path):
+    out = tmp_path / "rf.json"
+    run(
+        "benchmarks/retrieval_features.py",
+        "--db",
+        tiny_db,
+        "--build",
+        "sst2[0:24]",
+        "--data",
+        "sst2[24:30]",
+        "--limit",
+        "4",
+        "--out",
+        out,
+    )
+    res = json.loads(out.read_text())
+    assert (
+        res["n"] >= 1
+        and res["median_tv"]["oracle (closest maps)"] <= res["median_tv"]["random compatible entry"]
+    )
+    out = tmp_path / "tr.json"
+    run(
+        "benchmarks/template_ranking.py",
+        "--db",
+        tiny_db,
+        "--rank",
+        "sst2[24:32]",
+        "--test",
+        "sst2[32:40]",
+        "--ks",
+        "2,4",
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 2 and all(0 <= r["agreement"] <= 1 for r in rows)
+
+
+def test_length_scaling(tiny_hf, tmp_path):
+    out = tmp_path / "len.json"
+    run(
+        "benchmarks/length_scaling.py",
+        "--model",
+        tiny_hf("llama"),
+        "--lengths",
+        "16,32",
+        "--per-length",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())
+    assert [r["target_tokens"] for r in rows] == [16, 32] and all(
+        r["hit_rate"] == 1.0 for r in rows
+    )
+
+
+def test_store_scale(tmp_path):
+    out = tmp_path / "scale.json"
+    run(
+        "benchmarks/store_scale.py",
+        "--sizes",
+        "20,40",
+        "--chunk",
+        "20",
+        "--queries",
+        "10",
+        "--fetches",
+        "5",
+        "--stream",
+        "50",
+        "--distinct",
+        "20",
+        "--cap-entries",
+        "5",
+        "--length",
+        "16",
+        "--out",
+        out,
+    )
+    assert json.loads(out.read_text())
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    run(
+        "benchmarks/gpu_check.py",
+        "--shape",
+        "tiny",
+        "--lengths",
+        "16",
+        "--repeats",
+        "1",
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["tokens"] == 16 and rows[0]["bound_e2e_speedup"] > 0
+
+
+def test_load_test(tiny_db, tmp_path):
+    out = tmp_path / "load.json"
+    run(
+        "benchmarks/load_test.py",
+        "--db",
+        tiny_db,
+        "--data",
+        "sst2[24:30]",
+        "--requests",
+        "6",
+        "--concurrency",
+        "2",
+        "--out",
+        out,
+    )
+    res = json.loads(out.read_text())
+    assert res
+
+
+def test_summarize_runs_on_what_exists(tmp_path):
+    (tmp_path / "sst2_eval.json").write_text(
+        json.dumps(
+            {
+                "results": [
+                    {
+                        "policy": "all",
+                        "n": 3,
+                        "accuracy_baseline": 0.5,
+                        "accuracy_cached": 0.5,
+                        "agreement": 1.0,
+                        "hit_rate": 1.0,
+                        "reuse_fraction": 1.0,
+                        "threshold": 0.1,
+                    }
+                ]
+            }
+        )
+    )
+    r = run("benchmarks/summarize.py", tmp_path)
+    assert "| all |" in r.stdout

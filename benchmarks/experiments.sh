@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|calspeed|batchscale|memo|plain|peers|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -171,4 +171,87 @@ if want load; then
   # (issue 8) HTTP load test on loopback: MiniLM embeddings, cache attached vs detached, concurrency 8
   run python benchmarks/load_test.py --db runs/sst2-minilm.db --data "sst2[436:]" --requests 300 --concurrency 8 \
       --out $OUT/load_test_minilm.json
+fi
+
+if want redesign; then
+  # (issue 14) the redesign changes no behaviour: the SST-2 timing and the MMLU 5-shot prefix rows again
+  [ -d runs/sst2-smollm2.db ] || run attncache build --data "sst2[0:436]" --out runs/sst2-smollm2.db --compression float16 --quiet
+  for P in all default; do
+    run attncache bench --db runs/sst2-smollm2.db --data "sst2[436:]" --policy $P --limit 40 --json --quiet > $OUT/redesign_sst2_bench_$P.json
+  done
+  [ -d runs/mmlu5-small.db ] || run attncache build --data "mmlu:5shot[0::100]" --out runs/mmlu5-small.db --max-tokens 1024 --quiet
+  run attncache bench --db runs/mmlu5-small.db --data "mmlu:5shot[0:30]" --policy none --repeats 1 --pass-repeats 3 --no-eager --json --quiet > $OUT/redesign_prefix_mmlu5_bench.json
+fi
+
+if want buildspeed; then
+  # (issue 16) pair labels before (the checkout before the redesign: git worktree add /tmp/old 1f3554f) and after,
+  # on the same DBs (float16 and int8 maps of sst2[0:436]), same machine; and build's stage times
+  [ -d runs/sst2-int8.db ] || run attncache compress runs/sst2-smollm2.db --to int8 --out runs/sst2-int8.db --quiet
+  for C in smollm2 int8; do
+    run python benchmarks/pair_labels.py --db runs/sst2-$C.db --out $OUT/pair_labels_after_$C.json
+    [ -d /tmp/old/src ] && PYTHONPATH=/tmp/old/src run python benchmarks/pair_labels.py --db runs/sst2-$C.db --out $OUT/pair_labels_before_$C.json
+  done
+  rm -rf runs/sst2-buildtime.db
+  { time attncache build --data "sst2[0:436]" --out runs/sst2-buildtime.db ; } 2> $OUT/build_sst2_stages.log > /dev/null
+fi
+
+if want calspeed; then
+  # (issue 16) calibration: the pruned search vs every candidate to the end (the old behaviour), same rows
+  # a DB of 141 one-shot MMLU prompts (~250 tokens); the calibration rows are disjoint from them
+  [ -d runs/mmlu1.db ] || run attncache build --data "mmlu:1shot[0::100]" --out runs/mmlu1.db --no-calibrate --quiet
+  for M in search exhaustive; do
+    X=""; [ $M = exhaustive ] && X="--exhaustive"
+    run attncache calibrate --db runs/mmlu1.db --data "mmlu:1shot[1::10]" --limit 150 --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_mmlu1_$M.json
+    run attncache calibrate --db runs/sst2-smollm2.db --data "sst2[436:654]" --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_sst2_$M.json
+  done
+fi
+
+if want redesign_before; then
+  # the same two benches with the code before the redesign (git worktree add /tmp/old 1f3554f), same machine
+  for P in all default; do
+    PYTHONPATH=/tmp/old/src run attncache bench --db runs/sst2-smollm2.db --data "sst2[436:]" --policy $P --limit 40 --json --quiet > $OUT/redesign_before_sst2_bench_$P.json
+  done
+  PYTHONPATH=/tmp/old/src run attncache bench --db runs/mmlu5-small.db --data "mmlu:5shot[0:30]" --policy none --repeats 1 --pass-repeats 3 --no-eager --json --quiet > $OUT/redesign_before_prefix_mmlu5_bench.json
+fi
+
+if want batchscale; then
+  # (issue 13) workloads against plain SDPA at its best batch size (1, 4, 8, 16, 32), attncache at its own;
+  # the exact tiers alone (no map DB), medians of interleaved passes; agreement from eval on the same rows
+  B=(--no-per-item --pass-repeats 3 --json --quiet)
+  job() {  # name, DATA
+    run attncache bench --model smollm2-135m --data "$2" "${B[@]}" > $OUT/batchscale_$1_bench.json
+    run attncache eval --model smollm2-135m --data "$2" --no-memo --json --quiet > $OUT/batchscale_$1_eval.json
+  }
+  job mmlu5 "mmlu:5shot[0:30]"            # dataset order: three subjects sharing their 5-shot prompts
+  job sst2_4shot "sst2:4shot[0:64]"       # one instruction prompt with 4 fixed shots for every row
+  job arc5 "arc_easy:5shot[0:40]"         # one 5-shot prefix, 4 continuations per question
+  job hellaswag "hellaswag[0:40]"         # one context, four endings of ~20-30 tokens
+  job piqa "piqa[0:64]"                   # one goal, two solutions
+  job sst2_0shot "sst2[436:500]"          # nothing to share: the tiers must cost ~nothing
+  # zero-shot with a calibrated map DB (the demo's DB): defaults, and the paper's mode
+  [ -d runs/sst2-cal-default.db ] || run attncache build --data "sst2[0:436]" --out runs/sst2-cal-default.db --quiet
+  run attncache inspect --db runs/sst2-cal-default.db --json > $OUT/batchscale_sst2_db_inspect.json
+  for P in default all; do
+    run attncache bench --db runs/sst2-cal-default.db --data "sst2[436:500]" --policy $P "${B[@]}" > $OUT/batchscale_sst2_db_$P.json
+  done
+  run attncache eval --db runs/sst2-cal-default.db --data "sst2[436:]" --policy default --policy all --no-memo --json --quiet > $OUT/batchscale_sst2_db_eval.json
+fi
+
+if want memo; then
+  # (issue 13) the memo across runs: the same eval twice on a DB, the second answered from it
+  rm -rf runs/memo.db && cp -r runs/sst2-cal-default.db runs/memo.db
+  for K in 1 2; do
+    run attncache eval --db runs/memo.db --data "sst2[436:636]" --policy default --json --quiet > $OUT/memo_eval_$K.json
+  done
+fi
+
+if want plain; then
+  # (issue 13) the plain path: sorting, matmul precision, bf16 weights (agreement measured)
+  run python benchmarks/plain_path.py --data "sst2[436:500]" --out $OUT/plain_path_sst2.json
+fi
+
+if want peers; then
+  # (issue 13) CTranslate2 on the same token ids (pip install ctranslate2: not a project dependency)
+  run python benchmarks/peers.py --data "sst2[436:500]" --out $OUT/peers_sst2.json
+  run python benchmarks/peers.py --data "mmlu:5shot[0:30]" --batch-sizes 1,8 --out $OUT/peers_mmlu5.json
 fi

@@ -2,8 +2,9 @@
 
 Runs against whichever attncache is importable, so the same command measures an older checkout too:
 
-    python benchmarks/pair_labels.py --db runs/sst2-smollm2.db --pairs 4000 --out runs/exp/pair_labels.json
-    PYTHONPATH=/tmp/old/src python benchmarks/pair_labels.py --db ... --out runs/exp/pair_labels_before.json
+    python benchmarks/pair_labels.py --db runs/sst2-smollm2.db --pairs 4000 --out
+    runs/exp/pair_labels.json PYTHONPATH=/tmp/old/src python benchmarks/pair_labels.py --db ...
+    --out runs/exp/pair_labels_before.json
 
 Writes the labels next to the JSON (``.npy``) so two runs can be checked for equal results.
 """
@@ -26,8 +27,9 @@ def open_store(db: str):
         d = Database.open(db)
         return d.store, d.causal, ProjectorConfig, pair_labels, sample_pairs
     except ImportError:  # before the redesign
-        from attncache.cache import AttnCache
         from attncache.projector import ProjectorConfig, pair_labels, sample_pairs
+
+        from attncache.cache import AttnCache
 
         c = AttnCache.open(db)
         return c.store, c.adapter.causal, ProjectorConfig, pair_labels, sample_pairs
@@ -49,8 +51,14 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), labels)
-    res = {"db": a.db, "entries": len(store), "pairs": int(len(pairs)), "seconds": seconds,
-           "pairs_per_s": len(pairs) / seconds, "codec": store.layout.codec}
+    res = {
+        "db": a.db,
+        "entries": len(store),
+        "pairs": int(len(pairs)),
+        "seconds": seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "codec": store.layout.codec,
+    }
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
 

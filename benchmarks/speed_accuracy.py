@@ -1,5 +1,5 @@
-"""Speedup vs accuracy per threshold (the paper's figure, measured honestly): for each policy and a
-few thresholds of an `eval --sweep`, the whole-workload speedup vs SDPA (hits, misses, lookups,
+"""Speedup vs accuracy per threshold (the paper's figure, measured honestly): for each policy and
+a few thresholds of an `eval --sweep`, the whole-workload speedup vs SDPA (hits, misses, lookups,
 fetches) from `bench`, next to the accuracy and agreement the sweep measured at that threshold.
 
     python benchmarks/speed_accuracy.py --db runs/sst2-smollm2.db --data "sst2[436:]" \
@@ -17,15 +17,13 @@ from attncache.bench import BenchConfig, bench
 
 
 def pick(points: list[dict], policy: str, hit_rates: list[float]) -> list[dict]:
+    """The sweep's points of ``policy`` nearest each hit rate (none for a policy that never looks
+    up)."""
     pts = [p for p in points if p["policy"] == policy and p["threshold"] >= 0]
-    return list(
-        {
-            min(pts, key=lambda p: abs(p["hit_rate"] - h))["threshold"]: min(
-                pts, key=lambda p: abs(p["hit_rate"] - h)
-            )
-            for h in hit_rates
-        }.values()
-    )
+    if not pts:
+        return []
+    nearest = [min(pts, key=lambda p, h=h: abs(p["hit_rate"] - h)) for h in hit_rates]
+    return list({p["threshold"]: p for p in nearest}.values())
 
 
 def main() -> None:

@@ -19,12 +19,14 @@ def test_ray_batch_equals_single_process(tmp_path):
     db = tmp_path / "db"
     build("minilm-l6", "sst2[0:40]", str(db), progress=False)
     out = tmp_path / "out.jsonl"
-    res = run_batch(str(db), "sst2[30:54]", str(out), actors=2, batch_size=8, progress=False)
+    res = run_batch(
+        str(db), "sst2[30:54]", str(out), actors=2, batch_size=8, progress=False, policy="all"
+    )
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert res["rows"] == 24 and [r["idx"] for r in got] == list(range(24))
     s = Session.open(str(db))
     rows = data_mod.load("sst2[30:54]", encoder=True).rows
-    with s.cache.attach(s.model) as att:
+    with s.cache.attach(s.model, "all") as att:
         want = predict_rows(s, rows, list(range(24)), att, 8)
     assert (
         [r["cache_hit"] for r in got] == want["cache_hit"]

@@ -147,16 +147,25 @@ def test_change_counts_equal_mixing_then_comparing():
         n = int(rng.integers(1, 4))
         ids = list(range(len(seqs), len(seqs) + n))
         seqs += [[1, r, j] for j in range(n)]
-        queries = [[Query(s, 1, 7), Query(s, 1, 8)] for s in ids] if n > 1 else [[Query(ids[0], 1, 7)],
-                                                                                [Query(ids[0], 1, 8)]]
+        queries = (
+            [[Query(s, 1, 7), Query(s, 1, 8)] for s in ids]
+            if n > 1
+            else [[Query(ids[0], 1, 7)], [Query(ids[0], 1, 8)]]
+        )
         rows.append(RowPlan("choiceN" if n > 1 else "choice1", ids, queries, [1.0] * len(queries)))
     plan = Plan(seqs, rows, [], True)
 
     def out(seed, dist=None):
         g = np.random.default_rng(seed)
         lp = {(s, 1, t): float(g.normal()) for s in range(len(seqs)) for t in (7, 8)}
-        return RunOutput(lp, [0] * len(seqs), None, [True] * len(seqs), 0.0,
-                         list(dist) if dist is not None else [math.inf] * len(seqs))
+        return RunOutput(
+            lp,
+            [0] * len(seqs),
+            None,
+            [True] * len(seqs),
+            0.0,
+            list(dist) if dist is not None else [math.inf] * len(seqs),
+        )
 
     dist = rng.uniform(0, 1, len(seqs))
     dist[rng.random(len(seqs)) < 0.2] = math.inf  # no compatible entry
@@ -170,13 +179,36 @@ def test_change_counts_equal_mixing_then_comparing():
 
 
 def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path):
-    """On a tiny model: the pruned search stores a setting within 10 % of the exhaustive search's reuse,
-    within the bound, running fewer passes; a time limit labels its (valid) result."""
+    """On a tiny model: the pruned search stores a setting within 10 % of the exhaustive search's
+    reuse, within the bound, running fewer passes; a time limit labels its (valid) result."""
     model = tiny_hf("llama")
     db = tmp_path / "db"
-    cli("build", "--model", model, "--data", "sst2[0:40]", "--out", str(db), "--quiet", "--max-tokens", "200")
-    args = ["calibrate", "--db", str(db), "--data", "sst2[40:120]", "--max-loss", "0.2", "--json",
-            "--dry-run", "--quiet", "--max-tokens", "200"]
+    cli(
+        "build",
+        "--model",
+        model,
+        "--data",
+        "sst2[0:40]",
+        "--out",
+        str(db),
+        "--quiet",
+        "--max-tokens",
+        "200",
+    )
+    args = [
+        "calibrate",
+        "--db",
+        str(db),
+        "--data",
+        "sst2[40:120]",
+        "--max-loss",
+        "0.2",
+        "--json",
+        "--dry-run",
+        "--quiet",
+        "--max-tokens",
+        "200",
+    ]
     full = json.loads(cli(*args, "--exhaustive").stdout)
     fast = json.loads(cli(*args).stdout)
     for res in (full, fast):
@@ -184,4 +216,54 @@ def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path)
     assert fast["reuse_fraction"] >= 0.9 * full["reuse_fraction"]
     assert fast["passes"] < full["passes"] and fast["candidates"] <= full["candidates"]
     capped = json.loads(cli(*args, "--max-minutes", "0.0001").stdout)
-    assert capped["search"].startswith("stopped at the time limit") and capped["disagreement_bound"] <= 0.2
+    assert (
+        capped["search"].startswith("stopped at the time limit")
+        and capped["disagreement_bound"] <= 0.2
+    )
+
+
+def test_build_calibrates_its_default_on_held_out_rows(tiny_hf, tmp_path):
+    """Enough rows: a share is held out of the DB and the default carries a measured bound (or
+    reuses nothing); too few: the default reuses nothing and says why; --no-calibrate: labelled
+    uncalibrated."""
+    model = tiny_hf("llama")
+    db = tmp_path / "db"
+    cli(
+        "build",
+        "--model",
+        model,
+        "--data",
+        "sst2[0:450]",
+        "--out",
+        str(db),
+        "--quiet",
+        "--max-tokens",
+        "400",
+    )
+    info = json.loads(cli("inspect", "--db", str(db), "--json").stdout)
+    assert "bound" in info["default_reuse"] or "no approximate maps" in info["default_reuse"]
+    manifest = json.loads((db / "manifest.json").read_text())
+    cal = manifest["calibration"]
+    assert cal["n"] >= 150 and cal["max_loss"] == 0.02 and cal["disagreement_bound"] <= 0.02
+    small = tmp_path / "small"
+    cli("build", "--model", model, "--data", "sst2[0:20]", "--out", str(small), "--quiet")
+    info = json.loads(cli("inspect", "--db", str(small), "--json").stdout)
+    assert (
+        info["entries"] == 2 * 20
+        and info["policy_layers"] == []
+        and "too few" in info["default_reuse"]
+    )
+    loose = tmp_path / "loose"
+    cli(
+        "build",
+        "--model",
+        model,
+        "--data",
+        "sst2[0:20]",
+        "--out",
+        str(loose),
+        "--quiet",
+        "--no-calibrate",
+    )
+    info = json.loads(cli("inspect", "--db", str(loose), "--json").stdout)
+    assert info["policy_layers"] and "not calibrated" in info["default_reuse"]

@@ -97,8 +97,12 @@ def test_bench_json_fields(minilm_db, tmp_path):
             str(minilm_db),
             "--data",
             "sst2[0:6]",
+            "--policy",
+            "all",
             "--repeats",
             "2",
+            "--batch-sizes",
+            "1,4",
             "--json",
             "--plot",
             str(png),
@@ -188,6 +192,7 @@ def test_smollm2_compact_store_learn_cap_and_inspect(tmp_path):
         "int8",
         "--store-layers",
         "auto",
+        "--no-calibrate",  # the probe's stable layers as the default (too few rows to calibrate)
     )
     info = json.loads(cli("inspect", str(db), "--json").stdout)
     assert (

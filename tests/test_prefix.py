@@ -27,8 +27,8 @@ def test_prefix_tier_is_exact(family):
         base[:25],
     ]
     runner = PrefixTier(model, min_prefix=4)
-    got1, _ = runner.run(first, 2, 0)
-    got2, _ = runner.run(second, 2, 0)
+    got1 = runner.run(first, 2, 0).logits
+    got2 = runner.run(second, 2, 0).logits
     ref = exact_logits(model, first + second, 2)
     for r, g in zip(ref, list(got1) + list(got2)):
         assert (r - g).abs().max() < 1e-4
@@ -103,14 +103,13 @@ def test_composition_with_map_reuse(built):
     runner = PrefixTier(model, min_prefix=4)
     new = random_seqs(2, lo=12, hi=12, seed=21)
     with cache.attach(model, policy="all", threshold=1e-4) as att:
-        _, hits = runner.run(
-            [seqs[0], new[0]], 1, 0, maps=att
-        )  # seqs[0] hits the map cache, new[0] misses
+        # seqs[0] hits the map cache, new[0] misses
+        hits = runner.run([seqs[0], new[0]], 1, 0, maps=att).hits
         assert hits[0] is not None and hits[1] is None
         # Only the miss was inserted (the hit computed no keys in reused layers).
         assert runner.tree.match(new[0], len(new[0])).length == len(new[0])
         assert runner.tree.match(seqs[0], len(seqs[0])).length == 0
-        logits, hits2 = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)
+        logits, hits2, _, _ = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)
     assert runner.stats.items_with_prefix == 1 and hits2[0] is None
     ref = exact_logits(model, [new[0][:-1] + [77], seqs[1]], 1)
     for r, g in zip(ref, logits):
@@ -135,22 +134,62 @@ def test_tier_goes_idle_without_shared_prefixes():
     assert len(runner.tree) == n  # no more insertions
 
 
+class TokenCounter:
+    """Counts the tokens a model's forwards process (a forward pre-hook on the input ids)."""
+
+    def __init__(self, model):
+        self.tokens, self.calls = 0, 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, _mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls += 1
+        self.tokens += int((ids != 0).sum())  # real tokens: test ids are 1..127, padding is 0
+
+
 def test_continuations_in_one_batch_compute_the_prompt_once():
+    """One prompt with three continuations in a batch: the prompt's tokens run once, then the three
+    suffixes in one forward; the unrelated input runs whole."""
     model = tiny_model("llama")
     prompt = random_seqs(1, lo=24, hi=24, seed=61)[0]
-    batch = [
-        prompt + [7, 8, 9],
-        prompt + [10, 11],
-        random_seqs(1, seed=62)[0],
-        prompt + [12, 13, 14, 15],
-    ]
+    other = random_seqs(1, seed=62)[0]
+    batch = [prompt + [7, 8, 9], prompt + [10, 11], other, prompt + [12, 13, 14, 15]]
     runner = PrefixTier(model, min_prefix=8)
-    got, _ = runner.run(batch, 3, 0)
+    counter = TokenCounter(model)
+    try:
+        got = runner.run(batch, 3, 0).logits
+    finally:
+        counter.handle.remove()
     ref = exact_logits(model, batch, 3)
     for r, g in zip(ref, got):
         assert (r - g).abs().max() < 1e-4
-    # the 2nd and 4th reuse the prompt; reuse stops at len - keep (26 - 3 = 23 for the 2nd)
-    assert runner.stats.items_with_prefix == 2 and runner.stats.tokens_reused == 23 + 24
+    # shared: 24 tokens, but the last 3 positions of the shortest (26 tokens) must run: 23 reused
+    assert counter.tokens == 23 + (4 + 3 + 5) + len(other)
+    assert counter.calls == 3  # the shared prefix, the unrelated input, all suffixes at once
+    assert runner.stats.items_with_prefix == 3 and runner.stats.tokens_reused == 3 * 23
+
+
+def test_several_prefix_groups_ragged_suffixes_padding_and_a_loner_in_one_batch():
+    """Two groups with different prompts (one already in the tree, one new), ragged suffixes, and an
+    input sharing nothing: every output equals the uncached model's (1e-4)."""
+    model = tiny_model("qwen2")
+    a, b = random_seqs(2, lo=18, hi=30, seed=71)
+    runner = PrefixTier(model, min_prefix=8)
+    runner.run([a + [3, 4]], 1, 0)  # a is in the tree now
+    loner = random_seqs(1, lo=9, hi=9, seed=72)[0]
+    batch = [
+        b + [5],
+        a + [9, 9, 9, 9, 9, 9],
+        loner,
+        b + [6, 7, 8],
+        a + [1],
+        b + [2, 2, 2, 2, 2, 2, 2, 2],
+    ]
+    got = runner.run(batch, 2, 0).logits
+    ref = exact_logits(model, batch, 2)
+    for r, g in zip(ref, got):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.items_with_prefix == 5
 
 
 def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
@@ -160,3 +199,56 @@ def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
         runner.run([seqs[0]], 1, 0, maps=att)
         assert att.last_hits[0] is not None and not att.last_reused[0]
     assert runner.tree.match(seqs[0], len(seqs[0])).length == len(seqs[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_one_prompt_many_continuations_packed_or_not_is_exact(family, pack):
+    """A prompt and its continuations: the prompt runs once, the continuations in one row (pack: a
+    block mask, positions restarting where the prompt ends) or a row each; outputs equal separate
+    runs."""
+    model = tiny_model(family)
+    prompt = random_seqs(1, lo=20, hi=20, seed=81)[0]
+    other = random_seqs(1, lo=15, hi=15, seed=82)[0]
+    conts = [[3, 4, 5], [6], [7, 8, 9, 10, 11], [12, 13]]
+    batch = [prompt + c for c in conts] + [other + [1, 2], other + [3]]
+    runner = PrefixTier(model, min_prefix=8, pack=pack)
+    got = runner.run(batch, 2, 0).logits
+    ref = exact_logits(model, batch, 2)
+    for r, g in zip(ref, got):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.items_with_prefix == 6
+
+
+def test_schedule_groups_shared_prefixes_first():
+    from attncache.tiers.schedule import prefix_batches, prefix_groups
+
+    a, b = [1] * 10, [2] * 10
+    seqs = [a + [5], [9, 9, 9], b + [1, 1], a + [6, 6], [8], b + [3], a + [7]]
+    groups = prefix_groups(seqs, 8)
+    assert groups == [[0, 3, 6], [1], [2, 5], [4]]  # ordered by first member
+    batches = prefix_batches(seqs, 3, 8)
+    assert batches[0] == [0, 6, 3] and batches[1][:2] == [5, 2]  # a's group by length, then b's
+    assert sorted(i for bt in batches for i in bt) == list(range(7))
+    assert prefix_batches([[1, 2], [3, 4, 5]], 8, 8) == [[0, 1]]  # nothing shared: by length
+
+
+def test_workload_without_shared_prefixes_skips_the_tier():
+    """A workload in which nothing is shared never builds a K/V cache: the plain model runs."""
+    from attncache.tasks import Plan, Query, RowPlan, run
+
+    model = tiny_model("llama")
+    seqs = random_seqs(6, lo=9, hi=12, seed=90)
+    plan = Plan(seqs, [RowPlan("text", [i], [[Query(i, 1, 3)]], [1.0]) for i in range(6)], [], True)
+    runner = PrefixTier(model, min_prefix=4)
+    counter = TokenCounter(model)
+    try:
+        run(model, TinyTok(), plan, 4, progress=False, prefix=runner)
+    finally:
+        counter.handle.remove()
+    assert runner.stats.items == 0 and runner.tree.bytes == 0  # the tier was not even asked
+    assert counter.tokens == sum(len(s) for s in seqs)
+
+
+class TinyTok:
+    pad_token_id = 0

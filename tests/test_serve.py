@@ -2,8 +2,10 @@
 counts, backpressure and timeouts."""
 
 import asyncio
+import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from tiny import TinyTokenizer, random_seqs, tiny_model
@@ -219,6 +221,9 @@ def test_engine_makes_no_tensor_off_the_model_device(tmp_path, family):
     from attncache.serve import Engine
 
     s = session(tmp_path, family)
+    # a tiny encoder DB has no two inputs of one length, so its build threshold is 0: allow the
+    # repeated inputs' float noise so the hit path runs
+    s.cache.db.commit_settings(threshold=max(s.cache.threshold, 1e-3))
     engine = Engine(s, ServeConfig(policy="all"))
     ids = [s.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
     want = engine.embed(ids)
@@ -238,3 +243,98 @@ def test_engine_makes_no_tensor_off_the_model_device(tmp_path, family):
     )
     if scored is not None:
         assert all(lp < 0 for lp in scored[0]["logprobs"])
+
+
+def test_rerank_and_classify_on_a_decoder_and_an_encoder(tmp_path):
+    for family in ("llama", "bert"):
+        s = session(tmp_path / family, family)
+        with TestClient(create_app(s, ServeConfig(max_wait_ms=1))) as c:
+            docs = ["the cat sat", "rain again", "a dog barked"]
+            r = c.post(
+                "/v1/rerank",
+                json={
+                    "query": "cat on a mat",
+                    "documents": docs,
+                    "top_n": 2,
+                    "return_documents": True,
+                },
+            )
+            assert r.status_code == 200, r.text
+            res = r.json()["results"]
+            assert len(res) == 2 and res[0]["relevance_score"] >= res[1]["relevance_score"]
+            assert {x["index"] for x in res} <= {0, 1, 2} and res[0]["document"]["text"] == docs[
+                res[0]["index"]
+            ]
+            tei = c.post("/v1/rerank", json={"query": "cat on a mat", "texts": docs}).json()[
+                "results"
+            ]
+            assert [x["index"] for x in tei][:2] == [
+                x["index"] for x in res
+            ]  # TEI's field name works too
+            cl = c.post(
+                "/v1/classify",
+                json={"input": ["great fun", "awful"], "labels": ["good", "bad", "meh"]},
+            )
+            assert cl.status_code == 200, cl.text
+            data = cl.json()["data"]
+            assert [d["index"] for d in data] == [0, 1] and all(
+                abs(sum(d["probs"]) - 1) < 1e-6 for d in data
+            )
+            assert all(
+                d["label"] == ["good", "bad", "meh"][int(np.argmax(d["probs"]))] for d in data
+            )
+            for body, fld in (
+                ({"query": "q", "documents": []}, "documents"),
+                ({"query": " ", "documents": ["a"]}, "query"),
+                ({"input": "x", "labels": ["one"]}, "labels"),
+                ({"input": "x", "labels": ["a", "b"], "template": "no slot"}, "template"),
+            ):
+                path = "/v1/rerank" if "query" in body else "/v1/classify"
+                bad = c.post(path, json=body)
+                assert bad.status_code == 400 and bad.json()["error"]["field"] == fld, (
+                    body,
+                    bad.text,
+                )
+
+
+def test_usage_says_what_each_tier_did(tmp_path):
+    s = session(tmp_path)
+    with TestClient(create_app(s, ServeConfig(max_wait_ms=1, attach=False))) as c:
+        body = {"prompt": "the cat sat on the mat and", "choices": [" purred loudly", " slept"]}
+        first = c.post("/v1/score", json=body).json()
+        second = c.post("/v1/score", json=body).json()
+        assert first["logprobs"] == second["logprobs"]
+        assert first["usage"]["attncache"]["memo_hits"] == 0
+        assert second["usage"]["attncache"]["memo_hits"] == 2  # both continuations answered before
+        # the two continuations share the prompt: the second request was served from the memo, the
+        # first computed the prompt once for both
+        assert first["usage"]["attncache"]["prefix_tokens_reused"] > 0
+        m = c.get("/metrics").text
+        assert (
+            metric(m, "attncache_memo_hits_total") == 2 and metric(m, "attncache_memo_entries") == 2
+        )
+
+
+def test_serve_a_model_without_a_db(tiny_hf):
+    from attncache.workflows import Session
+
+    s = Session.open(None, tiny_hf("llama"))
+    with TestClient(create_app(s, ServeConfig(max_wait_ms=1))) as c:
+        h = c.get("/health").json()
+        assert h["entries"] == 0 and h["attached"] is False and h["prefix_cache"] is True
+        r = c.post(
+            "/v1/score", json={"prompt": "Review: fine\nSentiment:", "choices": [" bad", " good"]}
+        )
+        assert r.status_code == 200 and len(r.json()["logprobs"]) == 2
+        docs = c.get("/openapi.json").json()
+        for path in (
+            "/v1/embeddings",
+            "/v1/score",
+            "/v1/rerank",
+            "/v1/classify",
+            "/health",
+            "/metrics",
+        ):
+            assert path in docs["paths"]
+        examples = json.dumps(docs["components"]["schemas"])
+        assert "capital of France" in examples and "gripping film" in examples

@@ -302,8 +302,7 @@ def test_policy_specs_unions_and_errors():
     with pytest.raises(UserError, match="no template maps"):
         parse_policy("fixed", 8, 4, {}, None, None)
     # attention FLOPs: every head of every layer reusing skips exactly half here (q and k
-    # projections,
-    # and QK^T, of q/k/v/o projections, QK^T and A @ V when the model width is H * d)
+    # projections, and QK^T, of q/k/v/o projections, QK^T and A @ V when the model width is H * d)
     shape = Shape(8, 4, 4, 16)
     assert parse_policy("all", 8, 4, {}).work_saved(
         shape, 33, True, set(range(8)), hit=True

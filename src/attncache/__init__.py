@@ -7,11 +7,20 @@ policy="default"):
 print(cache.stats.as_dict())
 """
 
+from .api import Scorer
 from .build import BuildConfig, ProjectorConfig
 from .cache import AttnCache
 from .errors import UserError
 from .models import load as load_model
 from .runtime import Policy
 
-__all__ = ["AttnCache", "BuildConfig", "Policy", "ProjectorConfig", "UserError", "load_model"]
+__all__ = [
+    "AttnCache",
+    "BuildConfig",
+    "Policy",
+    "ProjectorConfig",
+    "Scorer",
+    "UserError",
+    "load_model",
+]
 __version__ = "0.1.0"

@@ -38,13 +38,16 @@ def _decode(s: str):
     return cls(**d)
 
 
+MEMO_SAVE_EVERY = 500  # new answers an actor collects before it tries to commit them
+
+
 class Predictor:
-    """One per Ray actor: the session (model + read-only DB) and the cache attached for the actor's
-    life."""
+    """One per Ray actor: the session (model, DB), the cache attached for the actor's life, the
+    memo."""
 
     def __init__(
         self,
-        db: str,
+        db: str | None,
         model_name: str | None,
         policy: str | None,
         batch_size: int,
@@ -52,36 +55,57 @@ class Predictor:
         attach: bool = True,
         device: str = "cpu",
         dtype: str = "float32",
+        memo: bool = True,
     ):
+        from .tiers.memo import ResultMemo
         from .workflows import Session
 
         self.s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
         self.batch_size = batch_size
-        self.att = self.s.cache.attach(self.s.model, policy) if attach else None
-        if self.att is not None:
-            self.att.__enter__()
+        cache = self.s.cache
+        self.att = cache.attach(self.s.model, policy).__enter__() if attach and cache else None
         self.prefix = self.s.prefix_tier(DEFAULT_PREFIX_BYTES)
+        self.memo = ResultMemo.load(cache.db) if memo and cache is not None else None
+        self.unsaved = 0
 
     def __call__(self, batch: dict) -> dict:
-        return predict_rows(
+        before = len(self.memo) if self.memo is not None else 0
+        cols = predict_rows(
             self.s,
             [_decode(x) for x in batch["row"]],
             list(batch["idx"]),
             self.att,
             self.batch_size,
             self.prefix,
+            self.memo,
         )
+        if self.memo is not None:
+            self.unsaved += len(self.memo) - before
+            if self.unsaved >= MEMO_SAVE_EVERY and self.memo.save(self.s.cache.db, lock_wait_s=0.0):
+                self.unsaved = 0
+        return cols
 
 
-def predict_rows(s, rows: list, idx: list[int], attached, batch_size: int, prefix=None) -> dict:
+def predict_rows(
+    s, rows: list, idx: list[int], attached, batch_size: int, prefix=None, memo=None
+) -> dict:
     """Per row: index, prediction or embedding, scores, cache hit (the columns of the output)."""
     from .tasks import choice_scores, plan_rows, run
 
     plan = plan_rows(rows, s.tokenizer, s.causal, s.max_len)
     if plan.skipped:  # rows were validated on the driver; a skip here would misalign the output
         raise UserError(f"rows could not be planned in an actor: {plan.skipped[0]}")
+    if attached is not None and attached.inert:
+        attached = None
     out = run(
-        s.model, s.tokenizer, plan, batch_size, attached=attached, progress=False, prefix=prefix
+        s.model,
+        s.tokenizer,
+        plan,
+        batch_size,
+        attached=attached,
+        progress=False,
+        prefix=prefix,
+        memo=memo,
     )
     cols: dict = {"idx": [], "prediction": [], "scores": [], "embedding": [], "cache_hit": []}
     for i, r in zip(idx, plan.rows):
@@ -106,7 +130,7 @@ def predict_rows(s, rows: list, idx: list[int], attached, batch_size: int, prefi
 
 
 def run_batch(
-    db: str,
+    db: str | None,
     data: str,
     out: str,
     address: str | None = None,
@@ -120,7 +144,10 @@ def run_batch(
     progress: bool = True,
     device: str = "cpu",
     dtype: str = "float32",
+    memo: bool = True,
 ) -> dict:
+    """DATA through an actor pool, each with the DB attached (or, ``db`` None, ``model_name`` with
+    the exact tiers); rows written in input order to OUT."""
     try:
         import ray
     except ImportError:
@@ -132,8 +159,18 @@ def run_batch(
         raise UserError(f"--out must end in .jsonl or .parquet, got '{out}'")
     if actors < 1 or batch_size < 1:
         raise UserError("--actors and --batch-size must be >= 1")
-    cache = AttnCache.open(db)  # fail fast on a bad DB, before starting Ray
-    ds_rows = data_mod.load(data, encoder=not cache.adapter.causal, limit=limit).rows
+    if db is not None:
+        causal = AttnCache.open(db).adapter.causal  # fail fast on a bad DB, before starting Ray
+    elif model_name is not None:
+        from transformers import AutoConfig
+
+        causal = (
+            models.model_kind(AutoConfig.from_pretrained(models.resolve(model_name)[0]))
+            == "decoder"
+        )
+    else:
+        raise UserError("which model? pass --db DB or --model MODEL")
+    ds_rows = data_mod.load(data, encoder=not causal, limit=limit).rows
     if not ds_rows:
         raise UserError(f"{data}: no usable rows")
     items = [{"idx": i, "row": _encode(r)} for i, r in enumerate(ds_rows)]
@@ -154,7 +191,7 @@ def run_batch(
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={
-                "db": str(Path(db).resolve()),
+                "db": str(Path(db).resolve()) if db is not None else None,
                 "model_name": model_name,
                 "policy": policy,
                 "batch_size": batch_size,
@@ -162,6 +199,7 @@ def run_batch(
                 "attach": attach,
                 "device": device,
                 "dtype": dtype,
+                "memo": memo,
             },
             batch_size=batch_size,
             concurrency=actors,

@@ -18,6 +18,7 @@ from .build.pipeline import build as build_db
 from .db import Database, DbInfo, Templates, describe, migrate
 from .errors import UserError
 from .runtime import Attachment, Hit, Lookup, MapStats, Policy, StoreMaps, compatible, get_adapter
+from .runtime.maps import DeviceMapCache
 from .runtime.policy import parse_policy
 
 
@@ -41,7 +42,9 @@ class AttnCache:
         force: bool = False,
         groups: Sequence[int] | None = None,
     ) -> AttnCache:
-        """Record maps of ``sequences`` (token id lists) on ``model`` and write the DB ``out``."""
+        """Record maps of ``sequences`` (token id lists, or strings the tokenizer encodes) on
+        ``model`` and write the DB ``out``."""
+        sequences = [tokenizer(s)["input_ids"] if isinstance(s, str) else s for s in sequences]
         build_db(model, tokenizer, sequences, out, cfg, progress, force, groups)
         return cls.open(out)
 
@@ -140,25 +143,27 @@ class AttnCache:
         threshold: float | None = None,
         learn: bool = False,
         prefetch: bool | None = None,
+        device_map_bytes: int | None = None,
     ) -> Attachment:
         """Context manager: while inside, every forward of ``model`` looks up and replays this
         cache.
 
         ``learn``: inputs that miss are kept; ``Attachment.learn_pending()`` records and inserts
-        them. ``prefetch``: decode hits' maps in a background thread (default: for compact
-        codecs)."""
+        them. ``prefetch``: decode hits' maps in a background thread (default: for compact codecs).
+        ``device_map_bytes``: keep the hottest maps on the model's device, up to this many bytes."""
         self.check_model(model)
         threshold = self.threshold if threshold is None else threshold
         if prefetch is None:
             prefetch = self.store.layout.codec != "float16"
         learner = (lambda seqs: online.learn(self.db, model, self.adapter, seqs)) if learn else None
+        resident = DeviceMapCache(device_map_bytes) if device_map_bytes else None
         return Attachment(
             model,
             self.adapter,
             self.shape,
             self.policy(policy),
             Lookup(self.db, threshold),
-            StoreMaps(self.db, prefetch),
+            StoreMaps(self.db, prefetch, resident),
             self.templates,
             self.stats,
             self.store.layout.layers,

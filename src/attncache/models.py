@@ -111,6 +111,24 @@ def _convert_gguf(folder: Path, gguf: str) -> Path:
     return out
 
 
+def hf_folder(name: str) -> Path:
+    """The ordinary HF folder of a model name (a GGUF is converted once, into the user cache)."""
+    folder, gguf = resolve(name)
+    return _convert_gguf(folder, gguf) if gguf is not None else folder
+
+
+def kind_of(name: str) -> str:
+    """'decoder' or 'encoder' for a model name, without loading weights."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name].kind
+    folder, gguf = resolve(name)
+    if gguf is not None:
+        return "decoder"
+    from transformers import AutoConfig
+
+    return model_kind(AutoConfig.from_pretrained(folder))
+
+
 def model_kind(config) -> str:
     from .runtime.adapters import get_adapter
 

@@ -40,8 +40,9 @@ PROBE_INPUTS = (
 
 @dataclass
 class BuildConfig:
-    # how maps are stored (codecs.py): 'auto' = int8 for decoders (a causal map in < 1/8 of its fp32
-    # bytes, accuracy within one row of float16 on SST-2 and PIQA), float16 for encoders
+    # how maps are stored (codecs.py): 'auto' = float16, read zero-copy, so a hit is never slower
+    # than its miss (measured: float16 hits 1.18x, int8 1.02x, decoding eats the gain); int8 keeps a
+    # causal map in < 1/8 of its fp32 bytes when disk matters more than speed
     codec: str = "auto"
     sparse_eps: float | None = None  # sparse codec: mass a row may drop (default 0.02)
     layers: list[int] | None = None  # layers whose maps are stored (None: all)
@@ -107,7 +108,7 @@ def build(
             )
     layers = sorted(set(cfg.layers)) if cfg.layers is not None else list(range(shape.n_layers))
     codec = get_codec(
-        cfg.codec if cfg.codec != "auto" else ("int8" if adapter.causal else "float16"),
+        cfg.codec if cfg.codec != "auto" else "float16",
         cfg.sparse_eps,
     )  # refuse a bad name before any work
     with staging(out, force) as folder:

@@ -20,8 +20,8 @@ policies (--policy P):
   A+B          the union of two policies, e.g. fixed:54+default (templates win where both apply)"""
 
 DATA_HELP = (
-    "built-in name (sst2, piqa, rte, mmlu, mmlu:Kshot) or a .jsonl path; may end in a "
-    "slice like [0:400]"
+    "built-in name (sst2, sst2:Kshot, piqa, rte, hellaswag, arc_easy[:Kshot], mmlu, mmlu:Kshot) "
+    "or a .jsonl path; may end in a slice like [0:400]"
 )
 
 
@@ -120,6 +120,14 @@ def add_model(sp, default: str | None = None) -> None:
     )
 
 
+def add_device_maps(sp) -> None:
+    sp.add_argument(
+        "--device-map-bytes",
+        type=size,
+        help="keep the hottest maps on the model's device, up to this many bytes (LRU)",
+    )
+
+
 def add_prefix(sp) -> None:
     sp.add_argument(
         "--no-prefix-cache", action="store_true", help="switch off the exact prefix K/V tier"
@@ -150,6 +158,13 @@ def refuse(a, dests: list[str], why: str) -> None:
     for dest in dests:
         if given(a, dest):
             raise UserError(f"--{dest.replace('_', '-')} has no effect {why}")
+
+
+def db_or_model(a) -> str | None:
+    """A DB, or None when --model alone is given (the exact tiers, no map reuse)."""
+    if not getattr(a, "db", None) and not getattr(a, "db_path", None) and getattr(a, "model", None):
+        return None
+    return db_of(a)
 
 
 def db_of(a) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from ..errors import UserError
@@ -13,10 +14,12 @@ from .options import (
     UNIT_OPEN,
     add_data,
     add_db,
+    add_device_maps,
     add_model,
     add_output,
     add_prefix,
     db_of,
+    db_or_model,
     number,
     prefix_bytes,
     refuse,
@@ -73,6 +76,16 @@ def store_layers(text: str):
         ) from None
 
 
+def sizes_list(text: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,8,32, got '{text}'") from None
+    if not out or out[0] < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be >= 1")
+    return out
+
+
 def run_build(a) -> int:
     from ..build import BuildConfig
     from ..workflows import build
@@ -101,6 +114,8 @@ def run_build(a) -> int:
         max_tokens=a.max_tokens,
         device=a.device,
         dtype=a.dtype,
+        calibrate_share=0.0 if a.no_calibrate else a.calibrate_share,
+        max_loss=a.max_loss,
     )
     info = cache.info()
     if a.json:
@@ -108,8 +123,8 @@ def run_build(a) -> int:
     else:
         print(
             f"built {a.out}: {info.entries} entries, "
-            f"{info.bytes_on_disk / 2**20:.1f} MiB ({info.compression}), "
-            f"threshold {info.threshold:.4f}, default policy layers {info.policy_layers}"
+            f"{info.bytes_on_disk / 2**20:.1f} MiB ({info.compression}); "
+            f"default: {info.default_reuse}"
         )
     return 0
 
@@ -117,7 +132,7 @@ def run_build(a) -> int:
 def run_eval(a) -> int:
     from ..workflows import evaluate, sweep
 
-    db, progress = db_of(a), not a.quiet and not a.json
+    progress = not a.quiet and not a.json
     if a.sweep:
         refuse(
             a,
@@ -134,7 +149,7 @@ def run_eval(a) -> int:
             "with --sweep (it mixes every threshold from one pass per policy)",
         )
         res = sweep(
-            db,
+            db_of(a),
             a.data,
             a.policy or ["all", "default"],
             a.limit,
@@ -154,10 +169,11 @@ def run_eval(a) -> int:
     refuse(a, ["plot"], "without --sweep")
     if not a.learn:
         refuse(a, ["max_bytes", "eviction"], "without --learn (they bound what learning inserts)")
+    db = db_or_model(a)
     results = evaluate(
         db,
         a.data,
-        a.policy or ["default"],
+        a.policy or (["default"] if db else None),
         a.threshold,
         a.limit,
         a.batch_size,
@@ -172,6 +188,8 @@ def run_eval(a) -> int:
         eviction=a.eviction,
         device=a.device,
         dtype=a.dtype,
+        memo=not a.no_memo,
+        device_map_bytes=a.device_map_bytes,
     )
     rows = [r.as_dict() for r in results]
     if a.json:
@@ -190,17 +208,21 @@ def run_bench(a) -> int:
         threads=a.threads,
         eager=not a.no_eager,
         prefix_bytes=prefix_bytes(a),
-        batch_size=a.batch_size,
+        batch_sizes=tuple(a.batch_sizes),
+        per_item=not a.no_per_item,
         quantize=a.quantize,
         pass_repeats=a.pass_repeats,
         max_tokens=a.max_tokens,
         device=a.device,
         dtype=a.dtype,
     )
+    db = db_or_model(a)
+    if db is None:
+        refuse(a, ["policy", "threshold", "plot"], "without a map DB (--db)")
     res = bench(
-        db_of(a),
+        db,
         a.data,
-        a.policy,
+        a.policy or "default",
         a.limit,
         cfg,
         model_name=a.model,
@@ -275,8 +297,8 @@ def register(sub, formatter) -> None:
         "--compression",
         default="auto",
         choices=["auto", "float16", "int8", "sparse", "float32"],
-        help="how maps are stored: auto (default) = int8 for decoders (< 1/8 of fp32 bytes), "
-        "float16 for encoders; float16 = no decode cost when many layers are reused",
+        help="how maps are stored: auto (default) = float16, read with no decoding, so a hit is "
+        "never slower than its miss; int8 = < 1/8 of fp32 bytes, decoding costs time",
     )
     sp.add_argument(
         "--sparse-eps",
@@ -299,6 +321,24 @@ def register(sub, formatter) -> None:
     )
     sp.add_argument("--batch-size", type=POSITIVE, default=8)
     sp.add_argument("--force", action="store_true", help="replace an existing DB at --out")
+    sp.add_argument(
+        "--calibrate-share",
+        type=UNIT_OPEN,
+        default=0.35,
+        help="share of DATA's rows held out of the DB to calibrate its default (0.35; decoders, "
+        "when it gives 150+ rows)",
+    )
+    sp.add_argument(
+        "--max-loss",
+        type=UNIT_OPEN,
+        default=0.02,
+        help="bound on the default's share of changed answers, 95 %% confidence (0.02)",
+    )
+    sp.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep the uncalibrated default (the most stable sixth of the layers, no bound)",
+    )
     sp.set_defaults(fn=run_build)
 
     sp = sub.add_parser(
@@ -337,12 +377,18 @@ def register(sub, formatter) -> None:
     sp.add_argument(
         "--eviction", choices=["lru", "lfu"], help="with --learn: eviction order (the DB's)"
     )
+    add_device_maps(sp)
     add_prefix(sp)
+    sp.add_argument(
+        "--no-memo",
+        action="store_true",
+        help="do not answer inputs seen in earlier runs from the DB's result memo",
+    )
     sp.set_defaults(fn=run_eval)
 
     sp = sub.add_parser(
         "bench",
-        help="interleaved timing of exact vs cached forwards",
+        help="the workload against plain SDPA at its best batch size; per-item map reuse timing",
         epilog=POLICY_GRAMMAR,
         formatter_class=formatter,
     )
@@ -350,9 +396,7 @@ def register(sub, formatter) -> None:
     add_data(sp)
     add_output(sp)
     add_model(sp)
-    sp.add_argument(
-        "--policy", default="default", help="reuse policy (below; default: the DB's, as in eval)"
-    )
+    sp.add_argument("--policy", help="reuse policy (below; default: the DB's, as in eval)")
     sp.add_argument("--threshold", type=number(float, 0.0))
     sp.add_argument(
         "--repeats", type=POSITIVE, default=5, help="timed runs per item and variant (median)"
@@ -362,7 +406,13 @@ def register(sub, formatter) -> None:
     sp.add_argument("--no-eager", action="store_true", help="skip the eager-attention baseline")
     sp.add_argument("--plot", help="write a PNG of per-item speedups")
     sp.add_argument(
-        "--batch-size", type=POSITIVE, default=1, help="batch size of the workload passes (1)"
+        "--batch-sizes",
+        type=sizes_list,
+        default=[1, 4, 8, 16, 32],
+        help="batch sizes tried for plain SDPA and for attncache; each at its best (1,4,8,16,32)",
+    )
+    sp.add_argument(
+        "--no-per-item", action="store_true", help="skip the per-item (batch 1) map reuse timing"
     )
     sp.add_argument(
         "--pass-repeats", type=POSITIVE, default=3, help="whole-workload passes per variant (3)"

@@ -8,10 +8,11 @@ from .options import (
     POSITIVE,
     add_data,
     add_db,
+    add_device_maps,
     add_model,
     add_output,
     add_prefix,
-    db_of,
+    db_or_model,
     number,
     prefix_bytes,
     refuse,
@@ -27,6 +28,9 @@ def run_serve(a) -> int:
         refuse(a, ["max_bytes"], "without --learn (it bounds what learning inserts)")
     if a.no_cache:
         refuse(a, ["policy", "learn"], "with --no-cache (no map cache is attached)")
+    db = db_or_model(a)
+    if db is None:
+        refuse(a, ["policy", "learn", "no_cache"], "without a map DB (--db): the exact tiers only")
     cfg = ServeConfig(
         max_batch=a.max_batch,
         max_wait_ms=a.max_wait_ms,
@@ -36,9 +40,12 @@ def run_serve(a) -> int:
         attach=not a.no_cache,
         learn=a.learn,
         prefix_bytes=prefix_bytes(a),
+        memo=not a.no_memo,
+        device_map_bytes=a.device_map_bytes,
+        prefix_dir=a.prefix_dir,
     )
     serve(
-        db_of(a),
+        db,
         a.model,
         a.host,
         a.port,
@@ -58,7 +65,7 @@ def run_batch(a) -> int:
             "--strict has no effect in batch: rows are validated on the driver, bad ones reported"
         )
     res = job(
-        db_of(a),
+        db_or_model(a),
         a.data,
         a.out,
         address=a.address,
@@ -79,7 +86,8 @@ def run_batch(a) -> int:
 def register(sub, formatter) -> None:
     sp = sub.add_parser(
         "serve",
-        help="HTTP service: /v1/embeddings, /v1/score, /health, /metrics",
+        help="HTTP service: /v1/embeddings, /v1/score, /v1/rerank, /v1/classify, /health, "
+        "/metrics (--db DB, or --model M alone for the exact tiers)",
         epilog=POLICY_GRAMMAR,
         formatter_class=formatter,
     )
@@ -111,6 +119,14 @@ def register(sub, formatter) -> None:
         "--learn", action="store_true", help="insert inputs that miss (one writer per DB)"
     )
     sp.add_argument("--max-bytes", type=size, help="with --learn: cap on the stored maps")
+    sp.add_argument(
+        "--no-memo", action="store_true", help="do not answer inputs seen before from the memo"
+    )
+    add_device_maps(sp)
+    sp.add_argument(
+        "--prefix-dir",
+        help="keep the prefix K/V tree (and, without a DB, the memo) here across restarts",
+    )
     add_prefix(sp)
     sp.set_defaults(fn=run_serve)
 

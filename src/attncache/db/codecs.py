@@ -5,19 +5,15 @@ summing to 1), which the compact codecs exploit:
 
 - ``float16``: dense half precision; decoding is a zero-copy view of the memory map.
 - ``float32``: dense single precision (tests and exactness checks).
-- ``int8``: each probability ``p`` stored as ``round(255 * sqrt(p))``. The square root spends the
-256 levels
-  where attention mass is (relative error ~ 1/(255 sqrt p)), so no per-row scale is needed. For
-  causal maps
-  only the strict lower triangle is kept: row ``i`` stores its ``i`` off-diagonal entries and the
-  diagonal
-  is recovered as ``1 - sum(row)``, which also makes every decoded row sum to exactly 1. That is
-  ``L(L-1)/2`` bytes per head, under 1/8 of the ``4 L^2`` bytes of fp32. Non-causal maps keep full
-  rows
-  (``L^2`` bytes, then renormalised).
+- ``int8``: each probability ``p`` stored as ``round(255 * sqrt(p))``. The square root spends
+  the 256 levels where attention mass is (relative error ~ 1/(255 sqrt p)), so no per-row scale is
+  needed. For causal maps only the strict lower triangle is kept: row ``i`` stores its ``i``
+  off-diagonal entries and the diagonal is recovered as ``1 - sum(row)``, which also makes every
+  decoded row sum to exactly 1. That is ``L(L-1)/2`` bytes per head, under 1/8 of the ``4 L^2``
+  bytes of fp32. Non-causal maps keep full rows (``L^2`` bytes, then renormalised).
 - ``sparse``: per row the fewest largest entries that hold at least ``1 - eps`` of its mass,
-renormalised;
-  stored as per-row counts (uint16), column indices (uint16) and sqrt-coded values (uint8).
+  renormalised; stored as per-row counts (uint16), column indices (uint16) and sqrt-coded values
+  (uint8).
 
 A causal crop to the first ``l`` positions is exact for all of them: rows ``< l`` only reference
 columns ``< l``.
@@ -134,9 +130,8 @@ class Int8(Codec):
             q = buf.reshape(H, L, L)[:, :m, :m]
             x = np.take(_LUT32, q)
             return torch.from_numpy(x / np.maximum(x.sum(-1, keepdims=True), 1e-12))
-        # A 256-entry table decodes the codes; rows are copied out of the packed triangle
-        # (measured faster than a masked scatter on CPU). The diagonal is whatever mass the row
-        # lacks.
+        # A 256-entry table decodes the codes; rows are copied out of the packed triangle (measured
+        # faster than a masked scatter on CPU). The diagonal is whatever mass the row lacks.
         v = np.take(_LUT32, buf.reshape(H, _tri_start(L))[:, : _tri_start(m)])
         out = np.zeros(
             (H, m, m), np.float32

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save
 
 from ..errors import UserError
 from . import eviction as eviction_policies
 from .compaction import append_entries
-from .files import MANIFEST, atomic_write_json, describe_files, load_npy, safe_name, save_npy
+from .files import (
+    MANIFEST,
+    atomic_write,
+    atomic_write_json,
+    describe_files,
+    file_digest,
+    load_npy,
+    safe_name,
+    save_npy,
+)
 from .index import EF_SEARCH, VectorIndex
 from .locks import opening, write_lock
 from .manifest import (
@@ -124,6 +135,47 @@ class Database:
                 )
             self._templates = (name, Templates(heads, maps, self.causal))
         return self._templates[1]
+
+    def memo_arrays(self) -> dict[str, np.ndarray] | None:
+        """The result memo this generation stores, as arrays (``tiers/memo.py`` reads them), or
+        None."""
+        name = self.manifest.get("names", {}).get("memo")
+        if name is None:
+            return None
+        path = self.folder / safe_name(name)
+        if file_digest(path) != self.manifest["files"][name]["sha256"]:  # small: checked in full
+            raise UserError(
+                f"{self.folder}: {name} does not match its checksum (damaged); not using it. "
+                f"Run 'attncache verify {self.folder}'"
+            )
+        return {k: v.numpy() for k, v in load_file(str(path)).items()}
+
+    def commit_memo(
+        self, merge: Callable[[dict | None], dict[str, np.ndarray]], lock_wait_s: float = 10.0
+    ) -> bool:
+        """Store ``merge(what is on disk now)`` as the memo in one commit; False if the lock
+        could not be had in time."""
+        try:
+            with self.writing(lock_wait_s):
+                arrays = merge(self.memo_arrays())
+                m = dict(self.manifest)
+                gen = int(m.get("generation", 0)) + 1
+                names = dict(generation_files(m))
+                names["memo"] = f"memo-{gen}.safetensors"
+                tensors = {
+                    k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                }  # owned copies
+                atomic_write(self.folder / names["memo"], lambda f: f.write(save(tensors)))
+                m.update(
+                    generation=gen,
+                    names=names,
+                    memo={"entries": int(len(arrays["keys"]))},
+                    files=describe_files(self.folder, list(names.values())),
+                )
+                self._commit(m)
+            return True
+        except UserError:
+            return False
 
     def features(self) -> np.ndarray:
         return load_npy(self.folder / generation_files(self.manifest)["features"])
@@ -336,8 +388,9 @@ class Database:
             self.projector = projector
         else:
             names["projector"] = safe_name(old.get("projector"))
-        if "templates" in old:  # not rewritten: they do not depend on the entries
-            names["templates"] = safe_name(old["templates"])
+        for kind in ("templates", "memo"):  # not rewritten: they do not depend on the entries
+            if kind in old:
+                names[kind] = safe_name(old[kind])
         m["index"] = {"approximate": index.approximate, "ef_search": index.ef_search}
         if index.approximate:
             names["index"] = f"index-{gen}.faiss"

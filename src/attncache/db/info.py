@@ -50,6 +50,7 @@ class DbInfo:
     top_entries: list[TopEntry] = field(default_factory=list)
     calibrated: bool = False
     policy_source: str = ""
+    default_reuse: str = ""  # in words: what the default policy reuses and on what evidence
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,4 +100,26 @@ def describe(db: Database, top: int = 5) -> DbInfo:
         ],
         calibrated="calibration" in db.manifest,
         policy_source=str(policy.get("source", "")),
+        default_reuse=_default_reuse(db.manifest),
     )
+
+
+def _default_reuse(manifest: dict) -> str:
+    policy = manifest["policy"]
+    parts = [
+        (len(policy.get("layers", [])), "layers"),
+        (sum(len(h) for h in policy.get("heads", {}).values()), "heads"),
+        (sum(len(h) for h in policy.get("fixed", {}).values()), "template heads"),
+    ]
+    what = ", ".join(f"{n} {name}" for n, name in parts if n)
+    if not what:
+        return (
+            "no approximate maps (" + str(policy.get("source", "no setting passed a bound")) + ")"
+        )
+    cal = manifest.get("calibration")
+    if cal:
+        return (
+            f"{what}: reuse {cal['reuse_fraction']:.3f} of maps, changed answers <= "
+            f"{cal['disagreement_bound']:.3f} ({cal['confidence']:.0%} bound on {cal['n']} rows)"
+        )
+    return f"{what}: not calibrated (no measured bound)"

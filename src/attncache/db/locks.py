@@ -1,13 +1,11 @@
 """The two locks of a DB folder (``flock``, released when the process dies).
 
 - ``.lock``: exclusive, held by the one process allowed to write (build, insert, evict, retrain,
-calibrate).
+  calibrate).
 - ``.readers``: shared by readers *while they open* one generation's files; a writer deletes the
-files a
-  new manifest no longer references only when it can take this lock exclusively, so an opening
-  reader
-  never sees a file vanish. Once open, a reader holds memmaps and needs no lock (POSIX unlink
-  semantics).
+  files a new manifest no longer references only when it can take this lock exclusively, so an
+  opening reader never sees a file vanish. Once open, a reader holds memmaps and needs no lock
+  (POSIX unlink semantics).
 """
 
 from __future__ import annotations

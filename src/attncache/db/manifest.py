@@ -44,7 +44,7 @@ from .segments import EntryTable, seg_name
 FORMAT_VERSION = 2
 # files a crashed writer may leave behind: ours by name, unreferenced by the manifest
 _OURS = re.compile(
-    r"^(seg-\d+\.bin|(features|vectors|projector|index|templates)-\d+\."
+    r"^(seg-\d+\.bin|(features|vectors|projector|index|templates|memo)-\d+\."
     r"(npy|safetensors|faiss)|\..+\.tmp(\.npy)?)$"
 )
 GENERATION_FILES = ("features", "vectors", "projector")  # always present; index, templates optional

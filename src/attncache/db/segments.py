@@ -185,8 +185,7 @@ class MapStore:
                     f"run 'attncache verify {self.folder}'"
                 )
             # mode 'c' (copy-on-write) gives writeable views for torch.from_numpy without touching
-            # the
-            # file; only the committed bytes are mapped (a crashed writer's tail is ignored)
+            # the file; only the committed bytes are mapped (a crashed writer's tail is ignored)
             self._mm[seg_number(name)] = (
                 np.memmap(path, dtype=np.uint8, mode="c", shape=(size,))
                 if size

@@ -98,9 +98,17 @@ class Attachment:
     def learning(self) -> bool:
         return self.learner is not None
 
+    @property
+    def inert(self) -> bool:
+        """Nothing to reuse, look up or learn: the model is left unpatched (costs nothing)."""
+        return not (self.policy.heads or self.policy.fixed or self.policy.looks_up or self.learner)
+
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Attachment:
         stack = contextlib.ExitStack()
+        if self.inert:
+            self._stack = stack
+            return self
         stack.enter_context(patched(self.model, self.adapter, self._on_forward, self._on_attention))
         self.maps.open()
         stack.callback(self.maps.close)

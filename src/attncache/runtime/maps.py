@@ -11,24 +11,75 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from ..db import Database, Templates
+from ..stats import Counters, ratio
 from .kernels import index_tensor
 from .lookup import Hit
 
 MapKey = tuple[int, int, int]  # (entry, layer, length)
 
 
-class StoreMaps:
-    """Maps read from the DB's segments (the current generation's: inserts may replace the
-    store)."""
+@dataclass
+class DeviceCacheStats(Counters):
+    hits: int = 0
+    misses: int = 0  # uploads (and, for compact codecs, decodes)
+    bytes: int = 0  # held now
+    evictions: int = 0
 
-    def __init__(self, db: Database, prefetch: bool):
+    def derived(self, c: dict[str, float]) -> dict[str, float]:
+        return {"device_map_hit_rate": ratio(c["hits"], c["hits"] + c["misses"])}
+
+
+class DeviceMapCache:
+    """The hottest maps kept on the model's device under a byte cap, least recently used out first.
+
+    On a GPU a hit's maps then need no host-to-device copy (measured on an H200: maps fetched from
+    host memory made hits slower than SDPA past ~256 tokens; resident ones were 1.4x); on a CPU the
+    "device" is the host and the cache saves decoding compact codecs. Keyed by entry uid (stable
+    across inserts)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._maps: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = DeviceCacheStats()
+
+    def get(self, key: tuple[int, int, int]) -> torch.Tensor | None:
+        with self._lock:
+            got = self._maps.get(key)
+            if got is not None:
+                self._maps.move_to_end(key)
+        self.stats.add(hits=int(got is not None), misses=int(got is None))
+        return got
+
+    def put(self, key: tuple[int, int, int], maps: torch.Tensor) -> None:
+        size = maps.numel() * maps.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            freed, evicted = 0, 0
+            while self._maps and self.stats.bytes + size - freed > self.max_bytes:
+                _, old = self._maps.popitem(last=False)
+                freed += old.numel() * old.element_size()
+                evicted += 1
+            self._maps[key] = maps
+        self.stats.add(bytes=size - freed, evictions=evicted)
+
+
+class StoreMaps:
+    """Maps read from the DB's segments (the current generation's: inserts may replace the store),
+    optionally kept on the device (``device_cache``)."""
+
+    def __init__(self, db: Database, prefetch: bool, device_cache: DeviceMapCache | None = None):
         self.db = db
         self.prefetch = prefetch
+        self.device_cache = device_cache
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[MapKey, Future] = {}
         self._lock = threading.Lock()
@@ -50,22 +101,37 @@ class StoreMaps:
     def read(self, entry: int, layer: int, length: int) -> torch.Tensor:
         return self.db.store.layer(entry, layer, length)
 
+    def _uid_key(self, entry: int, layer: int, length: int) -> tuple[int, int, int]:
+        return int(self.db.store.table.uid[entry]), layer, length
+
     def plan(self, hits: list[Hit | None], layers: list[int]) -> None:
-        """Start decoding every (hit, layer) map the batch will use (with prefetch on)."""
+        """Start decoding every (hit, layer) map the batch will use (with prefetch on) that is not
+        already on the device."""
         self._ahead = {}
         if self._pool is None:
             return
         for layer in layers:
             for h in hits:
                 key = (h.entry, layer, h.length) if h is not None else None
-                if key is not None and key not in self._ahead:
-                    self._ahead[key] = self._pool.submit(self.read, *key)
+                if key is None or key in self._ahead:
+                    continue
+                if self.device_cache is not None and self._uid_key(*key) in self.device_cache._maps:
+                    continue
+                self._ahead[key] = self._pool.submit(self.read, *key)
 
     def fetch(self, hit: Hit, layer: int, device: torch.device) -> torch.Tensor:
         key = (hit.entry, layer, hit.length)
+        cache = self.device_cache
+        if cache is not None:
+            got = cache.get(self._uid_key(*key))
+            if got is not None:
+                self._ahead.pop(key, None)
+                return got
         ahead = self._ahead.pop(key, None)
-        maps = ahead.result() if ahead is not None else self.read(*key)
-        return maps.to(device)
+        maps = (ahead.result() if ahead is not None else self.read(*key)).to(device)
+        if cache is not None:
+            cache.put(self._uid_key(*key), maps)
+        return maps
 
 
 class PreloadedMaps(StoreMaps):

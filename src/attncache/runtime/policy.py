@@ -71,9 +71,9 @@ class Policy:
 
     @property
     def looks_up(self) -> bool:
-        """Whether a forward looks inputs up: not for template-only policies (``none`` still does,
-        and counts)."""
-        return bool(self.heads) or not self.fixed
+        """Whether a forward looks inputs up: when it retrieves, or for an explicit ``none`` (which
+        measures lookups and hit rates). A default that reuses nothing costs nothing."""
+        return bool(self.heads) or self.name == "none"
 
     def work_saved(self, shape, length: int, causal: bool, stored_layers, hit: bool) -> float:
         """Share of the attention modules' FLOPs an item of ``length`` tokens skips (projections,

@@ -13,7 +13,9 @@ import torch
 
 class TierOutput(NamedTuple):
     logits: torch.Tensor  # [B, keep, V]
-    hits: list[Any]  # per item: the map-cache hit it replayed (runtime.Hit), or None
+    hits: list[Any]  # per item: the map-cache hit its lookup found (runtime.Hit), or None
+    reused: list[bool]  # per item: whether it replayed any map (its answer is then approximate)
+    prefix_tokens: list[int]  # per item: prefix tokens it took from the tree instead of computing
 
 
 class Tier(Protocol):

@@ -1,26 +1,32 @@
-"""Tier 1 for decoders: reuse the keys and values of shared token prefixes, exactly.
+"""Tier 1 for decoders: compute shared prefixes once, run every suffix of a batch in one forward.
+Exact.
 
 With causal attention every hidden state of a prefix depends only on the prefix, so its keys and
-values can be reused *exactly*: only the remaining tokens run, attending to the cached prefix K/V,
-kept in a radix tree (``radix.py``). ``PrefixTier.run``:
+values can be reused *exactly*: only the remaining tokens run, attending to the prefix K/V, kept in
+a radix tree (``radix.py``). Per batch, ``PrefixTier.run``:
 
-- items with a cached prefix of P tokens run their suffix alone, with the prefix K/V as the cache
-and
-  position ids starting at P (at least the positions whose logits are needed always run);
-- items without one run together as usual and their K/V is inserted afterwards;
-- with a map cache attached (``maps``), map reuse applies to items without a prefix hit; an item
-whose
-  layers reused maps has no keys in those layers and is therefore not inserted;
-- if none of the first 64 inputs shares even 8 tokens with an earlier one (SST-2-like workloads),
-the tier
-  goes idle: it stops building K/V caches and inserting, so it costs little where it cannot help.
+1. finds the inputs of the batch that share at least ``min_prefix`` tokens (``schedule.py``) and
+makes
+   sure the tree holds each group's shared prefix, computing what is missing once, for all groups in
+   one forward;
+2. gives every input the longest prefix it can reuse: its group's, or a longer one the tree holds
+   from earlier batches (never the positions whose logits are needed);
+3. runs all those inputs' suffixes as **one** batched forward over their prefixes' K/V (stacked per
+   row and left-padded, with position ids starting where each prefix ends; a 2-D mask hides the
+   padding, and the model builds the causal 4-D mask from it);
+4. runs the inputs without a usable prefix together as usual, with the map cache (``maps``) applying
+   to them, and inserts their K/V (an input whose layers reused maps has no keys there: not
+   inserted).
 
-Models with sliding-window layers (Gemma3, Mistral with a window) keep only a window of K/V in their
-cache, so the tier is not used for them.
+If none of the first 64 inputs shares even ``min_prefix`` tokens with another (SST-2-like
+workloads), the tier goes idle: it stops building K/V caches and inserting, so it costs about
+nothing where it cannot help. Models with sliding-window layers keep only a window of K/V, so the
+tier is not used for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -32,7 +38,8 @@ from transformers import DynamicCache, LlamaForCausalLM
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
-from .radix import Match, RadixKV
+from .radix import Match, RadixKV, from_tensors, to_tensors
+from .schedule import prefix_groups, shared_prefix
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
@@ -47,41 +54,71 @@ CACHE_KW = (
 
 
 def supports_prefix(model: nn.Module) -> bool:
+    """Whether every layer's cache keeps all keys (no sliding window), so prefixes can be reused."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
-    types = getattr(cfg, "layer_types", None) or []
-    return not any("sliding" in str(t) for t in types) and not getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return not any("sliding" in str(t) for t in types)
+    return (
+        not getattr(cfg, "sliding_window", None)
+        or getattr(cfg, "use_sliding_window", True) is False
+    )
 
 
 @dataclass
 class PrefixStats(Counters):
-    tokens_total: int = 0
-    tokens_reused: int = 0
+    tokens_total: int = 0  # tokens of every input the tier was given
+    tokens_run: int = (
+        0  # tokens that went through the model (prefixes once, suffixes, whole inputs)
+    )
+    tokens_reused: int = 0  # prefix tokens inputs took from the tree instead of computing
     items: int = 0
     items_with_prefix: int = 0
     insert_s: float = 0.0
 
     def derived(self, c: dict[str, float]) -> dict[str, float]:
-        return {"prefix_tokens_reused_fraction": ratio(c["tokens_reused"], c["tokens_total"])}
+        saved = c["tokens_total"] - c["tokens_run"]
+        return {"prefix_tokens_reused_fraction": ratio(saved, c["tokens_total"])}
 
 
 class PrefixTier:
-    """Runs decoder batches through a ``RadixKV``; returns the last ``keep`` positions' logits per
-    item."""
+    """Runs decoder batches through a ``RadixKV``; returns the last ``keep`` positions' logits."""
 
     def __init__(
-        self, model: nn.Module, max_bytes: int = DEFAULT_PREFIX_BYTES, min_prefix: int = MIN_PREFIX
+        self,
+        model: nn.Module,
+        max_bytes: int = DEFAULT_PREFIX_BYTES,
+        min_prefix: int = MIN_PREFIX,
+        pack: bool = True,
     ):
         self.model = model
+        self.pack = pack  # inputs on one prefix share a row (a block mask); False: a row each
         self.min_prefix = min_prefix
-        self.idle = (
-            False  # set when a workload shows no shared prefixes; matching goes on, inserting stops
-        )
-        self.longest_match = 0
+        self.idle = False  # a workload without shared prefixes: matching goes on, inserting stops
+        self.longest_shared = 0
         self.tree = RadixKV(max_bytes)
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
+
+    @property
+    def empty(self) -> bool:
+        return self.tree.bytes == 0
+
+    def save(self, folder) -> None:
+        """Keep the tree in a ``db.TierFolder`` (``--prefix-dir``): a restart starts warm."""
+        folder.write("prefix", to_tensors(self.tree))
+
+    def load(self, folder) -> bool:
+        """Take the tree a ``db.TierFolder`` holds (checksummed, for this model); False if none."""
+        data = folder.read("prefix")
+        if data is None:
+            return False
+        self.tree = from_tensors(
+            {k: v.to(self.device) if k == "kv" else v for k, v in data.items()}, self.tree.max_bytes
+        )
+        return True
 
     def reset(self) -> None:
         self.tree = RadixKV(self.tree.max_bytes)
@@ -96,96 +133,190 @@ class PrefixTier:
             "prefix_leaves": len(self.tree),
         }
 
-    def _match(self, seq: list[int], keep: int) -> Match | None:
-        """A usable cached prefix (locked until the caller unlocks it), or None."""
-        m = self.tree.match(seq, max(0, len(seq) - keep))
-        self.longest_match = max(self.longest_match, m.length)
-        # A short shared prefix saves little and would keep the item from map reuse: run it whole.
-        if m.length < self.min_prefix:
-            return None
-        self.tree.lock(m.node)
-        return m
-
     @torch.no_grad()
-    def run(self, seqs: list[list[int]], keep: int, pad_id: int, maps=None) -> TierOutput:
-        """Logits ``[B, keep, V]`` and per item the map hit (or None). ``maps``: an attached map
-        cache."""
+    def run(
+        self,
+        seqs: list[list[int]],
+        keep: int,
+        pad_id: int,
+        maps=None,
+        insert: list[bool] | None = None,
+    ) -> TierOutput:
+        """Logits ``[B, keep, V]`` and per item what happened. ``maps``: an attached map cache.
+
+        ``insert``: per item, whether its K/V may help a later input (a caller that sees the whole
+        workload knows; None: keep every input computed whole, until the tier goes idle)."""
         count = len(seqs)
-        matches = [self._match(s, keep) for s in seqs]
         self.stats.add(items=count, tokens_total=sum(len(s) for s in seqs))
-        out: list[torch.Tensor | None] = [None] * count
-        hits: list = [None] * count
-        fresh = [i for i, m in enumerate(matches) if m is None]
+        limits = [max(0, len(s) - keep) for s in seqs]  # the last ``keep`` positions always run
+        wanted = [0] * count  # per item: prefix tokens it will take from the tree
+        if not self.idle:
+            for members in prefix_groups(seqs, self.min_prefix):
+                if len(members) > 1:
+                    shared = min(shared_prefix(seqs, members), *(limits[i] for i in members))
+                    self.longest_shared = max(self.longest_shared, shared)
+                    for i in members:
+                        wanted[i] = shared if shared >= self.min_prefix else 0
+            with maps.paused() if maps is not None else contextlib.nullcontext():  # prefixes: exact
+                self._ensure({tuple(seqs[i][: wanted[i]]) for i in range(count) if wanted[i]})
+        matches: list[Match | None] = []
+        for i, seq in enumerate(seqs):
+            m = self.tree.match(seq, limits[i])
+            self.longest_shared = max(self.longest_shared, m.length)
+            use = m if m.length >= max(self.min_prefix, wanted[i]) else None
+            if use is not None:
+                self.tree.lock(use.node)
+            matches.append(use)
         if (
             not self.idle
             and self.stats.items >= IDLE_AFTER
-            and self.longest_match < self.min_prefix
+            and self.longest_shared < self.min_prefix
         ):
             self.idle = True
-        waiting: list[int] = []
-        if not self.idle:
-            # Inputs sharing a long prefix with an earlier fresh input of this batch (one prompt,
-            # several
-            # continuations) wait: the first one's K/V is inserted, then they reuse it.
-            leaders: list[int] = []
-            for i in fresh:
-                if any(common_prefix(seqs[i], seqs[j]) >= self.min_prefix for j in leaders):
-                    waiting.append(i)
-                else:
-                    leaders.append(i)
-            fresh = leaders
-        self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits)
-        if waiting:
-            for i in waiting:
-                matches[i] = self._match(seqs[i], keep)
-            # a leader that reused maps was not inserted: its followers run whole
-            self._run_fresh(
-                [i for i in waiting if matches[i] is None], seqs, keep, pad_id, maps, out, hits
-            )
-        for i, m in enumerate(matches):
-            if m is not None:
-                try:
-                    out[i] = self._run_suffix(seqs[i], m, keep)
-                finally:
+        out: list[torch.Tensor | None] = [None] * count
+        hits: list = [None] * count
+        reused = [False] * count
+        try:
+            fresh = [i for i, m in enumerate(matches) if m is None]
+            keep_kv = {i for i in fresh if insert is None or insert[i]}
+            self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
+            suffixed = [i for i, m in enumerate(matches) if m is not None]
+            if suffixed:
+                logits = self._run_suffixes(
+                    [seqs[i] for i in suffixed], [matches[i] for i in suffixed], keep, pad_id
+                )
+                for j, i in enumerate(suffixed):
+                    out[i] = logits[j]
+        finally:
+            for m in matches:
+                if m is not None:
                     self.tree.unlock(m.node)
-        return TierOutput(torch.stack(out), hits)
+        tokens = [m.length if m is not None else 0 for m in matches]
+        return TierOutput(torch.stack(out), hits, reused, tokens)
 
-    def _run_suffix(self, seq: list[int], m: Match, keep: int) -> torch.Tensor:
-        """One input whose first ``m.length`` tokens' K/V the tree holds: only the rest runs."""
-        p = m.length
-        self.stats.add(items_with_prefix=1, tokens_reused=p)
-        prefix_kv = m.kv()
-        past = DynamicCache(ddp_cache_data=_per_layer(prefix_kv), config=self.model.config)
-        ids = torch.tensor([seq[p:]], device=self.device)
-        pos = torch.arange(p, len(seq), device=self.device).unsqueeze(0)
-        mask = torch.ones((1, len(seq)), dtype=torch.long, device=self.device)
+    def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
+        """Make the tree hold every prefix: compute the missing ones (from what the tree has) at
+        once."""
+        todo = [list(p) for p in prefixes if self.tree.match(list(p), len(p)).length < len(p)]
+        if not todo:
+            return
+        # Computed whole, in one batch: simpler than resuming each from its partial match, and the
+        # common case (a new few-shot prompt, a new question) has no partial match worth resuming.
+        inputs = collate(todo, 0, True, self.device)
+        res = self.model(**inputs, logits_to_keep=1, use_cache=True)
+        self.stats.add(tokens_run=sum(len(p) for p in todo))
+        self._insert_batch(todo, output_cache(res), [False] * len(todo))
+
+    def _run_suffixes(
+        self, seqs: list[list[int]], matches: list[Match], keep: int, pad_id: int
+    ) -> list[torch.Tensor]:
+        """One forward for every input's suffix over its prefix K/V; per input its ``[keep, V]``
+        logits.
+
+        Inputs reusing the same prefix share one row (``pack``): their suffixes are concatenated,
+        each attending to the prefix and to itself only, with position ids restarting where the
+        prefix ends, so the prefix K/V is read once per row instead of once per input. Otherwise
+        each input is its own row."""
+        lens = [m.length for m in matches]
+        suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
+        self.stats.add(
+            items_with_prefix=len(seqs),
+            tokens_reused=sum(lens),
+            tokens_run=sum(len(x) for x in suffixes),
+        )
+        rows: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(matches):
+            key = (id(m.node), m.length) if self.pack else (i, 0)
+            rows.setdefault(key, []).append(i)
+        members = list(rows.values())
+        width_p = max(lens)
+        width_s = max(sum(len(suffixes[i]) for i in items) for items in members)
+        count = len(members)
+        first = [matches[items[0]] for items in members]
+        kvs = [m.kv() for m in first]  # [n_layers, 2, H_kv, P, d] per row
+        if count == 1 or (
+            len({id(m.node) for m in first}) == 1 and len({m.length for m in first}) == 1
+        ):
+            stacked = kvs[0].unsqueeze(2).expand(-1, -1, count, -1, -1, -1)  # one prefix: a view
+        else:
+            n_layers, _, n_kv, _, d = kvs[0].shape
+            stacked = kvs[0].new_zeros((n_layers, 2, count, n_kv, width_p, d))
+            for r, kv in enumerate(kvs):
+                stacked[:, :, r, :, width_p - kv.shape[3] :] = kv
+        past = DynamicCache(
+            ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(len(stacked))],
+            config=self.model.config,
+        )
+        dev = self.device
+        ids = torch.full((count, width_s), pad_id, dtype=torch.long, device=dev)
+        pos = torch.zeros((count, width_s), dtype=torch.long, device=dev)
+        allowed = torch.zeros((count, width_s, width_p + width_s), dtype=torch.bool, device=dev)
+        allowed[
+            :, torch.arange(width_s, device=dev), width_p + torch.arange(width_s, device=dev)
+        ] = True
+        ends: dict[
+            int, tuple[int, int]
+        ] = {}  # input -> (row, end of its segment in the suffix region)
+        for r, items in enumerate(members):
+            p = first[r].length
+            start = width_s - sum(len(suffixes[i]) for i in items)
+            for i in items:
+                n = len(suffixes[i])
+                seg = slice(start, start + n)
+                ids[r, seg] = torch.tensor(suffixes[i], device=dev)
+                pos[r, seg] = torch.arange(p, p + n, device=dev)
+                allowed[r, seg, width_p - p : width_p] = True  # the prefix
+                causal = torch.ones((n, n), dtype=torch.bool, device=dev).tril()
+                allowed[r, seg, width_p + start : width_p + start + n] = causal  # itself, causally
+                ends[i] = (r, start + n)
+                start += n
+        mask = torch.zeros(allowed.shape, dtype=stacked.dtype, device=dev)
+        mask.masked_fill_(~allowed, torch.finfo(stacked.dtype).min)
+        wanted = sorted({e - k for (_, e) in ends.values() for k in range(keep, 0, -1)})
+        where = {p: j for j, p in enumerate(wanted)}
         res = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=mask.unsqueeze(1),
             position_ids=pos,
             use_cache=True,
-            logits_to_keep=keep,
+            logits_to_keep=torch.tensor(wanted, device=dev),
             **{CACHE_KW: past},
         )
-        if not self.idle:
-            self._insert_suffix(seq, p, output_cache(res))
-        return res.logits[0]
+        logits = res.logits
+        return [
+            logits[r, [where[e - k] for k in range(keep, 0, -1)]]
+            for r, e in (ends[i] for i in range(len(seqs)))
+        ]
 
     def _run_fresh(
-        self, idx: list[int], seqs, keep: int, pad_id: int, maps, out: list, hits: list
+        self,
+        idx: list[int],
+        seqs,
+        keep: int,
+        pad_id: int,
+        maps,
+        out: list,
+        hits: list,
+        reused_out: list,
+        keep_kv: set[int],
     ) -> None:
-        """Run inputs without a usable prefix as one batch; insert their K/V (unless idle)."""
+        """Run inputs without a usable prefix as one batch; insert the K/V of those in ``keep_kv``
+        (none while idle: then no K/V cache is even built)."""
         if not idx:
             return
         inputs = collate([seqs[i] for i in idx], pad_id, True, self.device)
-        res = self.model(**inputs, logits_to_keep=keep, use_cache=not self.idle)
+        build = not self.idle and bool(keep_kv)
+        res = self.model(**inputs, logits_to_keep=keep, use_cache=build)
+        self.stats.add(tokens_run=sum(len(seqs[i]) for i in idx))
         batch_hits = list(maps.last_hits) if maps is not None else [None] * len(idx)
         reused = list(maps.last_reused) if maps is not None else [False] * len(idx)
         for j, i in enumerate(idx):
             out[i] = res.logits[j]
             hits[i] = batch_hits[j]
-        if not self.idle:
-            self._insert_batch([seqs[i] for i in idx], output_cache(res), reused)
+            reused_out[i] = reused[j]
+        if build:
+            skip = [reused[j] or i not in keep_kv for j, i in enumerate(idx)]
+            self._insert_batch([seqs[i] for i in idx], output_cache(res), skip)
 
     def _insert_batch(self, seqs: list[list[int]], cache, reused: list[bool]) -> None:
         t0 = time.perf_counter()
@@ -203,32 +334,6 @@ class PrefixTier:
             self.tree.insert(s, torch.stack(rows))
         self.stats.add(insert_s=time.perf_counter() - t0)
 
-    def _insert_suffix(self, seq: list[int], p: int, cache) -> None:
-        """Insert ``seq[p:]`` of an input that reused a ``p``-token prefix (copies the suffix
-        only)."""
-        t0 = time.perf_counter()
-        if cache.layers[0].keys.shape[2] == len(seq):
-            kv = torch.stack(
-                [
-                    torch.stack([layer.keys[0, :, p:], layer.values[0, :, p:]])
-                    for layer in cache.layers
-                ]
-            )
-            self.tree.insert(seq, kv, start=p)
-        self.stats.add(insert_s=time.perf_counter() - t0)
-
 
 def output_cache(res):
     return getattr(res, "cache", None) if CACHE_KW == "cache" else res.past_key_values
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _per_layer(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[n_layers, 2, H_kv, P, d] -> per layer (K [1, H_kv, P, d], V [1, H_kv, P, d])."""
-    return [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])]

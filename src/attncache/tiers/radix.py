@@ -201,3 +201,55 @@ def _path(node: Node) -> list[Node]:
         out.append(cur)
         cur = cur.parent
     return out
+
+
+def to_tensors(tree: RadixKV) -> dict[str, torch.Tensor]:
+    """The tree as flat tensors (nodes in breadth-first order: a parent before its children)."""
+    nodes, parents, queue = [], [], [(tree.root, -1)]
+    while queue:
+        node, parent = queue.pop(0)
+        if node is not tree.root:
+            parents.append(parent)
+            nodes.append(node)
+        here = len(nodes) - 1 if node is not tree.root else -1
+        queue.extend((child, here) for child in node.children.values())
+    if not nodes:
+        return {"parents": torch.zeros(0, dtype=torch.long)}
+    lengths = [len(n.tokens) for n in nodes]
+    return {
+        "parents": torch.tensor(parents, dtype=torch.long),
+        "offsets": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long),
+        "tokens": torch.tensor([t for n in nodes for t in n.tokens], dtype=torch.long),
+        "last_used": torch.tensor([n.last_used for n in nodes], dtype=torch.float64),
+        "kv": torch.cat([n.kv for n in nodes], dim=3),
+    }
+
+
+def from_tensors(data: dict[str, torch.Tensor], max_bytes: int) -> RadixKV:
+    """A tree rebuilt from ``to_tensors`` (evicting down to ``max_bytes`` if the cap shrank)."""
+    tree = RadixKV(max_bytes)
+    parents = data["parents"].tolist()
+    if not parents:
+        return tree
+    offsets, tokens, kv = data["offsets"].tolist(), data["tokens"].tolist(), data["kv"]
+    built: list[Node] = []
+    for i, p in enumerate(parents):
+        parent = tree.root if p < 0 else built[p]
+        lo, hi = offsets[i], offsets[i + 1]
+        node = Node(
+            tuple(tokens[lo:hi]),
+            kv[:, :, :, lo:hi].clone(),
+            parent,
+            {},
+            float(data["last_used"][i]),
+        )
+        parent.children[node.tokens[0]] = node
+        tree.bytes += node.nbytes
+        built.append(node)
+    tree.peak_bytes = tree.bytes
+    tree._clock = itertools.count(int(max(n.last_used for n in built)) + 1)
+    for node in built:
+        if not node.children:
+            heapq.heappush(tree._heap, (node.last_used, next(tree._order), node))
+    tree._evict()
+    return tree

@@ -217,6 +217,45 @@ def calibrate(
         device,
         dtype,
     )
+    return calibrate_plan(
+        s,
+        plan,
+        exact,
+        data,
+        max_loss,
+        conf,
+        batch_size,
+        progress,
+        write,
+        heads,
+        templates,
+        rank_share,
+        max_template_share,
+        t0,
+        max_minutes,
+        exhaustive,
+    )
+
+
+def calibrate_plan(
+    s: Session,
+    plan: Plan,
+    exact: RunOutput,
+    data: str,
+    max_loss: float,
+    conf: float,
+    batch_size: int,
+    progress: bool,
+    write: bool,
+    heads: bool,
+    templates: bool,
+    rank_share: float,
+    max_template_share: float,
+    t0: float,
+    max_minutes: float | None = None,
+    exhaustive: bool = False,
+) -> CalibrationResult:
+    """``calibrate`` on a planned and exactly run DATA (build calibrates its default this way)."""
     n_rank = int(round(rank_share * len(plan.rows))) if templates else 0
     if templates and (n_rank < 8 or len(plan.rows) - n_rank < 20):
         raise UserError(
@@ -264,7 +303,7 @@ def calibrate(
         policy_layers=pj["layers"],
         policy_heads=sum(len(h) for h in pj["heads"].values()),
         policy_fixed_heads=n_fixed,
-        threshold=best.threshold,
+        threshold=best.threshold if best.policy.retrieves else s.cache.threshold,  # what is stored
         reuse_fraction=best.reuse,
         template_fraction=best.policy.fixed_maps() / n_layers * search.template_share,
         agreement=cmp.agreement,
@@ -295,7 +334,7 @@ def calibrate(
                 },
             )
         s.cache.update_settings(
-            threshold=result.threshold if best.policy.retrieves else s.cache.threshold,
+            threshold=result.threshold,
             policy={
                 **pj,
                 "source": f"calibrate ({result.policy}): max_loss {max_loss} at {conf:.0%} "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from .. import data as data_mod
 from .. import models
@@ -11,7 +15,11 @@ from ..cache import AttnCache
 from ..errors import UserError
 from ..tasks import Comparison, compare, plan_rows, require_rows, run
 from ..tiers import DEFAULT_PREFIX_BYTES
+from ..tiers.memo import ResultMemo
+from .calibrate import calibrate_plan
 from .session import Session, input_limit, warn_skipped
+
+CALIBRATION_ROWS = 150  # fewest rows a build-time bound is measured on (0 changes at 2 %, 95 %)
 
 
 def build(
@@ -26,34 +34,88 @@ def build(
     max_tokens: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    calibrate_share: float = 0.35,
+    max_loss: float = 0.02,
 ) -> AttnCache:
-    """Record every model input of DATA with ``model_name`` and write a cache DB at ``out``."""
+    """Record every model input of DATA with ``model_name`` and write a cache DB at ``out``.
+
+    Decoders: ``calibrate_share`` of DATA's rows is held out of the DB and calibrates its default
+    policy and threshold against the model's own exact answers, to ``max_loss`` (agreement needs no
+    labels). With too few rows for a bound, or for encoders, the default reuses no approximate maps,
+    and ``inspect`` says why. ``calibrate_share=0``: the uncalibrated stability default."""
+    t0 = time.monotonic()
     model, tok = models.load(model_name, dtype=dtype, device=device)
     causal = models.model_kind(model.config) == "decoder"
     ds = data_mod.load(data, encoder=not causal, limit=limit, strict=strict)
     plan = plan_rows(ds.rows, tok, causal, input_limit(model, tok, max_tokens))
     warn_skipped(ds.skipped + plan.skipped, not progress)
     require_rows(plan)
-    groups = [0] * len(plan.seqs)
-    for r, row in reversed(
-        list(enumerate(plan.rows))
-    ):  # a sequence shared by rows belongs to the first
-        for s in row.seqs:
-            groups[s] = r
-    return AttnCache.build(
-        model, tok, plan.seqs, out, cfg, progress=progress, force=force, groups=groups
+    held: list[int] = []
+    n_held = int(round(calibrate_share * len(plan.rows)))
+    if causal and calibrate_share > 0 and n_held >= CALIBRATION_ROWS:
+        held = sorted({int(x) for x in np.linspace(0, len(plan.rows) - 1, n_held)})  # spread out
+    keep = [r for r in range(len(plan.rows)) if r not in set(held)]
+    seq_row: dict[int, int] = {}
+    for r in reversed(keep):  # a sequence shared by rows belongs to the first
+        for q in plan.rows[r].seqs:
+            seq_row[q] = r
+    seqs = [plan.seqs[q] for q in sorted(seq_row)]
+    groups = [seq_row[q] for q in sorted(seq_row)]
+    cache = AttnCache.build(
+        model, tok, seqs, out, cfg, progress=progress, force=force, groups=groups
     )
+    if held:
+        sub = plan.subset(held)
+        if sub.rows:
+            session = Session(cache, model, tok, max_tokens)
+            exact = run(
+                model, tok, sub, cfg.batch_size if cfg else 8, progress=progress, desc="exact"
+            )
+            choices = sum(r.kind in ("choice1", "choiceN") and len(r.queries) > 1 for r in sub.rows)
+            rank_share = min(0.25, max(0.0, (len(sub.rows) - CALIBRATION_ROWS) / len(sub.rows)))
+            templates = choices == len(sub.rows) and rank_share * len(sub.rows) >= 8
+            calibrate_plan(
+                session,
+                sub,
+                exact,
+                f"{len(sub.rows)} rows of {data} held out of the build",
+                max_loss,
+                0.95,
+                cfg.batch_size if cfg else 8,
+                progress,
+                True,
+                True,
+                templates,
+                rank_share,
+                0.6,
+                t0,
+            )
+            return AttnCache.open(out)
+    if calibrate_share > 0:
+        why = (
+            "encoders are not calibrated"
+            if not causal
+            else f"{len(plan.rows)} rows are too few to hold out {CALIBRATION_ROWS} for a bound"
+        )
+        cache.update_settings(
+            policy={
+                "layers": [],
+                "source": f"build: no measured bound ({why}); "
+                "the default reuses no approximate maps: run 'attncache calibrate'",
+            }
+        )
+    return AttnCache.open(out)
 
 
 @dataclass
 class EvalResult:
-    """One policy's cached pass against the exact pass (``comparison``) and what the cache did."""
+    """One policy's cached pass against the exact pass (``comparison``) and what each tier did."""
 
     comparison: Comparison
     policy: str
     policy_layers: list[int]
-    threshold: float
-    reuse_fraction: float  # over every sequence run, those the prefix tier served included
+    threshold: float | None
+    reuse_fraction: float  # share of all (layer, head) maps replayed over every sequence
     lookup_ms_per_item: float
     workload_speedup_rough: float | None  # exact seconds / cached seconds, same batch size
     batch_size: int
@@ -61,8 +123,12 @@ class EvalResult:
     prefix_cache: bool
     prefix_tokens_reused_fraction: float
     prefix_bytes_peak: int
+    memo_hit_rate: float  # answered from earlier runs' exact answers
+    memo_entries: int
+    device_map_hit_rate: float  # maps found on the model's device (--device-map-bytes)
+    device_map_bytes: int
     learned: int
-    entries: int
+    entries: int  # map DB entries (0: no DB)
     data: str
     device: str
     dtype: str
@@ -74,7 +140,7 @@ class EvalResult:
 
 
 def evaluate(
-    db: str,
+    db: str | None,
     data: str,
     policies: list[str] | None = None,
     threshold: float | None = None,
@@ -91,30 +157,46 @@ def evaluate(
     eviction: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    memo: bool = True,
+    device_map_bytes: int | None = None,
 ) -> list[EvalResult]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
-    The cached pass uses the exact prefix tier too (decoders; ``prefix_bytes=None`` switches it
-    off). ``learn``: inputs that miss are recorded and inserted as the run goes (within the byte
-    cap)."""
+    The cached pass runs every tier: the result memo (answers of earlier runs, kept in the DB), the
+    exact prefix tier (decoders; ``prefix_bytes=None`` switches it off), and map reuse by the
+    policy. ``db`` None: ``model_name`` with the exact tiers only. ``learn``: inputs that miss are
+    recorded and inserted as the run goes (within the byte cap)."""
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
     if learn and quantize:
         raise UserError(
-            "--learn records maps on the model the DB was built with; it cannot be combined "
-            "with --quantize"
+            "--learn records maps on the model the DB was built with; it cannot be "
+            "combined with --quantize"
         )
     s = Session.open(db, model_name, quantize, max_tokens, max_bytes, eviction, device, dtype)
-    parsed = [
-        s.cache.policy(spec) for spec in policies or ["default"]
-    ]  # refuse bad specs before work
+    if s.cache is None and (policies or threshold is not None or learn):
+        raise UserError("--policy, --threshold and --learn need a map DB (--db)")
+    parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    stored = ResultMemo.load(s.cache.db) if memo and s.cache is not None else None
+    learned_answers = ResultMemo(stored.max_entries) if stored is not None else None
     results = []
     for policy in parsed:
-        s.cache.stats.reset()
         prefix = s.prefix_tier(prefix_bytes)
-        with s.cache.attach(s.model, policy, threshold, learn=learn) as att:
+        # every policy starts from the memo as stored, so policies compare on equal terms
+        answers = stored.copy() if stored is not None else None
+        if s.cache is not None:
+            s.cache.stats.reset()
+        ctx = (
+            s.cache.attach(
+                s.model, policy, threshold, learn=learn, device_map_bytes=device_map_bytes
+            )
+            if s.cache
+            else contextlib.nullcontext()
+        )
+        name = policy.name if policy is not None else "exact tiers"
+        with ctx as att:
             cached = run(
                 s.model,
                 s.tokenizer,
@@ -122,20 +204,28 @@ def evaluate(
                 batch_size,
                 attached=att,
                 progress=progress,
-                desc=f"cached ({policy.name})",
+                desc=f"cached ({name})",
                 prefix=prefix,
+                memo=answers,
             )
-        # hit counts for eviction and inspect (skipped if a writer holds the lock)
-        s.cache.save_usage()
-        st = s.cache.stats.as_dict()
+        if answers is not None:
+            learned_answers.merge(answers)
+        st = (
+            s.cache.stats.as_dict()
+            if s.cache
+            else {"layer_maps_reused": 0.0, "lookup_s": 0.0, "lookups": 0}
+        )
         report = prefix.report() if prefix is not None else {}
+        resident = att.maps.device_cache if att is not None else None
+        dev = resident.stats.as_dict() if resident is not None else {}
+        n_layers = s.cache.shape.n_layers if s.cache else 1
         results.append(
             EvalResult(
                 comparison=compare(plan, exact, cached),
-                policy=policy.name,
-                policy_layers=list(policy.layers),
-                threshold=att.threshold,
-                reuse_fraction=st["layer_maps_reused"] / (len(plan.seqs) * s.cache.shape.n_layers),
+                policy=name,
+                policy_layers=list(policy.layers) if policy else [],
+                threshold=att.threshold if att is not None else None,
+                reuse_fraction=st["layer_maps_reused"] / (len(plan.seqs) * n_layers),
                 lookup_ms_per_item=1000 * st["lookup_s"] / max(1, st["lookups"]),
                 workload_speedup_rough=exact.seconds / cached.seconds if cached.seconds else None,
                 batch_size=batch_size,
@@ -143,11 +233,24 @@ def evaluate(
                 prefix_cache=prefix is not None,
                 prefix_tokens_reused_fraction=report.get("prefix_tokens_reused_fraction", 0.0),
                 prefix_bytes_peak=int(report.get("prefix_bytes_peak", 0)),
-                learned=att.learned,
-                entries=len(s.cache.store),
+                memo_hit_rate=answers.stats.as_dict()["memo_hit_rate"]
+                if answers is not None
+                else 0.0,
+                memo_entries=len(answers) if answers is not None else 0,
+                device_map_hit_rate=dev.get("device_map_hit_rate", 0.0),
+                device_map_bytes=int(dev.get("bytes", 0)),
+                learned=att.learned if att is not None else 0,
+                entries=len(s.cache.store) if s.cache else 0,
                 data=data,
                 device=s.device,
                 dtype=s.dtype,
             )
         )
+    if s.cache is not None:
+        # hit counts for eviction and inspect (skipped if a writer holds the lock)
+        s.cache.save_usage()
+        if learned_answers is not None and learned_answers.dirty:
+            stored.merge(learned_answers)
+            stored.dirty = True
+            stored.save(s.cache.db)
     return results

@@ -55,7 +55,7 @@ def quantize_int8(model):
 
 @dataclass
 class Session:
-    cache: AttnCache
+    cache: AttnCache | None  # None: no map DB, the exact tiers only
     model: object
     tokenizer: object
     max_tokens: int | None = None  # rows with a longer input are skipped (reported)
@@ -64,7 +64,7 @@ class Session:
     @classmethod
     def open(
         cls,
-        db: str,
+        db: str | None,
         model_name: str | None = None,
         quantize: str | None = None,
         max_tokens: int | None = None,
@@ -74,7 +74,8 @@ class Session:
         dtype: str = "float32",
     ) -> Session:
         """Open ``db`` and load its model (or ``model_name``, which must be the same weights) on
-        ``device`` in ``dtype``; ``quantize='int8'``: torch's dynamic int8 linears (CPU, fp32)."""
+        ``device`` in ``dtype``; ``quantize='int8'``: torch's dynamic int8 linears (CPU, fp32).
+        ``db`` None: ``model_name`` alone, served by the exact tiers (no map reuse)."""
         if quantize is not None and quantize != "int8":
             raise UserError(f"--quantize: only 'int8' is supported, got '{quantize}'")
         if quantize and (dtype != "float32" or models.resolve_device(device) != "cpu"):
@@ -82,12 +83,19 @@ class Session:
                 "--quantize int8 is torch's CPU dynamic quantization of a float32 model; "
                 "it cannot be combined with --dtype or a GPU --device"
             )
-        cache = AttnCache.open(db, max_bytes=max_bytes, eviction=eviction)
-        model, tok = models.load(
-            model_name or cache.manifest["model"]["name"], dtype=dtype, device=device
-        )
-        cache.check_model(model)  # on the weights the DB was built with
-        cache.check_tokenizer(tok)
+        if db is None:
+            if model_name is None:
+                raise UserError(
+                    "which model? pass --db DB (a map cache) or --model MODEL (exact tiers)"
+                )
+            cache = None
+            model, tok = models.load(model_name, dtype=dtype, device=device)
+        else:
+            cache = AttnCache.open(db, max_bytes=max_bytes, eviction=eviction)
+            name = model_name or cache.manifest["model"]["name"]
+            model, tok = models.load(name, dtype=dtype, device=device)
+            cache.check_model(model)  # on the weights the DB was built with
+            cache.check_tokenizer(tok)
         if quantize == "int8":
             model = quantize_int8(model)
         return cls(cache, model, tok, max_tokens, quantized=quantize == "int8")
@@ -102,7 +110,7 @@ class Session:
 
     @property
     def causal(self) -> bool:
-        return self.cache.adapter.causal
+        return models.model_kind(self.model.config) == "decoder"
 
     @property
     def max_len(self) -> int | None:

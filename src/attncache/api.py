@@ -1,0 +1,87 @@
+"""What the server answers, in Python: ``Scorer`` runs score / rerank / classify / embed through
+every tier (memo, shared prefixes, map reuse), the same code the endpoints call.
+
+    from attncache import AttnCache, Scorer, load_model
+    model, tok = load_model("smollm2-135m")
+    with Scorer(model, tok, AttnCache.open("runs/my.db")) as s:          # or no cache: exact tiers
+        s.score("Review: a gripping film\\nSentiment:", [" negative", " positive"])
+        s.classify(["a gripping film"], ["negative", "positive"], "Review: {text}\\nSentiment:")
+"""
+
+from __future__ import annotations
+
+from .cache import AttnCache
+from .errors import UserError
+from .serve.config import ServeConfig
+from .serve.engine import Engine, RequestError
+from .tiers import DEFAULT_PREFIX_BYTES
+from .workflows import Session
+
+
+class Scorer:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cache: AttnCache | None = None,
+        policy: str | None = None,
+        batch_size: int = 8,
+        prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
+        memo: bool = True,
+    ):
+        cfg = ServeConfig(
+            max_batch=batch_size,
+            policy=policy,
+            attach=cache is not None,
+            prefix_bytes=prefix_bytes,
+            memo=memo,
+        )
+        self.engine = Engine(Session(cache, model, tokenizer), cfg)
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach from the model and save what the DB should keep (usage counts, memo answers)."""
+        self.engine.close()
+
+    def _check(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except RequestError as e:
+            raise UserError(str(e)) from None
+
+    def score(self, prompt: str, choices: list[str]) -> dict:
+        """Log-probabilities of each continuation, the chosen index, and ``usage`` (as
+        /v1/score)."""
+        self._check(self.engine.check_choices, prompt, choices)
+        return self.engine.score([(prompt, list(choices))])[0]
+
+    def rerank(self, query: str, documents: list[str]) -> list[float]:
+        """A relevance score per document (as /v1/rerank, unsorted)."""
+        for d in documents:
+            self._check(self.engine.tokens, f"Query: {query}\nDocument: {d}", "documents")
+        return self.engine.rerank([(query, list(documents))])[0]["scores"]
+
+    def classify(
+        self, texts: list[str], labels: list[str], template: str | None = None
+    ) -> list[dict]:
+        """Per text the labels' probabilities and the most likely label (as /v1/classify)."""
+        out = self.engine.classify([(t, list(labels), template) for t in texts])
+        return [
+            {"label": labels[max(range(len(r["probs"])), key=r["probs"].__getitem__)], **r}
+            for r in out
+        ]
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """L2-normalised embeddings (as /v1/embeddings)."""
+        ids = []
+        for t in texts:
+            try:
+                ids.append(self.engine.tokens(t, "texts"))
+            except RequestError as e:
+                raise UserError(str(e)) from None
+        return [r["embedding"] for r in self.engine.embed(ids)]

@@ -1,0 +1,77 @@
+"""``attncache bench``: what the tiers buy on a workload against plain SDPA at its best batch size,
+and (with a map DB) what map reuse buys per item. Performance claims live here, never in tests."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from ..tiers import DEFAULT_PREFIX_BYTES
+from ..workflows import Session
+from .harness import AttentionTimer, interleaved, machine
+from .items import time_items
+from .workload import BATCH_SIZES, time_workload
+
+__all__ = ["AttentionTimer", "BenchConfig", "bench", "interleaved", "machine"]
+
+
+@dataclass
+class BenchConfig:
+    repeats: int = 5  # timed runs per item and variant (per-item timing)
+    warmup: int = 1
+    threads: int | None = None
+    eager: bool = True
+    max_items: int = 24  # rows, when no --limit is given
+    pass_repeats: int = 3  # whole-workload passes per variant
+    batch_sizes: tuple[int, ...] = BATCH_SIZES  # tried for plain SDPA and for attncache
+    per_item: bool = True  # the map mechanism per item (needs a DB)
+    quantize: str | None = None
+    max_tokens: int | None = None
+    prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@torch.no_grad()
+def bench(
+    db: str | None,
+    data: str,
+    policy: str | None = "default",
+    limit: int | None = None,
+    cfg: BenchConfig | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+    threshold: float | None = None,
+) -> dict:
+    """Time DATA's workload (and, with a DB, its items). ``db`` None: the exact tiers of
+    ``model_name``."""
+    cfg = cfg or BenchConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    s = Session.open(
+        db, model_name, cfg.quantize, cfg.max_tokens, device=cfg.device, dtype=cfg.dtype
+    )
+    plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
+    pol = s.cache.policy(policy) if s.cache is not None else None
+    res: dict = {
+        "dtype": s.dtype,
+        "device": s.device,
+        "n": len(plan.seqs),
+        "rows": len(plan.rows),
+        "policy": pol.name if pol else "exact tiers only (no DB)",
+        "threshold": (s.cache.threshold if threshold is None else threshold) if s.cache else None,
+        "repeats": cfg.repeats,
+        "tokens_median": statistics.median(len(q) for q in plan.seqs),
+    }
+    if pol is not None:
+        res["reused_layers"] = pol.head_maps(s.cache.store.layer_pos)  # per hit
+        res["template_layers"] = pol.fixed_maps()  # per item, no lookup
+    res.update(
+        time_workload(s, plan, pol, threshold, cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes)
+    )
+    if cfg.per_item and pol is not None:
+        res.update(time_items(s, plan.seqs, pol, threshold, cfg.repeats, cfg.warmup, cfg.eager))
+    res["machine"] = machine()
+    return res

@@ -1,0 +1,91 @@
+"""Whole-workload passes, each at its best batch size: the baseline users run against attncache.
+
+Plain SDPA is timed over the same sequences at every batch size (as memory allows) and its best is
+the baseline; attncache (the exact tiers and the map cache, no memo) is timed the same way at its
+own sizes. The two best configurations (and attncache's single tiers, for attribution) are then
+timed again in interleaved order (medians). Every tiered pass starts from an empty prefix tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..runtime import Policy
+from ..tasks import Plan, run
+from ..workflows import Session
+from .harness import interleaved
+
+BATCH_SIZES = (1, 4, 8, 16, 32)
+
+
+def time_workload(
+    s: Session,
+    plan: Plan,
+    pol: Policy | None,
+    threshold: float | None,
+    batch_sizes: tuple[int, ...],
+    repeats: int,
+    prefix_bytes: int | None,
+) -> dict:
+    model, tok = s.model, s.tokenizer
+    has_prefix = s.prefix_tier(prefix_bytes) is not None
+    has_maps = s.cache is not None and pol is not None
+
+    def plain(batch: int):
+        def fn(_i: int) -> dict:
+            return {"e2e": run(model, tok, plan, batch, progress=False).seconds}
+
+        return fn
+
+    def tiered(batch: int, maps: bool, prefix: bool):
+        def fn(_i: int) -> dict:
+            tier = s.prefix_tier(prefix_bytes) if prefix else None
+            ctx = s.cache.attach(model, pol, threshold) if maps else contextlib.nullcontext()
+            with ctx as att:
+                out = run(model, tok, plan, batch, attached=att, progress=False, prefix=tier)
+            if tier is not None:
+                reports["prefix"] = tier.report()
+            return {"e2e": out.seconds}
+
+        return fn
+
+    reports: dict = {}
+    sizes = sorted({b for b in batch_sizes if b <= max(1, len(plan.seqs))} or {1})
+    screen_sdpa: dict[int, float] = {}
+    screen_ours: dict[int, float] = {}
+    for b in sizes:
+        try:
+            screen_sdpa[b] = plain(b)(0)["e2e"]
+            screen_ours[b] = tiered(b, has_maps, has_prefix)(0)["e2e"]
+        except (RuntimeError, MemoryError):  # out of memory: larger batches will not fit either
+            break
+    best_sdpa = min(screen_sdpa, key=screen_sdpa.get)
+    best_ours = min(screen_ours, key=screen_ours.get)
+    variants = {"sdpa_best": plain(best_sdpa), "ours": tiered(best_ours, has_maps, has_prefix)}
+    if best_ours != best_sdpa:
+        variants["sdpa_same"] = plain(best_ours)
+    if has_maps and has_prefix:
+        variants["map_only"] = tiered(best_ours, True, False)
+        variants["prefix_only"] = tiered(best_ours, False, True)
+    t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, repeats, 0).items()}
+    same = t.get("sdpa_same", t["sdpa_best"])
+    prefix = reports.get("prefix", {})
+    return {
+        "best_sdpa_batch_size": best_sdpa,
+        "workload_seconds_best_sdpa": t["sdpa_best"],
+        "workload_batch_size": best_ours,
+        "workload_seconds": t["ours"],
+        "workload_speedup_vs_best_sdpa": t["sdpa_best"] / t["ours"],
+        "workload_speedup_vs_sdpa": same / t["ours"],  # plain SDPA at attncache's batch size
+        "workload_speedup_map_only": same / t["map_only"] if "map_only" in t else None,
+        "workload_speedup_prefix_only": same / t["prefix_only"] if "prefix_only" in t else None,
+        "screening_seconds_sdpa": screen_sdpa,
+        "screening_seconds_attncache": screen_ours,
+        "workload_tokens": sum(len(x) for x in plan.seqs),
+        "workload_sequences": len(plan.seqs),
+        "prefix_cache": has_prefix,
+        "prefix_tokens_reused_fraction": prefix.get("prefix_tokens_reused_fraction", 0.0),
+        "prefix_bytes_peak": prefix.get("prefix_bytes_peak", 0),
+        "prefix_bytes_cap": prefix_bytes if has_prefix else 0,
+        "pass_repeats": repeats,
+    }

@@ -1,0 +1,150 @@
+"""Rows -> model input sequences: what to run, and which positions' logits each row needs.
+
+The unit of caching is one model input sequence:
+
+- a multiple-choice row whose choices are all one token: one prefill of the prompt; the choices are
+  ranked by their next-token log-probability (``logits_to_keep=1``);
+- otherwise one prefill per prompt+choice; choices are ranked by the log-likelihood of their tokens
+  divided by the choice's length in characters;
+- encoders: mean-pooled, L2-normalised last hidden states; a pair row embeds both texts;
+- a text row on a decoder: the greedy next token (agreement only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..data import ChoiceRow, PairRow, Row, TextRow
+from ..errors import UserError
+
+
+@dataclass
+class Query:
+    seq: int
+    from_end: int  # 1 = the last position's logits
+    token: int
+
+
+@dataclass
+class RowPlan:
+    kind: str  # "choice1" | "choiceN" | "text" | "pair" | "embed"
+    seqs: list[int]
+    queries: list[list[Query]] = field(default_factory=list)  # per choice
+    norms: list[float] = field(default_factory=list)  # per choice length normaliser
+    answer: int | None = None
+    label: int | None = None
+
+
+@dataclass
+class Plan:
+    seqs: list[list[int]]
+    rows: list[RowPlan]
+    skipped: list[str]
+    causal: bool
+
+    def need(self) -> list[int]:
+        """Per sequence, how many trailing positions' logits are needed."""
+        n = [1] * len(self.seqs)
+        for r in self.rows:
+            for qs in r.queries:
+                for q in qs:
+                    n[q.seq] = max(n[q.seq], q.from_end)
+        return n
+
+    def subset(self, rows: list[int]) -> Plan:
+        """Only these rows, with their sequences renumbered."""
+        new: dict[int, int] = {}
+        for r in rows:
+            for q in self.rows[r].seqs:
+                new.setdefault(q, len(new))
+        renumbered = [
+            replace(
+                self.rows[r],
+                seqs=[new[q] for q in self.rows[r].seqs],
+                queries=[[replace(x, seq=new[x.seq]) for x in qs] for qs in self.rows[r].queries],
+            )
+            for r in rows
+        ]
+        return Plan([self.seqs[q] for q in new], renumbered, [], self.causal)
+
+
+def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> Plan:
+    seqs: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+
+    def seq_id(ids: list[int]) -> int:
+        k = tuple(ids)
+        if k not in index:
+            index[k] = len(seqs)
+            seqs.append(ids)
+        return index[k]
+
+    def enc(text: str, special: bool = True) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    plans: list[RowPlan] = []
+    skipped: list[str] = []
+    for n, row in enumerate(rows):
+        try:
+            if isinstance(row, ChoiceRow):
+                if not causal:
+                    raise ValueError("multiple-choice rows need a decoder model")
+                p = enc(row.prompt)
+                cs = [enc(c, special=False) for c in row.choices]
+                if any(len(c) == 0 for c in cs):
+                    raise ValueError("a choice encodes to no tokens")
+                if all(len(c) == 1 for c in cs):
+                    check_len(len(p), max_len)
+                    s = seq_id(p)
+                    plans.append(
+                        RowPlan(
+                            "choice1",
+                            [s],
+                            [[Query(s, 1, c[0])] for c in cs],
+                            [1.0] * len(cs),
+                            answer=row.answer,
+                        )
+                    )
+                else:
+                    ids, qs = [], []
+                    for c in cs:
+                        check_len(len(p) + len(c), max_len)
+                        s = seq_id(p + c)
+                        ids.append(s)
+                        # logits at position t predict token t+1: choice token j sits len(c)-j from
+                        # the end
+                        qs.append([Query(s, len(c) - j + 1, tok) for j, tok in enumerate(c)])
+                    plans.append(
+                        RowPlan(
+                            "choiceN",
+                            ids,
+                            qs,
+                            [float(len(ch)) for ch in row.choices],
+                            answer=row.answer,
+                        )
+                    )
+            elif isinstance(row, TextRow):
+                ids = enc(row.text)
+                check_len(len(ids), max_len)
+                plans.append(RowPlan("text" if causal else "embed", [seq_id(ids)]))
+            elif isinstance(row, PairRow):
+                if causal:
+                    raise ValueError("pair rows need an encoder model")
+                a, b = enc(row.text1), enc(row.text2)
+                check_len(max(len(a), len(b)), max_len)
+                plans.append(RowPlan("pair", [seq_id(a), seq_id(b)], label=row.label))
+        except ValueError as e:
+            skipped.append(f"row {n}: {e}")
+    return Plan(seqs, plans, skipped, causal)
+
+
+def check_len(n: int, max_len: int | None) -> None:
+    if n == 0:
+        raise ValueError("encodes to no tokens")
+    if max_len is not None and n > max_len:
+        raise ValueError(f"{n} tokens is longer than the model's {max_len} positions")
+
+
+def require_rows(plan: Plan) -> None:
+    if not plan.rows:
+        raise UserError("no usable rows: " + "; ".join(plan.skipped[:3]))

@@ -1,0 +1,217 @@
+"""Running a plan's sequences through the tiers: memo -> prefix tier -> the model (maps attached).
+
+1. **memo** (tier 0): a sequence answered before (exactly) is answered from it, no forward at all;
+2. the rest is batched: decoders with the prefix tier by shared prefix first, length second
+   (``tiers/schedule.py``); otherwise by length (less padding);
+3. each batch runs through the **prefix tier** (tier 1: shared prefixes computed once, suffixes in
+one
+   forward) or the model directly; an attached map cache applies to whatever the model computes
+   whole;
+4. exact answers (no map replayed) go into the memo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..inputs import collate, length_batches
+from ..progress import Stage
+from ..tiers.memo import Answer, ResultMemo
+from ..tiers.schedule import prefix_batches, prefix_groups
+from .plan import Plan, Query
+
+
+@dataclass
+class RunOutput:
+    logprobs: dict[tuple[int, int, int], float]  # (seq, from_end, token) -> log p
+    argmax: list[int]  # decoders: greedy next token per seq
+    embeddings: np.ndarray | None  # encoders: [n_seqs, D]
+    hit: list[bool]
+    seconds: float
+    distance: list[float] = field(default_factory=list)  # per seq: the hit's distance (inf: none)
+    # per seq, what the tiers did: answered from the memo, prefix tokens reused, maps replayed
+    memo_hit: list[bool] = field(default_factory=list)
+    prefix_tokens: list[int] = field(default_factory=list)
+    replayed: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n: int) -> RunOutput:
+        return cls(
+            {},
+            [0] * n,
+            None,
+            [False] * n,
+            0.0,
+            [float("inf")] * n,
+            [False] * n,
+            [0] * n,
+            [False] * n,
+        )
+
+
+def _wanted(plan: Plan) -> dict[int, list[Query]]:
+    wanted: dict[int, list[Query]] = {}
+    for r in plan.rows:
+        for qs in r.queries:
+            for q in qs:
+                wanted.setdefault(q.seq, []).append(q)
+    return wanted
+
+
+@torch.no_grad()
+def run(
+    model: nn.Module,
+    tokenizer,
+    plan: Plan,
+    batch_size: int = 8,
+    attached=None,
+    progress: bool = True,
+    desc: str = "forward",
+    prefix=None,
+    seq_ids: list[int] | None = None,
+    into: RunOutput | None = None,
+    memo: ResultMemo | None = None,
+    lookahead: bool = True,
+) -> RunOutput:
+    """Forward every planned sequence once and collect what the rows need.
+
+    ``seq_ids``: only these sequences (the others keep what ``into`` holds, or nothing). ``memo``:
+    answer sequences seen before from it and add the exact answers of this run. ``lookahead``: the
+    plan is the whole workload, so the prefix tier keeps only K/V a later input shares (a server,
+    which cannot see the next request, passes False and keeps what it computes)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if attached is not None and attached.inert:
+        attached = None  # a policy that reuses nothing: the plain model
+    need = plan.need()
+    wanted = _wanted(plan)
+    out = into if into is not None else RunOutput.empty(len(plan.seqs))
+    todo = list(range(len(plan.seqs))) if seq_ids is None else list(seq_ids)
+    device = next(model.parameters()).device
+    t_start = time.perf_counter()
+    if memo is not None:
+        answered = {i for i in todo if _from_memo(memo, plan, i, wanted, out)}
+        for i in answered:
+            out.memo_hit[i] = True
+        todo = [i for i in todo if i not in answered]
+    lengths = [len(plan.seqs[i]) for i in todo]
+    insert: dict[int, bool] = {}
+    if plan.causal and prefix is not None and not prefix.idle and lookahead:
+        groups = prefix_groups([plan.seqs[i] for i in todo], prefix.min_prefix)
+        shared = {todo[j] for g in groups if len(g) > 1 for j in g}
+        if not shared and prefix.empty:
+            prefix = (
+                None  # nothing in this workload or the tree is shared: the tier would only cost
+            )
+        else:
+            insert = {i: i in shared for i in todo}  # K/V worth keeping: a later input shares it
+    if prefix is not None and not prefix.idle:
+        batches = prefix_batches([plan.seqs[i] for i in todo], batch_size, prefix.min_prefix)
+    else:
+        batches = list(length_batches(lengths, batch_size))
+    seconds = time.perf_counter() - t_start
+    with Stage(len(todo), desc, progress) as bar:
+        for picked in batches:
+            batch = [todo[j] for j in picked]
+            t0 = time.perf_counter()
+            seqs = [plan.seqs[i] for i in batch]
+            reused = [False] * len(batch)
+            prefix_tokens = [0] * len(batch)
+            if plan.causal:
+                keep = max(need[i] for i in batch)
+                if prefix is not None:
+                    flags = [insert.get(i, True) for i in batch] if insert else None
+                    logits, hits, reused, prefix_tokens = prefix.run(
+                        seqs, keep, pad, maps=attached, insert=flags
+                    )
+                else:
+                    logits = model(**collate(seqs, pad, True, device), logits_to_keep=keep).logits
+                    hits = attached.last_hits if attached is not None else None
+                    reused = list(attached.last_reused) if attached is not None else reused
+                lp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]
+            else:
+                inputs = collate(seqs, pad, False, device)
+                hidden = model(**inputs).last_hidden_state
+                real = inputs["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden.float() * real).sum(1) / real.sum(1).clamp_min(1.0)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                hits = attached.last_hits if attached is not None else None
+                reused = list(attached.last_reused) if attached is not None else reused
+            seconds += time.perf_counter() - t0
+            if attached is not None and attached.learning:
+                attached.learn_pending()  # outside the timed region: learning is a side job
+            for j, i in enumerate(batch):
+                out.replayed[i], out.prefix_tokens[i] = bool(reused[j]), int(prefix_tokens[j])
+                if hits is not None:
+                    out.hit[i] = hits[j] is not None
+                    if out.hit[i]:
+                        out.distance[i] = hits[j].distance
+                if plan.causal:
+                    out.argmax[i] = int(lp[j, -1].argmax())
+                    for q in wanted.get(i, []):
+                        out.logprobs[(i, q.from_end, q.token)] = float(
+                            lp[j, keep - q.from_end, q.token]
+                        )
+                else:
+                    if out.embeddings is None:
+                        out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
+                    out.embeddings[i] = pooled[j].cpu().numpy()
+                if memo is not None and not reused[j]:
+                    _to_memo(memo, plan, i, wanted, out)
+            bar.update(len(batch))
+    out.seconds += seconds
+    return out
+
+
+def _from_memo(
+    memo: ResultMemo, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput
+) -> bool:
+    seq = plan.seqs[i]
+    if plan.causal:
+        keys = [(q.from_end, q.token) for q in wanted.get(i, [])]
+        got = memo.get(seq, keys)
+        if got is None or got.argmax < 0:
+            return False
+        out.argmax[i] = got.argmax
+        for q in wanted.get(i, []):
+            out.logprobs[(i, q.from_end, q.token)] = got.logprobs[(q.from_end, q.token)]
+        return True
+    got = memo.get(seq, embedding=True)
+    if got is None:
+        return False
+    if out.embeddings is None:
+        out.embeddings = np.zeros((len(plan.seqs), got.embedding.shape[0]), np.float32)
+    out.embeddings[i] = got.embedding
+    return True
+
+
+def _to_memo(
+    memo: ResultMemo, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput
+) -> None:
+    seq = plan.seqs[i]
+    if plan.causal:
+        lp = {
+            (q.from_end, q.token): out.logprobs[(i, q.from_end, q.token)] for q in wanted.get(i, [])
+        }
+        memo.put(seq, Answer(lp, out.argmax[i]))
+    else:
+        memo.put(seq, Answer(embedding=out.embeddings[i].copy()))
+
+
+def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:
+    """What a cached run at ``threshold`` would output, from one run at threshold infinity.
+
+    A lookup takes the nearest compatible entry and hits iff its distance <= threshold, so each
+    sequence either reuses exactly the maps of the infinite-threshold run or computes exactly."""
+    use = [d <= threshold for d in cached.distance]
+    lp = {k: (cached.logprobs[k] if use[k[0]] else v) for k, v in exact.logprobs.items()}
+    am = [c if u else e for e, c, u in zip(exact.argmax, cached.argmax, use, strict=True)]
+    emb = None
+    if exact.embeddings is not None:
+        emb = np.where(np.array(use)[:, None], cached.embeddings, exact.embeddings)
+    dist = [d if u else float("inf") for d, u in zip(cached.distance, use, strict=True)]
+    return RunOutput(lp, am, emb, use, float("nan"), dist)

@@ -1,0 +1,193 @@
+"""Tier 0: answers for token sequences seen before. Exact.
+
+An input whose token ids (after the task's formatting) were answered before by the exact model is
+answered from the memo: per sequence the log-probabilities a scoring asked for and the greedy next
+token (decoders), or the embedding (encoders), keyed by a hash of the ids. Only exact outputs are
+kept (an input that replayed maps is never memoised). Bounded by an entry count, least recently used
+first. The DB persists it (``Database.commit_memo``) with the same checksums and atomic commits as
+the maps, so the model fingerprint guards it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..stats import Counters, ratio
+
+DEFAULT_MEMO_ENTRIES = 100_000
+
+
+def memo_key(seq: Sequence[int]) -> bytes:
+    return hashlib.sha256(np.asarray(seq, dtype=np.int64).tobytes()).digest()
+
+
+@dataclass
+class Answer:
+    logprobs: dict[tuple[int, int], float] = field(
+        default_factory=dict
+    )  # (from_end, token) -> log p
+    argmax: int = -1  # greedy next token after the sequence (decoders)
+    embedding: np.ndarray | None = None  # encoders
+
+
+@dataclass
+class MemoStats(Counters):
+    lookups: int = 0
+    hits: int = 0
+    inserts: int = 0
+
+    def derived(self, c: dict[str, float]) -> dict[str, float]:
+        return {"memo_hit_rate": ratio(c["hits"], c["lookups"])}
+
+
+class ResultMemo:
+    def __init__(self, max_entries: int = DEFAULT_MEMO_ENTRIES):
+        self.max_entries = int(max_entries)
+        self._entries: OrderedDict[bytes, Answer] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = MemoStats()
+        self.dirty = False  # holds answers the DB does not have yet
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self, seq: Sequence[int], wanted: Sequence[tuple[int, int]] = (), embedding: bool = False
+    ) -> Answer | None:
+        """The stored answer if it covers every wanted (from_end, token) (or the embedding)."""
+        key = memo_key(seq)
+        with self._lock:
+            got = self._entries.get(key)
+            ok = (
+                got is not None
+                and all(w in got.logprobs for w in wanted)
+                and (not embedding or got.embedding is not None)
+            )
+            if ok:
+                self._entries.move_to_end(key)
+        self.stats.add(lookups=1, hits=int(ok))
+        return got if ok else None
+
+    def put(self, seq: Sequence[int], answer: Answer) -> None:
+        key = memo_key(seq)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:  # a later scoring may ask for other tokens: keep both
+                answer = Answer(
+                    {**old.logprobs, **answer.logprobs},
+                    answer.argmax if answer.argmax >= 0 else old.argmax,
+                    answer.embedding if answer.embedding is not None else old.embedding,
+                )
+            self._entries[key] = answer
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            self.dirty = True
+        self.stats.add(inserts=1)
+
+    def copy(self) -> ResultMemo:
+        twin = ResultMemo(self.max_entries)
+        with self._lock:
+            twin._entries = OrderedDict(self._entries)
+        return twin
+
+    def merge(self, other: ResultMemo) -> None:
+        """Take ``other``'s answers (another process's commit) without touching recency of ours."""
+        with self._lock:
+            for key, answer in other._entries.items():
+                if key not in self._entries:
+                    self._entries[key] = answer
+                    self._entries.move_to_end(key, last=False)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    # -- persistence in a DB
+    # ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, db, max_entries: int = DEFAULT_MEMO_ENTRIES) -> ResultMemo:
+        arrays = db.memo_arrays()
+        return cls.from_arrays(arrays, max_entries) if arrays is not None else cls(max_entries)
+
+    def save(self, db, lock_wait_s: float = 2.0) -> bool:
+        """Commit the answers this process added (merged with what others committed meanwhile)."""
+        if not self.dirty:
+            return True
+
+        def merged(on_disk: dict | None) -> dict[str, np.ndarray]:
+            if on_disk is not None:
+                self.merge(ResultMemo.from_arrays(on_disk, self.max_entries))
+            return self.to_arrays()
+
+        if db.commit_memo(merged, lock_wait_s):
+            self.dirty = False
+            return True
+        return False
+
+    def save_to(self, folder) -> None:
+        """Keep the answers in a ``db.TierFolder`` (``--prefix-dir``, serving without a DB)."""
+        folder.write("memo", self.to_arrays())
+        self.dirty = False
+
+    @classmethod
+    def load_from(cls, folder, max_entries: int = DEFAULT_MEMO_ENTRIES) -> ResultMemo:
+        data = folder.read("memo")
+        if data is None:
+            return cls(max_entries)
+        return cls.from_arrays({k: v.numpy() for k, v in data.items()}, max_entries)
+
+    # -- a flat, pickle-free form for safetensors
+    # -----------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            items = list(self._entries.items())
+        keys = (
+            np.frombuffer(b"".join(k for k, _ in items), dtype=np.uint8).reshape(len(items), 32)
+            if items
+            else np.zeros((0, 32), np.uint8)
+        )
+        counts = np.array([len(a.logprobs) for _, a in items], dtype=np.int64)
+        flat = [(f, t, v) for _, a in items for (f, t), v in a.logprobs.items()]
+        dims = {a.embedding.shape[0] for _, a in items if a.embedding is not None}
+        dim = dims.pop() if dims else 0
+        emb = np.zeros((len(items), dim), np.float32)
+        has_emb = np.zeros(len(items), np.uint8)
+        for i, (_, a) in enumerate(items):
+            if a.embedding is not None and dim:
+                emb[i], has_emb[i] = a.embedding, 1
+        return {
+            "keys": keys,
+            "argmax": np.array([a.argmax for _, a in items], dtype=np.int64),
+            "counts": counts,
+            "from_end": np.array([f for f, _, _ in flat], dtype=np.int64),
+            "token": np.array([t for _, t, _ in flat], dtype=np.int64),
+            "logprob": np.array([v for _, _, v in flat], dtype=np.float32),
+            "embedding": emb,
+            "has_embedding": has_emb,
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], max_entries: int = DEFAULT_MEMO_ENTRIES
+    ) -> ResultMemo:
+        memo = cls(max_entries)
+        keys, counts = arrays["keys"], arrays["counts"]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for i in range(len(keys)):
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            lp = {
+                (int(f), int(t)): float(v)
+                for f, t, v in zip(
+                    arrays["from_end"][lo:hi],
+                    arrays["token"][lo:hi],
+                    arrays["logprob"][lo:hi],
+                    strict=True,
+                )
+            }
+            emb = arrays["embedding"][i].copy() if arrays["has_embedding"][i] else None
+            memo._entries[bytes(keys[i])] = Answer(lp, int(arrays["argmax"][i]), emb)
+        return memo

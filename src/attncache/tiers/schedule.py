@@ -1,0 +1,53 @@
+"""Which sequences share a forward: groups by shared prefix first, length second (pure functions).
+
+Sorted lexicographically, sequences that share a prefix are neighbours, and the longest prefix that
+a run of neighbours shares is the smallest common prefix of adjacent pairs. So one sort finds every
+group of inputs sharing at least ``min_prefix`` tokens (a few-shot prompt, one prompt's choices);
+inside a group inputs are ordered by length so padded suffixes waste little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prefix_groups(seqs: Sequence[Sequence[int]], min_prefix: int) -> list[list[int]]:
+    """Indices grouped so that every group of two or more shares >= ``min_prefix`` tokens; the other
+    inputs come as groups of one. Groups keep the order of their first member."""
+    if not seqs:
+        return []
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    groups, current = [], [order[0]]
+    for prev, nxt in zip(order, order[1:], strict=False):
+        if common_prefix(seqs[prev], seqs[nxt]) >= min_prefix:
+            current.append(nxt)
+        else:
+            groups.append(current)
+            current = [nxt]
+    groups.append(current)
+    return sorted(groups, key=min)
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
+    """Tokens every member shares."""
+    first = seqs[members[0]]
+    return min((common_prefix(first, seqs[i]) for i in members[1:]), default=len(first))
+
+
+def prefix_batches(
+    seqs: Sequence[Sequence[int]], batch_size: int, min_prefix: int
+) -> list[list[int]]:
+    """Batches of indices: groups sharing a prefix first (each by length), then the rest by
+    length."""
+    groups = prefix_groups(seqs, min_prefix)
+    shared = [sorted(g, key=lambda i: len(seqs[i])) for g in groups if len(g) > 1]
+    alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: len(seqs[i]))
+    flat = [i for g in shared for i in g] + alone
+    return [flat[k : k + batch_size] for k in range(0, len(flat), batch_size)]

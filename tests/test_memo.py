@@ -1,0 +1,112 @@
+"""Tier 0, the result memo: coverage, the LRU cap, persistence in the DB, and exactness in a run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_replay import forward
+from tiny import TinyTokenizer, random_seqs, tiny_model
+
+from attncache import AttnCache
+from attncache.tasks import Plan, Query, RowPlan, run
+from attncache.tiers.memo import Answer, ResultMemo
+
+
+def test_an_answer_covers_only_what_it_holds_and_the_cap_evicts_the_least_recent():
+    memo = ResultMemo(max_entries=2)
+    memo.put([1, 2, 3], Answer({(1, 5): -0.5}, 7))
+    assert memo.get([1, 2, 3], [(1, 5)]).argmax == 7
+    assert memo.get([1, 2, 3], [(1, 5), (1, 6)]) is None  # another scoring asked for more
+    memo.put([1, 2, 3], Answer({(1, 6): -2.0}, 7))  # ... and now it has both
+    assert memo.get([1, 2, 3], [(1, 5), (1, 6)]).logprobs == {(1, 5): -0.5, (1, 6): -2.0}
+    memo.put([4], Answer({}, 1))
+    memo.get([1, 2, 3])  # recently used
+    memo.put([5], Answer({}, 2))
+    assert len(memo) == 2 and memo.get([4]) is None and memo.get([1, 2, 3]) is not None
+    st = memo.stats.as_dict()
+    assert st["lookups"] == 6 and st["hits"] == 4
+
+
+def test_arrays_round_trip_logprobs_and_embeddings():
+    memo = ResultMemo()
+    memo.put([1, 2], Answer({(1, 3): -1.25, (2, 4): -0.5}, 9))
+    memo.put([3], Answer(embedding=np.arange(4, dtype=np.float32)))
+    again = ResultMemo.from_arrays(memo.to_arrays())
+    assert again.get([1, 2], [(1, 3), (2, 4)]).logprobs == {(1, 3): -1.25, (2, 4): -0.5}
+    assert np.array_equal(again.get([3], embedding=True).embedding, np.arange(4))
+
+
+def plan_of(seqs):
+    rows = [
+        RowPlan("choice1", [i], [[Query(i, 1, 5)], [Query(i, 1, 9)]], [1.0, 1.0])
+        for i in range(len(seqs))
+    ]
+    return Plan(seqs, rows, [], True)
+
+
+def test_a_second_run_is_answered_from_the_memo_with_the_same_outputs(tmp_path):
+    model = tiny_model("llama")
+    seqs = random_seqs(6, seed=31)
+    memo = ResultMemo()
+    first = run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    assert not any(first.memo_hit) and len(memo) == 6
+    second = run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    assert (
+        all(second.memo_hit) and second.logprobs == first.logprobs and second.argmax == first.argmax
+    )
+    # persisted in a DB, checksummed like the maps, and read back by another process's open
+    db = tmp_path / "db"
+    AttnCache.build(model, TinyTokenizer(), seqs, db, progress=False)
+    assert memo.save(AttnCache.open(db).db)
+    assert AttnCache.verify(db) == []
+    again = ResultMemo.load(AttnCache.open(db).db)
+    assert (
+        again.get(seqs[2], [(1, 5), (1, 9)]).logprobs
+        == memo.get(seqs[2], [(1, 5), (1, 9)]).logprobs
+    )
+    # inserts and other commits keep it
+    AttnCache.open(db).learn(model, random_seqs(2, seed=77))
+    assert len(ResultMemo.load(AttnCache.open(db).db)) == 6 and AttnCache.verify(db) == []
+
+
+def test_a_damaged_memo_is_refused_not_used(tmp_path):
+    model = tiny_model("llama")
+    seqs = random_seqs(4, seed=32)
+    db = tmp_path / "db"
+    AttnCache.build(model, TinyTokenizer(), seqs, db, progress=False)
+    memo = ResultMemo()
+    run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    memo.save(AttnCache.open(db).db)
+    name = json.loads((db / "manifest.json").read_text())["names"]["memo"]
+    data = bytearray((db / name).read_bytes())
+    data[-3] ^= 0xFF
+    (db / name).write_bytes(bytes(data))
+    assert any(name in p and "checksum" in p for p in AttnCache.verify(db))
+    from attncache import UserError
+
+    with pytest.raises(UserError, match="damaged"):
+        ResultMemo.load(AttnCache.open(db).db)
+    (db / name).write_bytes(bytes(data[:-10]))
+    with pytest.raises(UserError, match="damaged"):
+        AttnCache.open(db)
+
+
+def test_answers_that_replayed_maps_are_never_memoised(built):
+    model, cache, seqs = built("llama")
+    memo = ResultMemo()
+    new = random_seqs(2, lo=8, hi=12, seed=44)
+    with cache.attach(model, policy="all", threshold=1e-4) as att:
+        out = run(
+            model,
+            TinyTokenizer(),
+            plan_of(seqs[:3] + new),
+            8,
+            attached=att,
+            progress=False,
+            memo=memo,
+        )
+    assert out.replayed[:3] == [True] * 3 and out.replayed[3:] == [False] * 2
+    assert len(memo) == 2 and all(memo.get(s) is not None for s in new)
+    ref, _ = forward(model, new, True)
+    assert torch.isfinite(ref).all()

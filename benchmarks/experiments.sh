@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|calspeed|batchscale|memo|plain|peers|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|batchscale|memo|plain|peers|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -195,16 +195,6 @@ if want buildspeed; then
   { time attncache build --data "sst2[0:436]" --out runs/sst2-buildtime.db ; } 2> $OUT/build_sst2_stages.log > /dev/null
 fi
 
-if want calspeed; then
-  # (issue 16) calibration: the pruned search vs every candidate to the end (the old behaviour), same rows
-  # a DB of 141 one-shot MMLU prompts (~250 tokens); the calibration rows are disjoint from them
-  [ -d runs/mmlu1.db ] || run attncache build --data "mmlu:1shot[0::100]" --out runs/mmlu1.db --no-calibrate --quiet
-  for M in search exhaustive; do
-    X=""; [ $M = exhaustive ] && X="--exhaustive"
-    run attncache calibrate --db runs/mmlu1.db --data "mmlu:1shot[1::10]" --limit 150 --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_mmlu1_$M.json
-    run attncache calibrate --db runs/sst2-smollm2.db --data "sst2[436:654]" --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_sst2_$M.json
-  done
-fi
 
 if want redesign_before; then
   # the same two benches with the code before the redesign (git worktree add /tmp/old 1f3554f), same machine
@@ -217,7 +207,7 @@ fi
 if want batchscale; then
   # (issue 13) workloads against plain SDPA at its best batch size (1, 4, 8, 16, 32), attncache at its own;
   # the exact tiers alone (no map DB), medians of interleaved passes; agreement from eval on the same rows
-  B=(--no-per-item --pass-repeats 3 --json --quiet)
+  B=(--no-per-item --limit 1000 --pass-repeats 3 --json --quiet)
   job() {  # name, DATA
     run attncache bench --model smollm2-135m --data "$2" "${B[@]}" > $OUT/batchscale_$1_bench.json
     run attncache eval --model smollm2-135m --data "$2" --no-memo --json --quiet > $OUT/batchscale_$1_eval.json
@@ -247,11 +237,35 @@ fi
 
 if want plain; then
   # (issue 13) the plain path: sorting, matmul precision, bf16 weights (agreement measured)
-  run python benchmarks/plain_path.py --data "sst2[436:500]" --out $OUT/plain_path_sst2.json
+  run python benchmarks/plain_path.py --data "sst2[436:500]" --compile --out $OUT/plain_path_sst2.json
 fi
 
 if want peers; then
   # (issue 13) CTranslate2 on the same token ids (pip install ctranslate2: not a project dependency)
   run python benchmarks/peers.py --data "sst2[436:500]" --out $OUT/peers_sst2.json
-  run python benchmarks/peers.py --data "mmlu:5shot[0:30]" --batch-sizes 1,8 --out $OUT/peers_mmlu5.json
+  run python benchmarks/peers.py --data "mmlu:5shot[0:30]" --batch-sizes 1,8,16 --out $OUT/peers_mmlu5.json
+fi
+
+if want calspeed; then
+  # (issue 16) the calibration search on ~150 classification rows of ~120 tokens (MMLU zero-shot: four
+  # single-token choices), a DB of 153 other MMLU rows; and SST-2. Search vs every candidate to the end,
+  # then the searched setting stored in a copy of the DB and checked on rows no step has seen
+  [ -d runs/mmlu0.db ] || run attncache build --data "mmlu[0::10]" --out runs/mmlu0.db --no-calibrate --quiet
+  for M in search exhaustive; do
+    X=""; [ $M = exhaustive ] && X="--exhaustive"
+    run attncache calibrate --db runs/mmlu0.db --data "mmlu[1::10]" --limit 150 --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_mmlu0_$M.json
+    run attncache calibrate --db runs/sst2-smollm2.db --data "sst2[436:654]" --max-loss 0.05 --dry-run $X --json --quiet > $OUT/calspeed_sst2_$M.json
+  done
+  rm -rf runs/sst2-calfresh.db && cp -r runs/sst2-smollm2.db runs/sst2-calfresh.db
+  run attncache calibrate --db runs/sst2-calfresh.db --data "sst2[436:654]" --max-loss 0.05 --json --quiet > $OUT/calspeed_sst2_stored.json
+  run attncache eval --db runs/sst2-calfresh.db --data "sst2[654:]" --policy default --no-memo --json --quiet > $OUT/calspeed_sst2_fresh.json
+fi
+
+if want buildbefore; then
+  # (issue 16) the build before this work (git worktree add /tmp/old 1f3554f), same rows and machine, and
+  # its pair labels on the int8 DB again with the machine otherwise idle
+  rm -rf runs/sst2-buildtime-old.db
+  { time PYTHONPATH=/tmp/old/src attncache build --data "sst2[0:436]" --out runs/sst2-buildtime-old.db ; } 2> $OUT/build_sst2_stages_before.log > /dev/null
+  rm -rf runs/sst2-buildtime-old.db
+  PYTHONPATH=/tmp/old/src run python benchmarks/pair_labels.py --db runs/sst2-int8.db --out $OUT/pair_labels_before_int8.json
 fi

@@ -5,12 +5,11 @@ batch size, interleaved, and measures agreement of each setting's predictions wi
 
 - ``fp32``: the model as loaded (SDPA), the baseline;
 - ``fp32-unsorted``: batches in data order instead of by length (what sorting saves in padding);
-- ``matmul-medium``: ``torch.set_float32_matmul_precision("medium")`` (bf16 inner products where the
-CPU
-  has them);
+- ``matmul-medium``: ``torch.set_float32_matmul_precision("medium")`` (bf16 inner products where
+  the CPU has them);
 - ``bf16``: bfloat16 weights;
 - ``compile``: ``torch.compile`` (inductor), compiled once before timing (``--compile``; slow to
-build).
+  build).
 
     python benchmarks/plain_path.py --data "sst2[436:500]" --out runs/exp/plain_path_sst2.json
 """

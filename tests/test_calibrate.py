@@ -213,6 +213,10 @@ def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path)
     fast = json.loads(cli(*args).stdout)
     for res in (full, fast):
         assert res["disagreement_bound"] <= 0.2 and res["search"] == "complete"
+        # the count the search bounded is the true count of changed rows of the stored setting
+        # (a pass cut short must not have missed any)
+        changed = round((1 - res["agreement"]) * res["n"])
+        assert res["disagreement_bound"] == pytest.approx(binom_upper(changed, res["n"], 0.95))
     assert fast["reuse_fraction"] >= 0.9 * full["reuse_fraction"]
     assert fast["passes"] < full["passes"] and fast["candidates"] <= full["candidates"]
     capped = json.loads(cli(*args, "--max-minutes", "0.0001").stdout)

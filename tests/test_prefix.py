@@ -220,6 +220,45 @@ def test_one_prompt_many_continuations_packed_or_not_is_exact(family, pack):
     assert runner.stats.items_with_prefix == 6
 
 
+def test_packed_rows_stay_within_the_prefix_length_and_exact():
+    """Long continuations on a short prompt fill several packed rows (a row's attention grows with
+    its whole width), each within max(PACK_MIN_TOKENS, prefix) suffix tokens; outputs are exact."""
+    from attncache.tiers.prefix import PACK_MIN_TOKENS
+
+    model = tiny_model("llama")
+    prompt = random_seqs(1, lo=10, hi=10, seed=83)[0]
+    conts = [[3 + k] * 12 for k in range(4)]  # 48 suffix tokens on a 10-token prompt
+    batch = [prompt + c for c in conts]
+    runner = PrefixTier(model, min_prefix=8, pack=True)
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        got = runner.run(batch, 1, 0).logits
+    finally:
+        hook.remove()
+    for r, g in zip(exact_logits(model, batch, 1), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    suffix_rows = shapes[-1]  # the last forward ran the suffixes
+    assert suffix_rows[0] > 1 and suffix_rows[1] <= max(PACK_MIN_TOKENS, len(prompt))
+    assert suffix_rows[0] * suffix_rows[1] >= 48
+
+
+def test_nested_prefixes_group_by_the_deepest_prefix_that_saves_most():
+    """A header every input shares, then per subject a long prompt: groups are the subjects, not
+    one group over the header (whose suffixes would each carry a whole subject prompt)."""
+    from attncache.tiers.schedule import prefix_groups
+
+    header = list(range(100, 112))
+    a, b = header + [1] * 40, header + [2] * 40
+    seqs = [a + [5], b + [6, 6], a + [7, 7], [9] * 3, b + [8], a + [4]]
+    assert [sorted(g) for g in prefix_groups(seqs, 8)] == [[0, 2, 5], [1, 4], [3]]
+    # a pair inside a subject that shares a few more tokens does not split the subject
+    seqs = [a + [5, 5, 1], a + [5, 5, 2], a + [6], a + [7]]
+    assert [sorted(g) for g in prefix_groups(seqs, 8)] == [[0, 1, 2, 3]]
+
+
 def test_schedule_groups_shared_prefixes_first():
     from attncache.tiers.schedule import prefix_batches, prefix_groups
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import UserError
-from . import db_commands, run_commands, service_commands
+from . import build_commands, db_commands, run_commands, service_commands
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     formatter = argparse.RawDescriptionHelpFormatter
+    build_commands.register(sub, formatter)
     run_commands.register(sub, formatter)
     service_commands.register(sub, formatter)
     db_commands.register(sub)

@@ -1,17 +1,14 @@
-"""Commands that run the model: build, eval (and its sweep), bench, calibrate, templates."""
+"""Commands that run a workload: eval (and its sweep) and bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from ..errors import UserError
 from .options import (
     NON_NEGATIVE,
     POLICY_GRAMMAR,
     POSITIVE,
-    UNIT_HALF_OPEN,
-    UNIT_OPEN,
     add_data,
     add_db,
     add_device_maps,
@@ -65,17 +62,6 @@ SWEEP_KEYS = [
 ]
 
 
-def store_layers(text: str):
-    if text in ("all", "auto"):
-        return text
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(
-            f"--store-layers: expected 'all', 'auto' or layers like '17,20', got '{text}'"
-        ) from None
-
-
 def sizes_list(text: str) -> list[int]:
     try:
         out = sorted({int(x) for x in text.split(",")})
@@ -84,49 +70,6 @@ def sizes_list(text: str) -> list[int]:
     if not out or out[0] < 1:
         raise argparse.ArgumentTypeError("batch sizes must be >= 1")
     return out
-
-
-def run_build(a) -> int:
-    from ..build import BuildConfig
-    from ..workflows import build
-
-    if a.sparse_eps is not None and a.compression != "sparse":
-        raise UserError("--sparse-eps has no effect without --compression sparse")
-    layers = store_layers(a.store_layers)
-    cfg = BuildConfig(
-        codec=a.compression,
-        sparse_eps=a.sparse_eps,
-        batch_size=a.batch_size,
-        max_bytes=a.max_bytes,
-        eviction=a.eviction,
-        store_layers="auto" if layers == "auto" else "all",
-        layers=layers if isinstance(layers, list) else None,
-    )
-    cache = build(
-        a.model,
-        a.data,
-        a.out,
-        a.limit,
-        cfg,
-        progress=not a.quiet,
-        force=a.force,
-        strict=a.strict,
-        max_tokens=a.max_tokens,
-        device=a.device,
-        dtype=a.dtype,
-        calibrate_share=0.0 if a.no_calibrate else a.calibrate_share,
-        max_loss=a.max_loss,
-    )
-    info = cache.info()
-    if a.json:
-        print(json.dumps(info.as_dict()))
-    else:
-        print(
-            f"built {a.out}: {info.entries} entries, "
-            f"{info.bytes_on_disk / 2**20:.1f} MiB ({info.compression}); "
-            f"default: {info.default_reuse}"
-        )
-    return 0
 
 
 def run_eval(a) -> int:
@@ -237,110 +180,7 @@ def run_bench(a) -> int:
     return 0
 
 
-def run_calibrate(a) -> int:
-    from ..workflows import calibrate
-
-    if a.no_templates:
-        refuse(a, ["rank_share", "max_template_share"], "with --no-templates")
-    res = calibrate(
-        db_of(a),
-        a.data,
-        a.max_loss,
-        a.limit,
-        a.batch_size,
-        a.confidence,
-        progress=not a.quiet and not a.json,
-        model_name=a.model,
-        write=not a.dry_run,
-        max_tokens=a.max_tokens,
-        templates=not a.no_templates,
-        rank_share=a.rank_share or 0.25,
-        max_template_share=a.max_template_share or 0.6,
-        device=a.device,
-        dtype=a.dtype,
-        max_minutes=a.max_minutes,
-        exhaustive=a.exhaustive,
-    ).as_dict()
-    emit(res, a.json, [k for k in res if k != "candidates"])
-    if not a.json:
-        print("written to the DB" if not a.dry_run else "dry run: the DB is unchanged")
-    return 0
-
-
-def run_templates(a) -> int:
-    from ..workflows import templates_only
-
-    res = templates_only(
-        db_of(a),
-        a.data,
-        a.max_share,
-        a.limit,
-        a.batch_size,
-        progress=not a.quiet and not a.json,
-        model_name=a.model,
-        max_tokens=a.max_tokens,
-        rounds=a.rank_rounds,
-        device=a.device,
-        dtype=a.dtype,
-    ).as_dict()
-    emit(res, a.json)
-    return 0
-
-
 def register(sub, formatter) -> None:
-    sp = sub.add_parser("build", help="record attention maps of DATA and build a cache DB")
-    add_model(sp, default="smollm2-135m")
-    add_data(sp)
-    add_output(sp)
-    sp.add_argument("--out", required=True, help="DB folder to create")
-    sp.add_argument(
-        "--compression",
-        default="auto",
-        choices=["auto", "float16", "int8", "sparse", "float32"],
-        help="how maps are stored: auto (default) = float16, read with no decoding, so a hit is "
-        "never slower than its miss; int8 = < 1/8 of fp32 bytes, decoding costs time",
-    )
-    sp.add_argument(
-        "--sparse-eps",
-        type=number(float, 0.0, 1.0, hi_open=True),
-        help="with --compression sparse: share of each row's mass that may be dropped (0.02)",
-    )
-    sp.add_argument(
-        "--store-layers",
-        default="all",
-        help="'all' (default), 'auto' (only the layers the "
-        "default policy reuses, chosen on a probe of 64 inputs), or layers like '17,20,23'",
-    )
-    sp.add_argument(
-        "--max-bytes",
-        type=size,
-        help="cap on the stored maps, e.g. 2G; inserts evict to stay within",
-    )
-    sp.add_argument(
-        "--eviction", default="lru", choices=["lru", "lfu"], help="what an insert evicts (lru)"
-    )
-    sp.add_argument("--batch-size", type=POSITIVE, default=8)
-    sp.add_argument("--force", action="store_true", help="replace an existing DB at --out")
-    sp.add_argument(
-        "--calibrate-share",
-        type=UNIT_OPEN,
-        default=0.35,
-        help="share of DATA's rows held out of the DB to calibrate its default (0.35; decoders, "
-        "when it gives 150+ rows)",
-    )
-    sp.add_argument(
-        "--max-loss",
-        type=UNIT_OPEN,
-        default=0.02,
-        help="bound on the default's share of changed answers, 95 %% confidence (0.02)",
-    )
-    sp.add_argument(
-        "--no-calibrate",
-        action="store_true",
-        help="keep the uncalibrated default (the most stable sixth of the layers, no bound)",
-    )
-    sp.set_defaults(fn=run_build)
-
     sp = sub.add_parser(
         "eval",
         help="exact vs cached predictions on DATA",
@@ -424,75 +264,3 @@ def register(sub, formatter) -> None:
     )
     add_prefix(sp)
     sp.set_defaults(fn=run_bench)
-
-    sp = sub.add_parser(
-        "calibrate", help="store the setting that reuses most within an accuracy-loss bound"
-    )
-    add_db(sp)
-    add_data(sp)
-    add_output(sp)
-    add_model(sp)
-    sp.add_argument(
-        "--max-loss",
-        type=UNIT_OPEN,
-        required=True,
-        help="bound on the share of changed predictions (hence on accuracy loss), e.g. 0.01",
-    )
-    sp.add_argument(
-        "--confidence",
-        type=UNIT_OPEN,
-        default=0.95,
-        help="one-sided confidence of the bound (0.95)",
-    )
-    sp.add_argument("--batch-size", type=POSITIVE, default=8)
-    sp.add_argument(
-        "--dry-run", action="store_true", help="report the setting without writing it to the DB"
-    )
-    sp.add_argument(
-        "--no-templates",
-        action="store_true",
-        help="do not try template heads (one stored mean map per head, served with no lookup)",
-    )
-    sp.add_argument(
-        "--rank-share",
-        type=UNIT_OPEN,
-        help="share of DATA's rows that only ranks heads for "
-        "templates (default 0.25; the bound is measured on the rest)",
-    )
-    sp.add_argument(
-        "--max-template-share",
-        type=UNIT_HALF_OPEN,
-        help="most (layer, head) maps that may get templates (default 0.6)",
-    )
-    sp.add_argument(
-        "--max-minutes",
-        type=number(float, 0.0, lo_open=True),
-        help="stop searching after this long and store the best setting found (labelled as such)",
-    )
-    sp.add_argument(
-        "--exhaustive",
-        action="store_true",
-        help="run every candidate to the end instead of skipping those that cannot win (slow)",
-    )
-    sp.set_defaults(fn=run_calibrate)
-
-    sp = sub.add_parser(
-        "templates",
-        help="store template maps for the heads whose mean map changes answers "
-        "least (use them with --policy fixed:N; calibrate chooses N itself)",
-    )
-    add_db(sp)
-    add_data(sp)
-    add_output(sp)
-    add_model(sp)
-    sp.add_argument(
-        "--max-share", type=UNIT_HALF_OPEN, default=0.6, help="share of all maps to keep (0.6)"
-    )
-    sp.add_argument(
-        "--rank-rounds",
-        type=POSITIVE,
-        default=1,
-        help="rank heads in N chunks, each with the earlier chunks' templates in place (1)",
-    )
-    sp.add_argument("--batch-size", type=POSITIVE, default=8)
-    sp.set_defaults(fn=run_templates)

@@ -158,21 +158,16 @@ class Database:
         try:
             with self.writing(lock_wait_s):
                 arrays = merge(self.memo_arrays())
+                tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}  # copies
                 m = dict(self.manifest)
-                gen = int(m.get("generation", 0)) + 1
-                names = dict(generation_files(m))
-                names["memo"] = f"memo-{gen}.safetensors"
-                tensors = {
-                    k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
-                }  # owned copies
-                atomic_write(self.folder / names["memo"], lambda f: f.write(save(tensors)))
-                m.update(
-                    generation=gen,
-                    names=names,
-                    memo={"entries": int(len(arrays["keys"]))},
-                    files=describe_files(self.folder, list(names.values())),
+                m["memo"] = {"entries": int(len(arrays["keys"]))}
+                blob = save(tensors)
+                self._commit_side_file(
+                    m,
+                    "memo",
+                    "safetensors",
+                    lambda path: atomic_write(path, lambda f: f.write(blob)),
                 )
-                self._commit(m)
             return True
         except UserError:
             return False
@@ -324,20 +319,7 @@ class Database:
         one."""
         with self.writing(lock_wait_s):
             m = dict(self.manifest)
-            gen = int(m.get("generation", 0)) + 1
-            names = dict(generation_files(m))
-            names.pop("templates", None)
             m.pop("templates", None)
-            if templates is not None:
-                names["templates"] = f"templates-{gen}.npy"
-                save_npy(
-                    self.folder / names["templates"], np.asarray(templates.maps, dtype=np.float16)
-                )
-                m["templates"] = {
-                    **(info or {}),
-                    "heads": [list(x) for x in templates.heads],
-                    "max_len": templates.max_len,
-                }
             have = set(templates.heads) if templates is not None else set()
             if "fixed" in m["policy"]:
                 fixed = {
@@ -345,10 +327,32 @@ class Database:
                     for k, hs in m["policy"]["fixed"].items()
                 }
                 m["policy"] = {**m["policy"], "fixed": {k: v for k, v in fixed.items() if v}}
-            m.update(
-                generation=gen, names=names, files=describe_files(self.folder, list(names.values()))
-            )
-            self._commit(m)
+            if templates is None:
+                self._commit_side_file(m, "templates", "npy", None)
+                return
+            m["templates"] = {
+                **(info or {}),
+                "heads": [list(x) for x in templates.heads],
+                "max_len": templates.max_len,
+            }
+            maps = np.asarray(templates.maps, dtype=np.float16)
+            self._commit_side_file(m, "templates", "npy", lambda path: save_npy(path, maps))
+
+    def _commit_side_file(
+        self, m: dict, kind: str, ext: str, write: Callable[[Path], None] | None
+    ) -> None:
+        """Commit ``m`` as a new generation whose ``kind`` file (one that does not depend on the
+        entries: templates, memo) is written by ``write`` under a new name, or dropped (None)."""
+        gen = int(m.get("generation", 0)) + 1
+        names = dict(generation_files(m))
+        names.pop(kind, None)
+        if write is not None:
+            names[kind] = f"{kind}-{gen}.{ext}"
+            write(self.folder / names[kind])
+        m.update(
+            generation=gen, names=names, files=describe_files(self.folder, list(names.values()))
+        )
+        self._commit(m)
 
     def commit_entries(
         self, blobs: list[bytes], lengths: list[int], feats: np.ndarray, lock_wait_s: float = 10.0

@@ -44,6 +44,9 @@ from .schedule import prefix_groups, shared_prefix
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
 IDLE_AFTER = 64  # inputs: if none of the first ones shares even MIN_PREFIX tokens, stop inserting
+PACK_MIN_TOKENS = (
+    32  # a packed row may always hold this many suffix tokens, however short its prefix
+)
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes
 CACHE_KW = (
@@ -215,8 +218,9 @@ class PrefixTier:
 
         Inputs reusing the same prefix share one row (``pack``): their suffixes are concatenated,
         each attending to the prefix and to itself only, with position ids restarting where the
-        prefix ends, so the prefix K/V is read once per row instead of once per input. Otherwise
-        each input is its own row."""
+        prefix ends, so the prefix K/V is read once per row instead of once per input. A row takes
+        suffixes up to the prefix's length in all (at least ``PACK_MIN_TOKENS``), then another
+        starts. Otherwise each input is its own row."""
         lens = [m.length for m in matches]
         suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
         self.stats.add(
@@ -224,11 +228,18 @@ class PrefixTier:
             tokens_reused=sum(lens),
             tokens_run=sum(len(x) for x in suffixes),
         )
-        rows: dict[tuple[int, int], list[int]] = {}
+        members: list[list[int]] = []  # per row, its inputs
+        filling: dict[tuple[int, int], tuple[int, int]] = {}  # prefix -> (row, suffix tokens)
         for i, m in enumerate(matches):
-            key = (id(m.node), m.length) if self.pack else (i, 0)
-            rows.setdefault(key, []).append(i)
-        members = list(rows.values())
+            n, key = len(suffixes[i]), (id(m.node), m.length)
+            row = filling.get(key) if self.pack else None
+            # a packed row's attention grows with its whole width: keep it within the prefix's
+            if row is not None and row[1] + n <= max(PACK_MIN_TOKENS, m.length):
+                members[row[0]].append(i)
+                filling[key] = (row[0], row[1] + n)
+            else:
+                members.append([i])
+                filling[key] = (len(members) - 1, n)
         width_p = max(lens)
         width_s = max(sum(len(suffixes[i]) for i in items) for items in members)
         count = len(members)

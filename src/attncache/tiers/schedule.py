@@ -20,19 +20,37 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def prefix_groups(seqs: Sequence[Sequence[int]], min_prefix: int) -> list[list[int]]:
     """Indices grouped so that every group of two or more shares >= ``min_prefix`` tokens; the other
-    inputs come as groups of one. Groups keep the order of their first member."""
+    inputs come as groups of one. Groups keep the order of their first member.
+
+    Prefixes nest (one instruction header, then per subject its few-shot prompt), so the grouping
+    is chosen on the tree the sorted order implies: a run of neighbours is split where adjacent
+    inputs share least whenever its parts save more tokens, counted as (members - 1) x shared
+    prefix per group, than the run as one group does."""
     if not seqs:
         return []
     order = sorted(range(len(seqs)), key=lambda i: seqs[i])
-    groups, current = [], [order[0]]
-    for prev, nxt in zip(order, order[1:], strict=False):
-        if common_prefix(seqs[prev], seqs[nxt]) >= min_prefix:
-            current.append(nxt)
+    lcp = [common_prefix(seqs[a], seqs[b]) for a, b in zip(order, order[1:], strict=False)]
+    best: dict[tuple[int, int], tuple[int, list[list[int]]]] = {}
+    stack = [(0, len(order), False)]
+    while stack:  # post-order over runs [lo, hi) of the sorted order, without recursion
+        lo, hi, ready = stack.pop()
+        if hi - lo == 1:
+            best[lo, hi] = (0, [[order[lo]]])
+            continue
+        shared = min(lcp[lo : hi - 1])
+        cuts = [k + 1 for k in range(lo, hi - 1) if lcp[k] == shared]
+        parts = list(zip([lo, *cuts], [*cuts, hi], strict=True))
+        if not ready:
+            stack.append((lo, hi, True))
+            stack.extend((a, b, False) for a, b in parts)
+            continue
+        saving = sum(best[p][0] for p in parts)
+        whole = (hi - lo - 1) * shared
+        if shared < min_prefix or saving > whole:
+            best[lo, hi] = (saving, [g for p in parts for g in best[p][1]])
         else:
-            groups.append(current)
-            current = [nxt]
-    groups.append(current)
-    return sorted(groups, key=min)
+            best[lo, hi] = (whole, [order[lo:hi]])
+    return sorted(best[0, len(order)][1], key=min)
 
 
 def shared_prefix(seqs: Sequence[Sequence[int]], members: list[int]) -> int:

@@ -9,6 +9,9 @@ candidates are taken best-first and
 - a candidate whose largest possible reuse is no better than the best setting found is skipped;
 - a pass runs in chunks of rows and stops as soon as, at every threshold that would beat the best
   setting, more rows already changed than the bound allows (the count can only grow);
+- a retrieval pass takes rows in order of their nearest entry's distance: a row can only change at
+  thresholds at or above it, so after each chunk the counts below the next row's distance are final,
+  the pass ends once no open threshold lies beyond, and rows that never hit never run;
 - template heads are searched by bisection over their count (more heads change more answers).
 
 ``exhaustive`` runs every candidate to the end (the pre-search behaviour, for comparisons).
@@ -27,7 +30,7 @@ from ..inputs import length_batches
 from ..progress import Stage
 from ..runtime import Policy, nearest
 from ..runtime.features import features
-from ..tasks import Plan, RunOutput, run
+from ..tasks import Plan, RunOutput, row_prediction, run
 from .session import Session
 
 CHUNKS = 8  # a pass is checked against the bound this many times
@@ -130,10 +133,13 @@ class Search:
             return None  # cannot beat the best even if it changed nothing
         self.tried += 1
         threshold = float("inf") if policy.retrieves else -1.0
+        chunks, frontiers = self._chunks(policy)
+        pending = self._pending(policy, base)
         out: RunOutput | None = None
         done: list[int] = []
+        known = np.ones(len(reuse), bool)  # thresholds whose change count is final
         with self.s.cache.attach(self.s.model, policy, threshold=threshold) as att:
-            for chunk in self.chunks:
+            for chunk, frontier in zip(chunks, frontiers, strict=True):
                 if self.out_of_time():
                     return None
                 seq_ids = sorted({q for r in chunk for q in self.plan.rows[r].seqs})
@@ -149,17 +155,64 @@ class Search:
                 )
                 self.passes += len(seq_ids) / max(1, len(self.seqs))
                 done += chunk
-                counts = self._counts(done, base, out, policy)
-                better = reuse > self.best.reuse
-                if not self.exhaustive and not np.any(better & (counts <= self.c_max)):
+                counts = self._counts(done, base, out, policy) + pending(done)
+                if self.exhaustive:
+                    continue
+                # counts only grow as rows are added; below the frontier they are final
+                known = self.thresholds[: len(reuse)] < frontier
+                open_ = (reuse > self.best.reuse) & (counts <= self.c_max)
+                if not np.any(open_):
                     return None  # every setting that would improve already broke the bound
-        feasible = np.flatnonzero(counts <= self.c_max)
+                if not np.any(open_ & ~known):
+                    break  # what is left cannot change any count that could still matter
+        if out is None:
+            return None
+        feasible = np.flatnonzero((counts <= self.c_max) & known)
         if len(feasible):
             k = int(feasible[np.argmax(reuse[feasible])])
             if reuse[k] > self.best.reuse:
                 t = float(self.thresholds[k]) if policy.retrieves else -1.0
                 self.best = Setting(policy, t, float(reuse[k]), int(counts[k]), base, out)
         return out
+
+    def _pending(self, policy: Policy, base: RunOutput):
+        """Changes the rows not run yet add for sure: a row whose nearest sequence is farther
+        than a threshold takes ``base`` there, which may itself differ from the exact answer
+        (template heads under a combined policy). A function of the rows done, per threshold."""
+        zero = np.zeros(len(self.thresholds) if policy.retrieves else 1, np.int64)
+        if not policy.retrieves or base is self.exact:
+            return lambda done: zero
+        changed = [
+            r
+            for r in self.rows
+            if row_prediction(self.plan.rows[r], base)
+            != row_prediction(self.plan.rows[r], self.exact)
+        ]
+        near = {r: min(self.distances[q] for q in self.plan.rows[r].seqs) for r in changed}
+
+        def pending(done: list[int]) -> np.ndarray:
+            rest = np.array([near[r] for r in set(changed) - set(done)], dtype=np.float64)
+            return (rest[None, :] > self.thresholds[:, None]).sum(1) if len(rest) else zero
+
+        return pending
+
+    def _chunks(self, policy: Policy) -> tuple[list[list[int]], list[float]]:
+        """The rows in the order a pass takes them, and after each chunk the frontier: the
+        smallest threshold whose change count the rows not yet run could still raise.
+
+        Template heads touch every row: random chunks, no frontier until the end. Retrieval
+        changes a row only at thresholds at or above its nearest sequence's distance, so rows go
+        in that order and the counts below the frontier are final after each chunk: a pass stops
+        as soon as the thresholds that matter are decided, and rows that never hit never run."""
+        if not policy.retrieves or self.exhaustive:
+            frontiers = [-np.inf] * (len(self.chunks) - 1) + [np.inf]
+            return self.chunks, frontiers
+        near = {r: min(self.distances[q] for q in self.plan.rows[r].seqs) for r in self.rows}
+        order = sorted((r for r in self.rows if np.isfinite(near[r])), key=near.get)
+        size = max(8, 2 * self.batch_size)
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        frontiers = [near[c[0]] for c in chunks[1:]] + [np.inf]
+        return chunks, frontiers
 
     def _counts(
         self, rows: list[int], base: RunOutput, out: RunOutput, policy: Policy

@@ -97,6 +97,41 @@ def buildspeed() -> None:
     )
 
 
+def build_log(name: str) -> tuple[float | None, dict[str, str]]:
+    """Total seconds (``time``'s real) and the stage lines of a logged ``attncache build``."""
+    p = D / name
+    if not p.exists():
+        return None, {}
+    total, stages = None, {}
+    for line in p.read_text().splitlines():
+        if line.startswith("real"):
+            minutes, seconds = line.split()[1].rstrip("s").split("m")
+            total = 60 * float(minutes) + float(seconds)
+        elif ": " in line and line.rstrip().endswith(" s"):
+            stage, rest = line.split(": ", 1)
+            stages[stage] = rest.split(" in ")[-1]
+    return total, stages
+
+
+def buildtime() -> None:
+    rows = []
+    for label, name in (
+        ("before", "build_sst2_stages_before.log"),
+        ("after", "build_sst2_stages.log"),
+    ):
+        total, stages = build_log(name)
+        if total is not None:
+            rows.append([label, f(total / 60, 1, " min")] + [stages.get(k, "–") for k in STAGES])
+    table(
+        "`attncache build --data sst2[0:436]`, default settings (after: with its own calibration)",
+        ["code", "total", *STAGES],
+        rows,
+    )
+
+
+STAGES = ("recording maps", "pair labels", "projector", "exact", "calibration candidates")
+
+
 def calspeed() -> None:
     rows = []
     for data in ("mmlu0", "sst2"):
@@ -260,6 +295,7 @@ def peers() -> None:
 if __name__ == "__main__":
     redesign()
     buildspeed()
+    buildtime()
     calspeed()
     batchscale()
     memo()

@@ -192,6 +192,25 @@ def test_several_prefix_groups_ragged_suffixes_padding_and_a_loner_in_one_batch(
     assert runner.stats.items_with_prefix == 5
 
 
+def test_inputs_shorter_than_keep_beside_prefix_matches_still_stack():
+    """Long continuations on a shared prompt set ``keep``; a fresh input shorter than ``keep``
+    (HellaSwag-style endings) runs apart from them: its logits are padded in front, and its last
+    positions equal the uncached model's."""
+    model = tiny_model("llama")
+    prompt = random_seqs(1, lo=20, hi=20, seed=81)[0]
+    short = random_seqs(1, lo=6, hi=6, seed=82)[0]
+    keep = 9
+    batch = [prompt + list(range(3, 12)), short, prompt + list(range(12, 21))]
+    runner = PrefixTier(model, min_prefix=8)
+    got = runner.run(batch, keep, 0).logits
+    assert got.shape[:2] == (3, keep)
+    ref = exact_logits(model, batch, keep)
+    for r, g, s in zip(ref, got, batch):
+        n = min(keep, len(s))
+        assert (r[-n:] - g[-n:]).abs().max() < 1e-4
+    assert runner.stats.items_with_prefix == 2
+
+
 def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
     model, cache, seqs = built("llama")
     runner = PrefixTier(model, min_prefix=4)

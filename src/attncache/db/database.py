@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save
 
 from ..errors import UserError
 from . import eviction as eviction_policies
 from .compaction import append_entries
 from .files import (
     MANIFEST,
-    atomic_write,
     atomic_write_json,
     describe_files,
-    file_digest,
     load_npy,
     safe_name,
     save_npy,
@@ -44,13 +40,14 @@ from .manifest import (
 )
 from .projector import Projector
 from .segments import EntryTable, MapStore, StoreLayout, seg_number
+from .side_files import SideFiles
 from .templates import Templates
 from .usage import UsageCounter
 
 OPEN_RETRIES = 5
 
 
-class Database:
+class Database(SideFiles):
     def __init__(
         self,
         folder: Path,
@@ -118,59 +115,6 @@ class Database:
         out = np.full((self.shape.n_layers, self.shape.n_heads), np.inf)
         out[self.store.layout.layers] = np.asarray(per_head)
         return out
-
-    @property
-    def templates(self) -> Templates | None:
-        """The template maps this generation stores, if any (memory-mapped on first use)."""
-        name = self.manifest.get("names", {}).get("templates")
-        if name is None:
-            return None
-        if self._templates is None or self._templates[0] != name:
-            maps = load_npy(self.folder / generation_files(self.manifest)["templates"], mmap=True)
-            heads = [(int(a), int(b)) for a, b in self.manifest["templates"]["heads"]]
-            if maps.ndim != 3 or maps.shape[0] != len(heads):
-                raise UserError(
-                    f"{self.folder}: template maps have shape {maps.shape} for {len(heads)} "
-                    "heads; run 'attncache verify' or calibrate again"
-                )
-            self._templates = (name, Templates(heads, maps, self.causal))
-        return self._templates[1]
-
-    def memo_arrays(self) -> dict[str, np.ndarray] | None:
-        """The result memo this generation stores, as arrays (``tiers/memo.py`` reads them), or
-        None."""
-        name = self.manifest.get("names", {}).get("memo")
-        if name is None:
-            return None
-        path = self.folder / safe_name(name)
-        if file_digest(path) != self.manifest["files"][name]["sha256"]:  # small: checked in full
-            raise UserError(
-                f"{self.folder}: {name} does not match its checksum (damaged); not using it. "
-                f"Run 'attncache verify {self.folder}'"
-            )
-        return {k: v.numpy() for k, v in load_file(str(path)).items()}
-
-    def commit_memo(
-        self, merge: Callable[[dict | None], dict[str, np.ndarray]], lock_wait_s: float = 10.0
-    ) -> bool:
-        """Store ``merge(what is on disk now)`` as the memo in one commit; False if the lock
-        could not be had in time."""
-        try:
-            with self.writing(lock_wait_s):
-                arrays = merge(self.memo_arrays())
-                tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}  # copies
-                m = dict(self.manifest)
-                m["memo"] = {"entries": int(len(arrays["keys"]))}
-                blob = save(tensors)
-                self._commit_side_file(
-                    m,
-                    "memo",
-                    "safetensors",
-                    lambda path: atomic_write(path, lambda f: f.write(blob)),
-                )
-            return True
-        except UserError:
-            return False
 
     def features(self) -> np.ndarray:
         return load_npy(self.folder / generation_files(self.manifest)["features"])
@@ -311,48 +255,6 @@ class Database:
             return True
         except UserError:
             return False
-
-    def commit_templates(
-        self, templates: Templates | None, info: dict | None = None, lock_wait_s: float = 10.0
-    ) -> None:
-        """Store (or, with None, drop) template maps; the stored policy keeps only heads that have
-        one."""
-        with self.writing(lock_wait_s):
-            m = dict(self.manifest)
-            m.pop("templates", None)
-            have = set(templates.heads) if templates is not None else set()
-            if "fixed" in m["policy"]:
-                fixed = {
-                    k: [h for h in hs if (int(k), h) in have]
-                    for k, hs in m["policy"]["fixed"].items()
-                }
-                m["policy"] = {**m["policy"], "fixed": {k: v for k, v in fixed.items() if v}}
-            if templates is None:
-                self._commit_side_file(m, "templates", "npy", None)
-                return
-            m["templates"] = {
-                **(info or {}),
-                "heads": [list(x) for x in templates.heads],
-                "max_len": templates.max_len,
-            }
-            maps = np.asarray(templates.maps, dtype=np.float16)
-            self._commit_side_file(m, "templates", "npy", lambda path: save_npy(path, maps))
-
-    def _commit_side_file(
-        self, m: dict, kind: str, ext: str, write: Callable[[Path], None] | None
-    ) -> None:
-        """Commit ``m`` as a new generation whose ``kind`` file (one that does not depend on the
-        entries: templates, memo) is written by ``write`` under a new name, or dropped (None)."""
-        gen = int(m.get("generation", 0)) + 1
-        names = dict(generation_files(m))
-        names.pop(kind, None)
-        if write is not None:
-            names[kind] = f"{kind}-{gen}.{ext}"
-            write(self.folder / names[kind])
-        m.update(
-            generation=gen, names=names, files=describe_files(self.folder, list(names.values()))
-        )
-        self._commit(m)
 
     def commit_entries(
         self, blobs: list[bytes], lengths: list[int], feats: np.ndarray, lock_wait_s: float = 10.0

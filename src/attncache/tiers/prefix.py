@@ -321,8 +321,13 @@ class PrefixTier:
         self.stats.add(tokens_run=sum(len(seqs[i]) for i in idx))
         batch_hits = list(maps.last_hits) if maps is not None else [None] * len(idx)
         reused = list(maps.last_reused) if maps is not None else [False] * len(idx)
+        logits = res.logits
+        if logits.shape[1] < keep:  # every input here is shorter than ``keep`` (set by inputs
+            # that matched a prefix): pad in front, where no caller reads (it reads the last
+            # positions of each input), so all outputs of the batch stack
+            logits = torch.nn.functional.pad(logits, (0, 0, keep - logits.shape[1], 0))
         for j, i in enumerate(idx):
-            out[i] = res.logits[j]
+            out[i] = logits[j]
             hits[i] = batch_hits[j]
             reused_out[i] = reused[j]
         if build:

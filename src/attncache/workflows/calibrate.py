@@ -280,11 +280,10 @@ def calibrate_plan(
         total = s.cache.shape.n_layers * s.cache.shape.n_heads
         ks = sorted({min(len(t.heads), max(1, round(f * total))) for f in TEMPLATE_SHARES})
         k_ok, k_base = search.templates(ks)
-    search.policies(specs, exact)
-    if (
-        k_ok and k_base is not None
-    ):  # each retrieval policy on top of the largest template set in the bound
-        search.policies([s.cache.policy(f"fixed:{k_ok}+{x.name}") for x in specs], k_base)
+    candidates = [(x, exact) for x in specs]
+    if k_ok and k_base is not None:  # each on top of the largest template set in the bound too
+        candidates += [(s.cache.policy(f"fixed:{k_ok}+{x.name}"), k_base) for x in specs]
+    search.policies(candidates)
     best = search.best
     final = (
         best.cached if not best.policy.retrieves else mix(best.base, best.cached, best.threshold)

@@ -252,11 +252,13 @@ class Search:
             <= self.c_max
         )
 
-    def policies(self, candidates: list[Policy], base: RunOutput) -> None:
-        """Branch and bound over retrieval candidates, the most promising (largest reuse) first."""
-        order = sorted(candidates, key=lambda p: -float(self.reuse(p).max()))
+    def policies(self, candidates: list[tuple[Policy, RunOutput]]) -> None:
+        """Branch and bound over retrieval candidates, each with the pass its misses output, the
+        most promising (largest reuse) first: combined policies usually lead, so a feasible one
+        found early prunes the retrieval-alone candidates it already beats."""
+        order = sorted(candidates, key=lambda c: -float(self.reuse(c[0]).max()))
         with Stage(len(order), "calibration candidates", self.progress) as bar:
-            for policy in order:
+            for policy, base in order:
                 if self.out_of_time():
                     break
                 self.evaluate(policy, base)

@@ -310,3 +310,26 @@ def test_workload_without_shared_prefixes_skips_the_tier():
 
 class TinyTok:
     pad_token_id = 0
+
+
+def test_workload_sharing_less_than_half_its_tokens_runs_plain():
+    """Endings sharing a short prompt (HellaSwag-like: the tier measured slower there) run without
+    the tier; the same endings on a long shared prompt run with it. Answers are exact either way."""
+    from attncache.tasks import Plan, Query, RowPlan, run
+    from attncache.tasks.run import MIN_SAVED_SHARE
+
+    model = tiny_model("llama")
+    for prompt_len, used in ((8, False), (40, True)):
+        prompts = random_seqs(3, lo=prompt_len, hi=prompt_len, seed=95)
+        ends = random_seqs(6, lo=10, hi=10, seed=96)
+        seqs = [p + e for p in prompts for e in ends[:4]]
+        share = 3 * 3 * prompt_len / sum(len(s) for s in seqs)  # each prompt runs once, not 4x
+        assert (share >= MIN_SAVED_SHARE) == used
+        rows = [RowPlan("text", [i], [[Query(i, 1, 3)]], [1.0]) for i in range(len(seqs))]
+        runner = PrefixTier(model, min_prefix=4)
+        got = run(model, TinyTok(), Plan(seqs, rows, [], True), 6, progress=False, prefix=runner)
+        ref = run(model, TinyTok(), Plan(seqs, rows, [], True), 6, progress=False)
+        assert (runner.stats.items_with_prefix > 0) == used
+        assert got.logprobs.keys() == ref.logprobs.keys() and got.argmax == ref.argmax
+        for k, v in ref.logprobs.items():
+            assert got.logprobs[k] == pytest.approx(v, abs=1e-4)

@@ -52,9 +52,8 @@ def test_calibrated_setting_holds_on_fresh_data(tmp_path):
         ).stdout
     )  # the pruned search: about a minute on 2 cores (every candidate to the end: ~8)
     assert res["disagreement_bound"] <= 0.1 and res["reuse_fraction"] > 0
-    assert (
-        res["rank_rows"] == 50 and res["n"] == 150
-    )  # templates ranked on 50 rows, the bound on the other 150
+    # templates ranked on 50 rows; of the other 150, half choose the setting, half bound it
+    assert res["rank_rows"] == 50 and res["selection_rows"] == 75 and res["n"] == 75
     info = json.loads(cli("inspect", str(db), "--json").stdout)
     assert (
         info["policy_layers"] == res["policy_layers"]
@@ -217,6 +216,9 @@ def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path)
         # (a pass cut short must not have missed any)
         changed = round((1 - res["agreement"]) * res["n"])
         assert res["disagreement_bound"] == pytest.approx(binom_upper(changed, res["n"], 0.95))
+    for res in (full, fast):  # ranked, chosen and bounded on three disjoint sets of rows
+        assert res["rank_rows"] + res["selection_rows"] + res["n"] <= 80
+        assert res["n"] in (res["selection_rows"], res["selection_rows"] - 1)
     assert fast["reuse_fraction"] >= 0.9 * full["reuse_fraction"]
     assert fast["passes"] < full["passes"] and fast["candidates"] <= full["candidates"]
     capped = json.loads(cli(*args, "--max-minutes", "0.0001").stdout)
@@ -248,7 +250,11 @@ def test_build_calibrates_its_default_on_held_out_rows(tiny_hf, tmp_path):
     assert "bound" in info["default_reuse"] or "no approximate maps" in info["default_reuse"]
     manifest = json.loads((db / "manifest.json").read_text())
     cal = manifest["calibration"]
-    assert cal["n"] >= 150 and cal["max_loss"] == 0.02 and cal["disagreement_bound"] <= 0.02
+    held = cal["rank_rows"] + cal["selection_rows"] + cal["n"]
+    assert held >= 150 and cal["max_loss"] == 0.02 and cal["disagreement_bound"] <= 0.02
+    assert cal["n"] in (cal["selection_rows"], cal["selection_rows"] - 1)  # disjoint halves
+    if cal["n"] < 149:  # no changed row at all would still leave a bound above 2 %
+        assert cal["policy"] == "none" and "cannot bound" in info["default_reuse"]
     small = tmp_path / "small"
     cli("build", "--model", model, "--data", "sst2[0:20]", "--out", str(small), "--quiet")
     info = json.loads(cli("inspect", "--db", str(small), "--json").stdout)

@@ -119,6 +119,14 @@ def choice_targets(plan: Plan, exact: RunOutput, rows: list[int]) -> list[Target
     return out
 
 
+def rows_for(max_loss: float, conf: float) -> int:
+    """The fewest rows whose bound with no changed row is within ``max_loss``."""
+    n = 1
+    while binom_upper(0, n, conf) > max_loss:
+        n = n * 2 if binom_upper(0, n * 2, conf) > max_loss else n + 1
+    return n
+
+
 def allowed_changes(n: int, max_loss: float, conf: float) -> int:
     """The most changed rows out of ``n`` whose upper bound stays within ``max_loss`` (-1: not even
     0)."""

@@ -211,7 +211,7 @@ def register(sub, formatter) -> None:
         "--rank-share",
         type=UNIT_OPEN,
         help="share of DATA's rows that only ranks heads for "
-        "templates (default 0.25; the bound is measured on the rest)",
+        "templates (default 0.25; half of the rest choose the setting, the other half bound it)",
     )
     sp.add_argument(
         "--max-template-share",

@@ -8,12 +8,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..build.calibrate import TEMPLATE_SHARES, binom_upper, choice_targets
+from ..build.calibrate import (
+    TEMPLATE_SHARES,
+    allowed_changes,
+    binom_upper,
+    choice_targets,
+    rows_for,
+)
 from ..build.templates import greedy_order, mean_maps, select
 from ..db import Templates
 from ..errors import UserError
 from ..runtime import Policy
-from ..tasks import Plan, RunOutput, compare, mix, run
+from ..tasks import Plan, RunOutput, compare, run
 from .search import Search
 from .session import Session
 
@@ -145,8 +151,9 @@ class CalibrationResult:
     max_loss: float
     confidence: float
     data: str
-    n: int  # rows the bound was measured on
+    n: int  # rows the bound was measured on: none of them took part in choosing the setting
     rank_rows: int  # rows that only ranked heads for templates
+    selection_rows: int  # rows the search chose the setting on
     policy: str
     policy_layers: list[int]  # whole layers
     policy_heads: int  # retrieved heads of other layers
@@ -162,6 +169,7 @@ class CalibrationResult:
     passes: float  # cached passes over the calibration rows, in whole-pass units
     seconds: float
     search: str  # "complete", or "stopped at the time limit: the best setting found so far"
+    rejected: str | None  # the search's choice when the verification rows refused it (then none)
     device: str
     dtype: str
 
@@ -195,7 +203,8 @@ def calibrate(
     Candidates: retrieval policies (the k most stable layers, the N most stable heads) at every
     threshold; with ``templates``, also the k best template heads alone (k = 5..60 % of all maps)
     and the largest such k within the bound combined with each retrieval policy. The first
-    ``rank_share`` of DATA's rows only ranks heads for templates; the bound is measured on the rest.
+    ``rank_share`` of DATA's rows only ranks heads for templates; the search chooses on every
+    other remaining row and the bound is measured on the rows between, which did not choose it.
     The search (``search.py``) skips and stops candidates that cannot win; ``max_minutes`` caps its
     time and returns the best setting found within it, labelled as such."""
     if not 0 < max_loss < 1:
@@ -260,10 +269,18 @@ def calibrate_plan(
     if templates and (n_rank < 8 or len(plan.rows) - n_rank < 20):
         raise UserError(
             f"calibrating templates needs at least ~60 rows in DATA (8+ to rank heads, 20+ to "
-            f"measure the bound), got {len(plan.rows)}; pass more data or --no-templates"
+            f"choose and verify the setting), got {len(plan.rows)}; pass more data or "
+            "--no-templates"
         )
-    held_rows = list(range(n_rank, len(plan.rows)))
-    held = Plan(plan.seqs, plan.rows[n_rank:], plan.skipped, plan.causal)
+    # the search chooses on half of the rows, the bound is measured on the other half: a bound on
+    # the rows that chose the setting among many candidates would be optimistic
+    select_rows = list(range(n_rank, len(plan.rows), 2))
+    verify_rows = list(range(n_rank + 1, len(plan.rows), 2))
+    if not verify_rows:
+        raise UserError(f"calibrate needs more rows than {len(plan.rows)} in DATA")
+    verify = Plan(plan.seqs, [plan.rows[r] for r in verify_rows], plan.skipped, plan.causal)
+    if allowed_changes(len(verify_rows), max_loss, conf) < 0:  # not even 0 changes would do
+        templates = False  # nothing can pass: rank no heads, run no candidate
     deadline = t0 + 60 * max_minutes if max_minutes is not None else None
     tmpl_info: dict = {}
     if templates:
@@ -272,9 +289,18 @@ def calibrate_plan(
         )
         s.cache.use_templates(t)
     search = Search(
-        s, plan, held_rows, exact, max_loss, conf, batch_size, progress, deadline, exhaustive
+        s,
+        plan,
+        select_rows,
+        exact,
+        max_loss,
+        conf,
+        batch_size,
+        progress,
+        deadline,
+        exhaustive,
     )
-    specs = candidate_policies(s, heads)
+    specs = candidate_policies(s, heads) if search.c_max >= 0 else []
     k_ok, k_base = 0, None
     if templates:
         total = s.cache.shape.n_layers * s.cache.shape.n_heads
@@ -284,11 +310,25 @@ def calibrate_plan(
     if k_ok and k_base is not None:  # each on top of the largest template set in the bound too
         candidates += [(s.cache.policy(f"fixed:{k_ok}+{x.name}"), k_base) for x in specs]
     search.policies(candidates)
-    best = search.best
-    final = (
-        best.cached if not best.policy.retrieves else mix(best.base, best.cached, best.threshold)
-    )
-    cmp = compare(held, exact, final)
+    chosen = search.best
+    base_policy = s.cache.policy(f"fixed:{k_ok}") if chosen.base is not exact and k_ok else None
+    best, checked, changes = search.confirm(verify_rows, base_policy)
+    rejected = None
+    if chosen.reuse > 0 and best.reuse <= 0:
+        rejected = f"{chosen.policy.name} broke max_loss on them at every threshold"
+    cmp = compare(verify, exact, checked)
+    if best.reuse > 0:
+        why = f"max_loss {max_loss} at {conf:.0%} confidence on {len(verify_rows)} rows of {data}"
+    elif rejected:
+        why = f"the search's choice, tested on rows that did not choose it: {rejected}"
+    elif allowed_changes(len(verify_rows), max_loss, conf) < 0:
+        need = rows_for(max_loss, conf)
+        why = (
+            f"{len(verify_rows)} verification rows cannot bound changed answers at {max_loss} "
+            f"(at least {need} are needed: about {2 * need} rows in DATA)"
+        )
+    else:
+        why = f"no setting kept changed answers within {max_loss} on {len(select_rows)} rows"
     pj = best.policy.to_json()
     n_fixed = sum(len(h) for h in pj.get("fixed", {}).values())
     n_layers = s.cache.shape.n_layers
@@ -298,6 +338,7 @@ def calibrate_plan(
         data=data,
         n=cmp.n,
         rank_rows=n_rank,
+        selection_rows=len(select_rows),
         policy=best.policy.name,
         policy_layers=pj["layers"],
         policy_heads=sum(len(h) for h in pj["heads"].values()),
@@ -306,7 +347,7 @@ def calibrate_plan(
         reuse_fraction=best.reuse,
         template_fraction=best.policy.fixed_maps() / n_layers * search.template_share,
         agreement=cmp.agreement,
-        disagreement_bound=binom_upper(best.changes, cmp.n, conf),
+        disagreement_bound=binom_upper(changes, cmp.n, conf) if best.reuse > 0 else 0.0,
         accuracy_baseline=cmp.accuracy_baseline,
         accuracy_cached=cmp.accuracy_cached,
         candidates=search.tried,
@@ -315,6 +356,7 @@ def calibrate_plan(
         search="stopped at the time limit: the best setting found so far"
         if search.stopped_early
         else "complete",
+        rejected=rejected,
         device=s.device,
         dtype=s.dtype,
     )
@@ -336,8 +378,7 @@ def calibrate_plan(
             threshold=result.threshold,
             policy={
                 **pj,
-                "source": f"calibrate ({result.policy}): max_loss {max_loss} at {conf:.0%} "
-                f"confidence on {len(held_rows)} rows of {data}",
+                "source": f"calibrate ({result.policy}): {why}",
             },
             calibration=result.as_dict(),
         )

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..build.calibrate import allowed_changes, change_counts
+from ..build.calibrate import allowed_changes, binom_upper, change_counts
 from ..inputs import length_batches
 from ..progress import Stage
 from ..runtime import Policy, nearest
 from ..runtime.features import features
-from ..tasks import Plan, RunOutput, row_prediction, run
+from ..tasks import Plan, RunOutput, mix, row_prediction, run
 from .session import Session
 
 CHUNKS = 8  # a pass is checked against the bound this many times
@@ -83,6 +83,7 @@ class Search:
             deadline,
             exhaustive,
         )
+        self.max_loss, self.conf = max_loss, conf
         self.c_max = allowed_changes(len(rows), max_loss, conf)
         seqs = sorted({q for r in rows for q in plan.rows[r].seqs})
         self.seqs = seqs
@@ -95,7 +96,8 @@ class Search:
         self.template_share = (
             float(np.mean([len(plan.seqs[q]) <= tmax for q in seqs])) if seqs else 0.0
         )
-        self.best = Setting(Policy({}, s.cache.shape.n_heads, "none"), -1.0, 0.0, 0, exact, exact)
+        self.none = Setting(Policy({}, s.cache.shape.n_heads, "none"), -1.0, 0.0, 0, exact, exact)
+        self.best = self.none
         self.tried = 0
         self.passes = 0.0  # cached passes run, in units of whole passes over the rows
         self.stopped_early = False  # the time limit ended the search
@@ -267,3 +269,57 @@ class Search:
                     f"best reuse {self.best.reuse:.3f} ({self.best.policy.name}), "
                     f"{self.passes:.1f} passes"
                 )
+
+    # -- the bound, on rows that did not choose
+    # -----------------------------------------------------------------
+    def confirm(
+        self, rows: list[int], base_policy: Policy | None
+    ) -> tuple[Setting, RunOutput, int]:
+        """Test the best setting on ``rows``, which took no part in choosing it, as a fixed
+        sequence: its thresholds from the lowest up, each certified while its bound on ``rows``
+        stays within max_loss, up to the chosen one; keep the last certified (none: reuse
+        nothing). Returns that setting, its output on ``rows`` and its changed rows there.
+
+        ``base_policy``: what a miss runs (the template heads of a combined policy), or None."""
+        best = self.best
+        if best.reuse <= 0:
+            return self.none, self.exact, 0
+        seq_ids = sorted({q for r in rows for q in self.plan.rows[r].seqs})
+
+        def pass_of(policy: Policy, threshold: float) -> RunOutput:
+            with self.s.cache.attach(self.s.model, policy, threshold=threshold) as att:
+                return run(
+                    self.s.model,
+                    self.s.tokenizer,
+                    self.plan,
+                    self.batch_size,
+                    attached=att,
+                    progress=False,
+                    seq_ids=seq_ids,
+                )
+
+        def within(changes: int) -> bool:
+            return binom_upper(changes, len(rows), self.conf) <= self.max_loss
+
+        if not best.policy.retrieves:
+            out = pass_of(best.policy, -1.0)
+            changes = int(
+                change_counts(self.plan, rows, self.exact, out, out, self.thresholds[:1])[0]
+            )
+            return (best, out, changes) if within(changes) else (self.none, self.exact, 0)
+        base = self.exact if base_policy is None else pass_of(base_policy, -1.0)
+        out = pass_of(best.policy, float("inf"))
+        counts = change_counts(
+            self.plan, rows, self.exact, base, out, self.thresholds, self.distances
+        )
+        reuse = self.reuse(best.policy)
+        last = -1
+        for k, threshold in enumerate(self.thresholds):
+            if threshold > best.threshold or not within(int(counts[k])):
+                break
+            last = k
+        if last < 0 or reuse[last] <= 0:
+            return self.none, self.exact, 0
+        t = float(self.thresholds[last])
+        kept = Setting(best.policy, t, float(reuse[last]), int(counts[last]), base, out)
+        return kept, mix(base, out, t), int(counts[last])

@@ -134,15 +134,16 @@ STAGES = ("recording maps", "pair labels", "projector", "exact", "calibration ca
 
 def calspeed() -> None:
     rows = []
+    modes = ("search_presplit", "exhaustive_presplit", "search", "exhaustive")
     for data in ("mmlu0", "sst2"):
-        for mode in ("search", "exhaustive"):
+        for mode in modes:
             c = load(f"calspeed_{data}_{mode}.json")
             if c:
                 rows.append(
                     [
                         c["data"],
-                        mode,
-                        c["n"],
+                        mode.replace("_presplit", ", bound on the choosing rows"),
+                        f"{c.get('selection_rows', c['n'])} / {c['n']}",
                         f(c["seconds"] / 60, 1, " min"),
                         c["candidates"],
                         f(c["passes"], 1),
@@ -157,7 +158,7 @@ def calspeed() -> None:
         [
             "rows",
             "search",
-            "n (bound)",
+            "choose / bound rows",
             "time",
             "candidates",
             "passes",

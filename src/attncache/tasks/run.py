@@ -60,6 +60,13 @@ class RunOutput:
         )
 
 
+def _reusable(seqs: list[list[int]], group: list[int], needs: list[int]) -> int:
+    """Prefix tokens each member of ``group`` can take from the tier: the shared prefix, less the
+    trailing positions whose logits must run (the longest continuation's, for all of a batch)."""
+    shared = shared_prefix(seqs, group)
+    return max(0, min(shared, *(len(seqs[j]) - max(needs) for j in group)))
+
+
 def _wanted(plan: Plan) -> dict[int, list[Query]]:
     wanted: dict[int, list[Query]] = {}
     for r in plan.rows:
@@ -110,7 +117,11 @@ def run(
         seqs_todo = [plan.seqs[i] for i in todo]
         groups = prefix_groups(seqs_todo, prefix.min_prefix)
         shared = {todo[j] for g in groups if len(g) > 1 for j in g}
-        saved = sum((len(g) - 1) * shared_prefix(seqs_todo, g) for g in groups if len(g) > 1)
+        saved = sum(
+            (len(g) - 1) * _reusable(seqs_todo, g, [need[todo[j]] for j in g])
+            for g in groups
+            if len(g) > 1
+        )
         if prefix.empty and saved < MIN_SAVED_SHARE * sum(lengths):
             prefix = None  # too little shared: the tier would cost more than it saves
         else:

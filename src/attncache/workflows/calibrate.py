@@ -325,7 +325,7 @@ def calibrate_plan(
         need = rows_for(max_loss, conf)
         why = (
             f"{len(verify_rows)} verification rows cannot bound changed answers at {max_loss} "
-            f"(at least {need} are needed: about {2 * need} rows in DATA)"
+            f"(at least {need} are needed: about {2 * need} calibration rows)"
         )
     else:
         why = f"no setting kept changed answers within {max_loss} on {len(select_rows)} rows"

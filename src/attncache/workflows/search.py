@@ -85,8 +85,7 @@ class Search:
         )
         self.max_loss, self.conf = max_loss, conf
         self.c_max = allowed_changes(len(rows), max_loss, conf)
-        seqs = sorted({q for r in rows for q in plan.rows[r].seqs})
-        self.seqs = seqs
+        self.seqs = seqs = self._seq_ids(rows)
         self.distances = lookup_distances(s, plan)
         finite = sorted({self.distances[q] for q in seqs if np.isfinite(self.distances[q])})
         self.thresholds = np.array([-1.0] + finite)
@@ -144,17 +143,8 @@ class Search:
             for chunk, frontier in zip(chunks, frontiers, strict=True):
                 if self.out_of_time():
                     return None
-                seq_ids = sorted({q for r in chunk for q in self.plan.rows[r].seqs})
-                out = run(
-                    self.s.model,
-                    self.s.tokenizer,
-                    self.plan,
-                    self.batch_size,
-                    attached=att,
-                    progress=False,
-                    seq_ids=seq_ids,
-                    into=out,
-                )
+                seq_ids = self._seq_ids(chunk)
+                out = self._run(att, seq_ids, out)
                 self.passes += len(seq_ids) / max(1, len(self.seqs))
                 done += chunk
                 counts = self._counts(done, base, out, policy) + pending(done)
@@ -176,6 +166,23 @@ class Search:
                 t = float(self.thresholds[k]) if policy.retrieves else -1.0
                 self.best = Setting(policy, t, float(reuse[k]), int(counts[k]), base, out)
         return out
+
+    def _seq_ids(self, rows: list[int]) -> list[int]:
+        return sorted({q for r in rows for q in self.plan.rows[r].seqs})
+
+    def _run(self, att, seq_ids: list[int], into: RunOutput | None = None) -> RunOutput:
+        """The sequences ``seq_ids`` with ``att`` attached, added to ``into`` (or a new output)."""
+        model, tokenizer = self.s.model, self.s.tokenizer
+        return run(
+            model,
+            tokenizer,
+            self.plan,
+            self.batch_size,
+            attached=att,
+            progress=False,
+            seq_ids=seq_ids,
+            into=into,
+        )
 
     def _pending(self, policy: Policy, base: RunOutput):
         """Changes the rows not run yet add for sure: a row whose nearest sequence is farther
@@ -284,19 +291,11 @@ class Search:
         best = self.best
         if best.reuse <= 0:
             return self.none, self.exact, 0
-        seq_ids = sorted({q for r in rows for q in self.plan.rows[r].seqs})
+        seq_ids = self._seq_ids(rows)
 
         def pass_of(policy: Policy, threshold: float) -> RunOutput:
             with self.s.cache.attach(self.s.model, policy, threshold=threshold) as att:
-                return run(
-                    self.s.model,
-                    self.s.tokenizer,
-                    self.plan,
-                    self.batch_size,
-                    attached=att,
-                    progress=False,
-                    seq_ids=seq_ids,
-                )
+                return self._run(att, seq_ids)
 
         def within(changes: int) -> bool:
             return binom_upper(changes, len(rows), self.conf) <= self.max_loss

@@ -1,6 +1,6 @@
 """Markdown tables for the exact tiers, build/calibrate speed and peers (docs/results.md), from the
-JSON that ``benchmarks/experiments.sh {redesign,buildspeed,calspeed,batchscale,memo,plain,peers}``
-writes to runs/exp/.
+JSON that ``benchmarks/experiments.sh SECTION`` writes to runs/exp/ (sections redesign, buildspeed,
+calspeed, calgoal, batchscale, memo, plain, peers).
 
     python benchmarks/summarize_tiers.py [runs/exp]
 """
@@ -171,6 +171,55 @@ def calspeed() -> None:
     )
 
 
+def calgoal() -> None:
+    """Issue 16's goal under the select/verify statistics: 150 MMLU rows at --max-loss 0.10."""
+    rows = []
+    for mode in ("search", "exhaustive"):
+        c = load(f"calgoal_mmlu0_{mode}.json")
+        if c:
+            rows.append(
+                [
+                    mode,
+                    f"{c['selection_rows']} / {c['n']}",
+                    f(c["seconds"] / 60, 1, " min"),
+                    c["candidates"],
+                    f(c["passes"], 1),
+                    c["policy"],
+                    f(c["reuse_fraction"], 3),
+                    f(c["disagreement_bound"], 3),
+                ]
+            )
+    fresh = load("calgoal_mmlu0_fresh.json")
+    if fresh:
+        e = fresh[0] if isinstance(fresh, list) else fresh
+        rows.append(
+            [
+                "stored (search), on 300 untouched rows",
+                "–",
+                "–",
+                "–",
+                "–",
+                e.get("policy", "default"),
+                f(e.get("reuse_fraction"), 3),
+                f"changed {f(1 - e['agreement'], 3)}",
+            ]
+        )
+    table(
+        "Calibration on 150 rows of mmlu[1::10] at --max-loss 0.10: search vs every candidate",
+        [
+            "search",
+            "choose / bound rows",
+            "time",
+            "candidates",
+            "passes",
+            "chosen",
+            "reuse",
+            "bound",
+        ],
+        rows,
+    )
+
+
 JOBS = (
     ("mmlu5", "MMLU 5-shot, dataset order (mmlu:5shot[0:30])"),
     ("sst2_4shot", "SST-2 4-shot (sst2:4shot[0:64])"),
@@ -298,6 +347,7 @@ if __name__ == "__main__":
     buildspeed()
     buildtime()
     calspeed()
+    calgoal()
     batchscale()
     memo()
     plain()

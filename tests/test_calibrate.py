@@ -7,7 +7,7 @@ import math
 import pytest
 from test_cli import cli
 
-from attncache.build.calibrate import binom_upper
+from attncache.build.calibrate import binom_upper, rows_for
 from attncache.tasks import RunOutput, mix
 
 
@@ -245,23 +245,27 @@ def test_build_calibrates_its_default_on_held_out_rows(tiny_hf, tmp_path):
         "--quiet",
         "--max-tokens",
         "400",
+        "--max-loss",
+        "0.05",
     )
     info = json.loads(cli("inspect", "--db", str(db), "--json").stdout)
     assert "bound" in info["default_reuse"] or "no approximate maps" in info["default_reuse"]
     manifest = json.loads((db / "manifest.json").read_text())
     cal = manifest["calibration"]
     held = cal["rank_rows"] + cal["selection_rows"] + cal["n"]
-    assert held >= 150 and cal["max_loss"] == 0.02 and cal["disagreement_bound"] <= 0.02
+    assert held == round(0.35 * 450) and info["entries"] == 2 * (450 - held)
+    assert cal["max_loss"] == 0.05 and cal["disagreement_bound"] <= 0.05
     assert cal["n"] in (cal["selection_rows"], cal["selection_rows"] - 1)  # disjoint halves
-    if cal["n"] < 149:  # no changed row at all would still leave a bound above 2 %
-        assert cal["policy"] == "none" and "cannot bound" in info["default_reuse"]
+    assert cal["n"] >= rows_for(0.05, 0.95)  # enough rows to bound 5 % were held out
+    # the same rows cannot bound 2 %: none are held out, every row goes into the DB
     small = tmp_path / "small"
-    cli("build", "--model", model, "--data", "sst2[0:20]", "--out", str(small), "--quiet")
+    cli("build", "--model", model, "--data", "sst2[0:60]", "--out", str(small), "--quiet")
     info = json.loads(cli("inspect", "--db", str(small), "--json").stdout)
     assert (
-        info["entries"] == 2 * 20
+        info["entries"] == 2 * 60
         and info["policy_layers"] == []
         and "too few" in info["default_reuse"]
+        and "298 held-out rows" in info["default_reuse"]
     )
     loose = tmp_path / "loose"
     cli(

@@ -139,17 +139,18 @@ class TokenCounter:
 
     def __init__(self, model):
         self.tokens, self.calls = 0, 0
-        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        # on the embeddings: every forward passes there, whichever module the caller runs
+        self.handle = model.get_input_embeddings().register_forward_pre_hook(self._count)
 
-    def _count(self, _mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
+    def _count(self, _mod, args):
+        ids = args[0]
         self.calls += 1
         self.tokens += int((ids != 0).sum())  # real tokens: test ids are 1..127, padding is 0
 
 
 def test_continuations_in_one_batch_compute_the_prompt_once():
-    """One prompt with three continuations in a batch: the prompt's tokens run once, then the three
-    suffixes in one forward; the unrelated input runs whole."""
+    """One prompt with three continuations in a batch: the prompt's tokens run once, in one row
+    with the three suffixes (a single forward); the unrelated input runs whole."""
     model = tiny_model("llama")
     prompt = random_seqs(1, lo=24, hi=24, seed=61)[0]
     other = random_seqs(1, seed=62)[0]
@@ -165,8 +166,9 @@ def test_continuations_in_one_batch_compute_the_prompt_once():
         assert (r - g).abs().max() < 1e-4
     # shared: 24 tokens, but the last 3 positions of the shortest (26 tokens) must run: 23 reused
     assert counter.tokens == 23 + (4 + 3 + 5) + len(other)
-    assert counter.calls == 3  # the shared prefix, the unrelated input, all suffixes at once
-    assert runner.stats.items_with_prefix == 3 and runner.stats.tokens_reused == 3 * 23
+    assert counter.calls == 2  # the unrelated input; the prompt and all its suffixes at once
+    # the first continuation computes the prompt, the other two reuse it
+    assert runner.stats.items_with_prefix == 3 and runner.stats.tokens_reused == 2 * 23
 
 
 def test_several_prefix_groups_ragged_suffixes_padding_and_a_loner_in_one_batch():
@@ -240,8 +242,9 @@ def test_one_prompt_many_continuations_packed_or_not_is_exact(family, pack):
 
 
 def test_packed_rows_stay_within_the_prefix_length_and_exact():
-    """Long continuations on a short prompt fill several packed rows (a row's attention grows with
-    its whole width), each within max(PACK_MIN_TOKENS, prefix) suffix tokens; outputs are exact."""
+    """Long continuations on a short cached prompt fill several packed rows (a row's attention
+    grows with its whole width), each within max(PACK_MIN_TOKENS, prefix) suffix tokens; outputs
+    are exact."""
     from attncache.tiers.prefix import PACK_MIN_TOKENS
 
     model = tiny_model("llama")
@@ -249,6 +252,7 @@ def test_packed_rows_stay_within_the_prefix_length_and_exact():
     conts = [[3 + k] * 12 for k in range(4)]  # 48 suffix tokens on a 10-token prompt
     batch = [prompt + c for c in conts]
     runner = PrefixTier(model, min_prefix=8, pack=True)
+    runner.run([prompt + [1]], 1, 0)  # the prompt is in the tree now
     shapes = []
     hook = model.get_input_embeddings().register_forward_hook(
         lambda _m, args, _o: shapes.append(tuple(args[0].shape))
@@ -286,7 +290,8 @@ def test_schedule_groups_shared_prefixes_first():
     groups = prefix_groups(seqs, 8)
     assert groups == [[0, 3, 6], [1], [2, 5], [4]]  # ordered by first member
     batches = prefix_batches(seqs, 3, 8)
-    assert batches[0] == [0, 6, 3] and batches[1][:2] == [5, 2]  # a's group by length, then b's
+    # the smaller group (b's, 23 tokens) first, each by length, then a's (34 tokens), then the rest
+    assert batches[0] == [5, 2, 0] and batches[1] == [6, 3, 4]
     assert sorted(i for bt in batches for i in bt) == list(range(7))
     assert prefix_batches([[1, 2], [3, 4, 5]], 8, 8) == [[0, 1]]  # nothing shared: by length
 
@@ -312,16 +317,17 @@ class TinyTok:
     pad_token_id = 0
 
 
-def test_workload_sharing_less_than_half_its_tokens_runs_plain():
-    """Endings sharing a short prompt (HellaSwag-like: the tier measured slower there) run without
-    the tier; the same endings on a long shared prompt run with it. Answers are exact either way."""
+def test_workload_sharing_few_of_its_tokens_runs_plain():
+    """Long endings sharing a short prompt run without the tier (it would cost more than the few
+    tokens it saves); the same endings on a long shared prompt run with it. Answers are exact
+    either way."""
     from attncache.tasks import Plan, Query, RowPlan, run
     from attncache.tasks.run import MIN_SAVED_SHARE
 
     model = tiny_model("llama")
-    for prompt_len, used in ((8, False), (40, True)):
+    for prompt_len, used in ((6, False), (40, True)):
         prompts = random_seqs(3, lo=prompt_len, hi=prompt_len, seed=95)
-        ends = random_seqs(6, lo=10, hi=10, seed=96)
+        ends = random_seqs(6, lo=30, hi=30, seed=96)
         seqs = [p + e for p in prompts for e in ends[:4]]
         share = 3 * 3 * prompt_len / sum(len(s) for s in seqs)  # each prompt runs once, not 4x
         assert (share >= MIN_SAVED_SHARE) == used
@@ -333,3 +339,90 @@ def test_workload_sharing_less_than_half_its_tokens_runs_plain():
         assert got.logprobs.keys() == ref.logprobs.keys() and got.argmax == ref.argmax
         for k, v in ref.logprobs.items():
             assert got.logprobs[k] == pytest.approx(v, abs=1e-4)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_cached_rows_an_in_row_group_and_a_loner_share_one_forward(head, monkeypatch):
+    """A batch mixing inputs over a cached prompt, a new prompt's group (computed in its own row)
+    and an input sharing nothing: one forward for every prefixed input, one for the loner, and
+    every output equal to the uncached model's (the head on needed positions only, or the model's
+    own logits at every row's positions). Rows as wide as these may also split (see below); here
+    a high per-forward cost keeps them in one, so cached and in-row rows share it."""
+    from attncache.tiers import prefix as prefix_module
+
+    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)
+    model = tiny_model("llama")
+    a, b = random_seqs(2, lo=20, hi=26, seed=101)
+    runner = PrefixTier(model, min_prefix=8)
+    if not head:
+        runner.head = None
+    runner.run([a + [3]], 1, 0)  # a is in the tree
+    loner = random_seqs(1, lo=11, hi=11, seed=102)[0]
+    batch = [a + [4, 5, 6], b + [7], loner, b + [8, 9, 10, 11], a + [12]]
+    counter = TokenCounter(model)
+    try:
+        got = runner.run(batch, 3, 0).logits
+    finally:
+        counter.handle.remove()
+    for r, g, s in zip(exact_logits(model, batch, 3), got, batch, strict=True):
+        n = min(3, len(s))
+        assert (r[-n:] - g[-n:]).abs().max() < 1e-4
+    assert counter.calls == 2
+
+
+def test_each_input_reuses_all_but_the_positions_it_needs():
+    """Continuations of different lengths on one prompt: each needs the logits of its own tokens
+    only, so all of them reuse the whole prompt (not trimmed by the longest continuation)."""
+    model = tiny_model("llama")
+    prompt = random_seqs(1, lo=30, hi=30, seed=103)[0]
+    conts = [[3], [4, 5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    batch = [prompt + c for c in conts]
+    needs = [len(c) + 1 for c in conts]  # the logits predicting each continuation token
+    runner = PrefixTier(model, min_prefix=8)
+    got = runner.run(batch, max(needs), 0, needs=needs).logits
+    for r, g, n in zip(exact_logits(model, batch, max(needs)), got, needs, strict=True):
+        assert (r[-n:] - g[-n:]).abs().max() < 1e-4
+    # shared prefix: the prompt less the position predicting the first continuation token
+    assert runner.stats.tokens_reused == 2 * (len(prompt) - 1)
+
+
+@pytest.mark.parametrize("keep_kv", [True, False])
+def test_an_in_row_prefix_enters_the_tree_only_when_a_later_input_needs_it(keep_kv):
+    model = tiny_model("qwen2")
+    prompt = random_seqs(1, lo=16, hi=16, seed=104)[0]
+    batch = [prompt + [3, 4], prompt + [5]]
+    runner = PrefixTier(model, min_prefix=8)
+    runner.run(batch, 1, 0, insert=[keep_kv, keep_kv])
+    held = runner.tree.match(prompt, len(prompt)).length
+    assert held == (len(prompt) if keep_kv else 0)
+    if keep_kv:  # and a later input over it is exact
+        later = [prompt + [6, 7]]
+        got = runner.run(later, 1, 0).logits
+        assert (exact_logits(model, later, 1)[0] - got[0]).abs().max() < 1e-4
+        assert runner.stats.tokens_reused == 2 * len(prompt)  # the second member, the later one
+
+
+def test_packed_mask_lets_a_suffix_see_its_prefix_and_itself_only():
+    from attncache.tiers.packing import Row, pack
+
+    suffixes = [[5, 6], [7], [8, 9, 9]]
+    rows = [Row(0, [1, 2, 3], [0, 1]), Row(4, [], [2])]
+    p = pack(rows, suffixes, [1, 1, 2], 4, 0, "cpu", torch.float32)
+    seen = p.mask[:, 0] == 0  # [rows, W, P + W]
+    width = 6  # row 0: 3 prefix tokens + 2 + 1
+    assert p.ids.shape == (2, width) and p.ids[1].tolist() == [0, 0, 0, 8, 9, 9]
+    assert p.positions[0].tolist() == [0, 1, 2, 3, 4, 3]  # each suffix restarts after the prefix
+    assert p.positions[1, 3:].tolist() == [4, 5, 6]
+    assert not seen[0, :, :4].any()  # row 0 has no cached prefix
+    assert seen[0, 5, 4:].tolist() == [True, True, True, False, False, True]  # prefix + itself
+    assert seen[1, 3, :4].all() and seen[1, 5, 7:].tolist() == [True, True, True]
+    assert p.at == {0: (0, [4]), 1: (0, [5]), 2: (1, [4, 5])}
+
+
+def test_rows_of_very_different_widths_run_as_separate_forwards():
+    from attncache.tiers.packing import split_rows
+
+    assert split_rows([10, 12, 11], 48) == [[0, 2, 1]]  # little padding: one forward
+    chunks = split_rows([20, 300, 22, 310], 48)  # two narrow, two wide rows
+    assert sorted(map(sorted, chunks)) == [[0, 2], [1, 3]]
+    assert sorted(r for c in split_rows([5, 9, 200, 7, 80], 16) for r in c) == [0, 1, 2, 3, 4]

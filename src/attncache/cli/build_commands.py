@@ -164,7 +164,7 @@ def register(sub, formatter) -> None:
         type=UNIT_OPEN,
         default=0.35,
         help="share of DATA's rows held out of the DB to calibrate its default (0.35; decoders, "
-        "when it gives 150+ rows)",
+        "when the share can bound --max-loss: 298+ rows at 0.02, 118+ at 0.05)",
     )
     sp.add_argument(
         "--max-loss",

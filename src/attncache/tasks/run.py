@@ -25,11 +25,12 @@ from ..tiers.memo import Answer, ResultMemo
 from ..tiers.schedule import prefix_batches, prefix_groups, shared_prefix
 from .plan import Plan, Query
 
-# A workload that can skip less than this share of its tokens runs without the prefix tier: two
-# forwards (prefixes, then suffixes under a block mask) cost more than they save there. Measured
-# (docs/results.md): HellaSwag, 33 % of tokens shared, 0.78x of plain SDPA with the tier; SST-2
-# 4-shot (71 %) 2.96x, MMLU 5-shot (74 %) 2.75x, ARC-Easy 5-shot (83 %) 3.96x.
-MIN_SAVED_SHARE = 0.5
+# A workload that can skip less than this share of its tokens runs without the prefix tier: its
+# extra work (masks, a prefix forward, padding between rows) would cost more than it saves.
+# Measured (docs/results.md) against plain SDPA at the same batch size: PIQA, 17 % of tokens
+# shared (a goal and its two solutions), 1.03-1.11x; HellaSwag (50 %) 1.5x; ARC-Easy 5-shot
+# (83 %) 4.3x.
+MIN_SAVED_SHARE = 0.15
 
 
 @dataclass
@@ -61,10 +62,10 @@ class RunOutput:
 
 
 def _reusable(seqs: list[list[int]], group: list[int], needs: list[int]) -> int:
-    """Prefix tokens each member of ``group`` can take from the tier: the shared prefix, less the
-    trailing positions whose logits must run (the longest continuation's, for all of a batch)."""
+    """Prefix tokens each member of ``group`` can take from the tier: the shared prefix, less any
+    of the trailing positions whose logits a member needs."""
     shared = shared_prefix(seqs, group)
-    return max(0, min(shared, *(len(seqs[j]) - max(needs) for j in group)))
+    return max(0, min(shared, *(len(seqs[j]) - n for j, n in zip(group, needs, strict=True))))
 
 
 def _wanted(plan: Plan) -> dict[int, list[Query]]:
@@ -112,11 +113,10 @@ def run(
             out.memo_hit[i] = True
         todo = [i for i in todo if i not in answered]
     lengths = [len(plan.seqs[i]) for i in todo]
-    insert: dict[int, bool] = {}
+    insert: dict[int, bool] | None = None
     if plan.causal and prefix is not None and not prefix.idle and lookahead:
         seqs_todo = [plan.seqs[i] for i in todo]
         groups = prefix_groups(seqs_todo, prefix.min_prefix)
-        shared = {todo[j] for g in groups if len(g) > 1 for j in g}
         saved = sum(
             (len(g) - 1) * _reusable(seqs_todo, g, [need[todo[j]] for j in g])
             for g in groups
@@ -125,9 +125,14 @@ def run(
         if prefix.empty and saved < MIN_SAVED_SHARE * sum(lengths):
             prefix = None  # too little shared: the tier would cost more than it saves
         else:
-            insert = {i: i in shared for i in todo}  # K/V worth keeping: a later input shares it
+            insert = {}  # filled once the batches are known
     if prefix is not None and not prefix.idle:
         batches = prefix_batches([plan.seqs[i] for i in todo], batch_size, prefix.min_prefix)
+        if insert is not None:  # K/V worth keeping: an input of a later batch shares it
+            batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
+            for g in groups:
+                spans = len({batch_of[todo[j]] for j in g}) > 1
+                insert.update({todo[j]: spans for j in g})
     else:
         batches = list(length_batches(lengths, batch_size))
     seconds = time.perf_counter() - t_start
@@ -141,9 +146,9 @@ def run(
             if plan.causal:
                 keep = max(need[i] for i in batch)
                 if prefix is not None:
-                    flags = [insert.get(i, True) for i in batch] if insert else None
+                    flags = [insert[i] for i in batch] if insert is not None else None
                     logits, hits, reused, prefix_tokens = prefix.run(
-                        seqs, keep, pad, maps=attached, insert=flags
+                        seqs, keep, pad, maps=attached, insert=flags, needs=[need[i] for i in batch]
                     )
                 else:
                     logits = model(**collate(seqs, pad, True, device), logits_to_keep=keep).logits

@@ -1,7 +1,8 @@
 """Exact reuse: tiers that skip work without changing any answer."""
 
 from .base import Tier, TierOutput
-from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier, supports_prefix
+from .model_io import supports_prefix
+from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier
 from .radix import InsertResult, Match, RadixKV
 
 __all__ = [

@@ -1,22 +1,20 @@
-"""Tier 1 for decoders: compute shared prefixes once, run every suffix of a batch in one forward.
-Exact.
+"""Tier 1 for decoders: compute shared prefixes once, answer their suffixes in one forward. Exact.
 
 With causal attention every hidden state of a prefix depends only on the prefix, so its keys and
-values can be reused *exactly*: only the remaining tokens run, attending to the prefix K/V, kept in
-a radix tree (``radix.py``). Per batch, ``PrefixTier.run``:
+values can be reused *exactly*: only the remaining tokens run, attending to the prefix. Per batch,
+``PrefixTier.run``:
 
-1. finds the inputs of the batch that share at least ``min_prefix`` tokens (``schedule.py``) and
-makes
-   sure the tree holds each group's shared prefix, computing what is missing once, for all groups in
-   one forward;
-2. gives every input the longest prefix it can reuse: its group's, or a longer one the tree holds
-   from earlier batches (never the positions whose logits are needed);
-3. runs all those inputs' suffixes as **one** batched forward over their prefixes' K/V (stacked per
-   row and left-padded, with position ids starting where each prefix ends; a 2-D mask hides the
-   padding, and the model builds the causal 4-D mask from it);
-4. runs the inputs without a usable prefix together as usual, with the map cache (``maps``) applying
-   to them, and inserts their K/V (an input whose layers reused maps has no keys there: not
-   inserted).
+1. finds the inputs of the batch that share at least ``min_prefix`` tokens (``schedule.py``); each
+   may reuse all of its prefix but the positions whose logits it needs (``needs``);
+2. a group whose prefix is not cached and fits in one row runs as that row: the prefix, then every
+   member's suffix (``packing.py``: a block mask, position ids restarting after the prefix); a wider
+   group's prefix is computed first, once, into a radix tree (``radix.py``);
+3. every input whose prefix the tree holds (from this batch or an earlier one) runs its suffix over
+   the cached K/V, packed per prefix; these rows and the one-row groups share a forward (or a few,
+   when their widths differ enough that padding would cost more than a forward), and logits are
+   computed only at the positions each input needs;
+4. the inputs without a usable prefix run together as usual, with the map cache (``maps``) applying
+   to them, and insert their K/V when a later input may share it.
 
 If none of the first 64 inputs shares even ``min_prefix`` tokens with another (SST-2-like
 workloads), the tier goes idle: it stops building K/V caches and inserting, so it costs about
@@ -27,47 +25,31 @@ tier is not used for them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM
 
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
+from .model_io import CACHE_KW, output_cache, plain_head, stacked_cache
+from .packing import Row, pack, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
 from .schedule import prefix_groups, shared_prefix
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
 IDLE_AFTER = 64  # inputs: if none of the first ones shares even MIN_PREFIX tokens, stop inserting
-PACK_MIN_TOKENS = (
-    32  # a packed row may always hold this many suffix tokens, however short its prefix
-)
-
-# transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes
-CACHE_KW = (
-    "cache"
-    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-    else "past_key_values"
-)
-
-
-def supports_prefix(model: nn.Module) -> bool:
-    """Whether every layer's cache keeps all keys (no sliding window), so prefixes can be reused."""
-    cfg = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return not any("sliding" in str(t) for t in types)
-    return (
-        not getattr(cfg, "sliding_window", None)
-        or getattr(cfg, "use_sliding_window", True) is False
-    )
+# a packed row may always hold this many suffix tokens, however short its prefix
+PACK_MIN_TOKENS = 32
+# a group whose prefix is not cached runs as one row (prefix, then every member's suffix) when the
+# row is at most this wide; a wider one computes its prefix first and packs rows over its K/V
+IN_ROW_TOKENS = 512
+# a forward's fixed cost in tokens of work (the weights are read once per forward): rows of very
+# different widths run as separate forwards when the padding saved is worth more than this
+FORWARD_TOKENS = 48
 
 
 @dataclass
@@ -104,6 +86,7 @@ class PrefixTier:
         self.tree = RadixKV(max_bytes)
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
+        self.head = plain_head(model)  # None: the model's own forward computes logits
 
     @property
     def empty(self) -> bool:
@@ -144,29 +127,50 @@ class PrefixTier:
         pad_id: int,
         maps=None,
         insert: list[bool] | None = None,
+        needs: list[int] | None = None,
     ) -> TierOutput:
         """Logits ``[B, keep, V]`` and per item what happened. ``maps``: an attached map cache.
 
-        ``insert``: per item, whether its K/V may help a later input (a caller that sees the whole
-        workload knows; None: keep every input computed whole, until the tier goes idle)."""
+        ``needs``: per item, how many of its last positions' logits the caller reads (default
+        ``keep`` for all); the rest of its last ``keep`` positions may come back as zeros, and
+        everything before its needed positions may be reused. ``insert``: per item, whether its
+        K/V may help a later input (a caller that sees the whole workload knows; None: keep every
+        input computed whole, until the tier goes idle)."""
         count = len(seqs)
+        needs = [keep] * count if needs is None else [min(n, keep) for n in needs]
         self.stats.add(items=count, tokens_total=sum(len(s) for s in seqs))
-        limits = [max(0, len(s) - keep) for s in seqs]  # the last ``keep`` positions always run
+        limits = [max(0, len(s) - n) for s, n in zip(seqs, needs, strict=True)]
         wanted = [0] * count  # per item: prefix tokens it will take from the tree
+        in_row: list[tuple[list[int], int]] = []  # groups (and prefix length) run in one row
         if not self.idle:
+            missing: set[tuple[int, ...]] = set()
             for members in prefix_groups(seqs, self.min_prefix):
-                if len(members) > 1:
-                    shared = min(shared_prefix(seqs, members), *(limits[i] for i in members))
-                    self.longest_shared = max(self.longest_shared, shared)
-                    for i in members:
-                        wanted[i] = shared if shared >= self.min_prefix else 0
+                if len(members) < 2:
+                    continue
+                shared = min(shared_prefix(seqs, members), *(limits[i] for i in members))
+                self.longest_shared = max(self.longest_shared, shared)
+                if shared < self.min_prefix:
+                    continue
+                prefix = tuple(seqs[members[0]][:shared])
+                cached = self.tree.match(list(prefix), shared).length == shared
+                width = shared + sum(len(seqs[i]) - shared for i in members)
+                if not cached and self.pack and width <= IN_ROW_TOKENS:
+                    in_row.append((members, shared))  # one row: prefix, members' suffixes
+                    continue
+                for i in members:
+                    wanted[i] = shared
+                if not cached:
+                    missing.add(prefix)
             with maps.paused() if maps is not None else contextlib.nullcontext():  # prefixes: exact
-                self._ensure({tuple(seqs[i][: wanted[i]]) for i in range(count) if wanted[i]})
+                self._ensure(missing)
+        grouped = {i for g, _ in in_row for i in g}
         matches: list[Match | None] = []
         for i, seq in enumerate(seqs):
-            m = self.tree.match(seq, limits[i])
-            self.longest_shared = max(self.longest_shared, m.length)
-            use = m if m.length >= max(self.min_prefix, wanted[i]) else None
+            use = None
+            if i not in grouped:
+                m = self.tree.match(seq, limits[i])
+                self.longest_shared = max(self.longest_shared, m.length)
+                use = m if m.length >= max(self.min_prefix, wanted[i]) else None
             if use is not None:
                 self.tree.lock(use.node)
             matches.append(use)
@@ -179,22 +183,24 @@ class PrefixTier:
         out: list[torch.Tensor | None] = [None] * count
         hits: list = [None] * count
         reused = [False] * count
+        tokens = [m.length if m is not None else 0 for m in matches]
         try:
-            fresh = [i for i, m in enumerate(matches) if m is None]
+            fresh = [i for i, m in enumerate(matches) if m is None and i not in grouped]
             keep_kv = {i for i in fresh if insert is None or insert[i]}
             self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
-            suffixed = [i for i, m in enumerate(matches) if m is not None]
-            if suffixed:
-                logits = self._run_suffixes(
-                    [seqs[i] for i in suffixed], [matches[i] for i in suffixed], keep, pad_id
-                )
-                for j, i in enumerate(suffixed):
-                    out[i] = logits[j]
+            if grouped or any(m is not None for m in matches):
+                keep_in_row = [insert is None or any(insert[i] for i in g) for g, _ in in_row]
+                with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
+                    got = self._run_rows(seqs, matches, in_row, keep_in_row, needs, pad_id)
+                for i, logits in got.items():
+                    out[i] = torch.nn.functional.pad(logits, (0, 0, keep - len(logits), 0))
+                for g, p in in_row:
+                    for i in g[1:]:
+                        tokens[i] = p  # the first member computed the prefix, the rest reuse it
         finally:
             for m in matches:
                 if m is not None:
                     self.tree.unlock(m.node)
-        tokens = [m.length if m is not None else 0 for m in matches]
         return TierOutput(torch.stack(out), hits, reused, tokens)
 
     def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
@@ -210,94 +216,134 @@ class PrefixTier:
         self.stats.add(tokens_run=sum(len(p) for p in todo))
         self._insert_batch(todo, output_cache(res), [False] * len(todo))
 
-    def _run_suffixes(
-        self, seqs: list[list[int]], matches: list[Match], keep: int, pad_id: int
-    ) -> list[torch.Tensor]:
-        """One forward for every input's suffix over its prefix K/V; per input its ``[keep, V]``
-        logits.
+    def _plan_rows(
+        self,
+        seqs: list[list[int]],
+        matches: list[Match | None],
+        in_row: list[tuple[list[int], int]],
+        keep_in_row: list[bool],
+        suffixes: list[list[int]],
+    ) -> tuple[list[Row], list[Match | None]]:
+        """Rows of the suffix forward, and per row the cached prefix it reads (None: in-row).
 
-        Inputs reusing the same prefix share one row (``pack``): their suffixes are concatenated,
-        each attending to the prefix and to itself only, with position ids restarting where the
-        prefix ends, so the prefix K/V is read once per row instead of once per input. A row takes
-        suffixes up to the prefix's length in all (at least ``PACK_MIN_TOKENS``), then another
-        starts. Otherwise each input is its own row."""
-        lens = [m.length for m in matches]
-        suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
-        self.stats.add(
-            items_with_prefix=len(seqs),
-            tokens_reused=sum(lens),
-            tokens_run=sum(len(x) for x in suffixes),
-        )
-        members: list[list[int]] = []  # per row, its inputs
+        Inputs reusing the same cached prefix share one row (``pack``): the prefix K/V is read
+        once per row instead of once per input. Such a row takes suffixes up to the prefix's
+        length in all (at least ``PACK_MIN_TOKENS``), then another starts: a packed row's
+        attention grows with its whole width. A group whose prefix is not cached yet is one row
+        of its own: the prefix tokens, then every member's suffix."""
+        rows: list[Row] = []
+        sources: list[Match | None] = []
         filling: dict[tuple[int, int], tuple[int, int]] = {}  # prefix -> (row, suffix tokens)
         for i, m in enumerate(matches):
+            if m is None:
+                continue
             n, key = len(suffixes[i]), (id(m.node), m.length)
             row = filling.get(key) if self.pack else None
-            # a packed row's attention grows with its whole width: keep it within the prefix's
             if row is not None and row[1] + n <= max(PACK_MIN_TOKENS, m.length):
-                members[row[0]].append(i)
+                rows[row[0]].items.append(i)
                 filling[key] = (row[0], row[1] + n)
             else:
-                members.append([i])
-                filling[key] = (len(members) - 1, n)
-        width_p = max(lens)
-        width_s = max(sum(len(suffixes[i]) for i in items) for items in members)
-        count = len(members)
-        first = [matches[items[0]] for items in members]
-        kvs = [m.kv() for m in first]  # [n_layers, 2, H_kv, P, d] per row
-        if count == 1 or (
-            len({id(m.node) for m in first}) == 1 and len({m.length for m in first}) == 1
-        ):
-            stacked = kvs[0].unsqueeze(2).expand(-1, -1, count, -1, -1, -1)  # one prefix: a view
-        else:
-            n_layers, _, n_kv, _, d = kvs[0].shape
-            stacked = kvs[0].new_zeros((n_layers, 2, count, n_kv, width_p, d))
-            for r, kv in enumerate(kvs):
-                stacked[:, :, r, :, width_p - kv.shape[3] :] = kv
-        past = DynamicCache(
-            ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(len(stacked))],
-            config=self.model.config,
-        )
-        dev = self.device
-        ids = torch.full((count, width_s), pad_id, dtype=torch.long, device=dev)
-        pos = torch.zeros((count, width_s), dtype=torch.long, device=dev)
-        allowed = torch.zeros((count, width_s, width_p + width_s), dtype=torch.bool, device=dev)
-        allowed[
-            :, torch.arange(width_s, device=dev), width_p + torch.arange(width_s, device=dev)
-        ] = True
-        ends: dict[
-            int, tuple[int, int]
-        ] = {}  # input -> (row, end of its segment in the suffix region)
-        for r, items in enumerate(members):
-            p = first[r].length
-            start = width_s - sum(len(suffixes[i]) for i in items)
-            for i in items:
-                n = len(suffixes[i])
-                seg = slice(start, start + n)
-                ids[r, seg] = torch.tensor(suffixes[i], device=dev)
-                pos[r, seg] = torch.arange(p, p + n, device=dev)
-                allowed[r, seg, width_p - p : width_p] = True  # the prefix
-                causal = torch.ones((n, n), dtype=torch.bool, device=dev).tril()
-                allowed[r, seg, width_p + start : width_p + start + n] = causal  # itself, causally
-                ends[i] = (r, start + n)
-                start += n
-        mask = torch.zeros(allowed.shape, dtype=stacked.dtype, device=dev)
-        mask.masked_fill_(~allowed, torch.finfo(stacked.dtype).min)
-        wanted = sorted({e - k for (_, e) in ends.values() for k in range(keep, 0, -1)})
-        where = {p: j for j, p in enumerate(wanted)}
-        res = self.model(
-            input_ids=ids,
-            attention_mask=mask.unsqueeze(1),
-            position_ids=pos,
-            use_cache=True,
-            logits_to_keep=torch.tensor(wanted, device=dev),
-            **{CACHE_KW: past},
-        )
-        logits = res.logits
-        return [
-            logits[r, [where[e - k] for k in range(keep, 0, -1)]]
-            for r, e in (ends[i] for i in range(len(seqs)))
+                rows.append(Row(m.length, [], [i]))
+                sources.append(m)
+                filling[key] = (len(rows) - 1, n)
+        for (g, p), keep in zip(in_row, keep_in_row, strict=True):
+            rows.append(Row(0, seqs[g[0]][:p], list(g), insert=keep))
+            sources.append(None)
+        return rows, sources
+
+    def _run_rows(
+        self,
+        seqs: list[list[int]],
+        matches: list[Match | None],
+        in_row: list[tuple[list[int], int]],
+        keep_in_row: list[bool],
+        needs: list[int],
+        pad_id: int,
+    ) -> dict[int, torch.Tensor]:
+        """Every input with a prefix (cached, or computed in its group's row) in one forward, or
+        a few when rows of very different widths would pad much; per input its last ``needs[i]``
+        logits ``[needs[i], V]``."""
+        lens = [m.length if m is not None else 0 for m in matches]
+        for g, p in in_row:
+            for i in g:
+                lens[i] = p
+        items = [i for i in range(len(seqs)) if matches[i] is not None] + [
+            i for g, _ in in_row for i in g
         ]
+        suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
+        rows, sources = self._plan_rows(seqs, matches, in_row, keep_in_row, suffixes)
+        self.stats.add(
+            items_with_prefix=len(items),
+            tokens_reused=sum(lens[i] for i in items) - sum(len(r.prefix) for r in rows),
+            tokens_run=sum(r.width(suffixes) for r in rows),
+        )
+        got: dict[int, torch.Tensor] = {}
+        widths = [r.width(suffixes) for r in rows]
+        for chunk in split_rows(widths, FORWARD_TOKENS):
+            got.update(
+                self._forward_rows(
+                    [rows[r] for r in chunk],
+                    [sources[r] for r in chunk],
+                    suffixes,
+                    needs,
+                    pad_id,
+                )
+            )
+        return got
+
+    def _forward_rows(
+        self,
+        rows: list[Row],
+        sources: list[Match | None],
+        suffixes: list[list[int]],
+        needs: list[int],
+        pad_id: int,
+    ) -> dict[int, torch.Tensor]:
+        """One forward over ``rows``; inserts the in-row prefixes of rows marked ``insert``."""
+        past_width = max(r.past for r in rows)
+        dtype = next(self.model.parameters()).dtype
+        packed = pack(rows, suffixes, needs, past_width, pad_id, self.device, dtype)
+        kw = {}
+        if past_width:
+            same = all(m is not None for m in sources) and (
+                len({(id(m.node), m.length) for m in sources}) == 1
+            )
+            kvs = [m.kv() if m is not None else None for m in sources]
+            kw[CACHE_KW] = stacked_cache(kvs, past_width, same, self.model.config)
+        insert_rows = [r for r in sorted(packed.prefix_at) if rows[r].insert]
+        args = {
+            "input_ids": packed.ids,
+            "attention_mask": packed.mask,
+            "position_ids": packed.positions,
+            "use_cache": bool(past_width or insert_rows),
+            **kw,
+        }
+        if self.head is not None:  # the decoder, then the head on the needed positions only
+            res = self.model.get_decoder()(**args)
+            hidden = res.last_hidden_state
+            order = list(packed.at.items())
+            r_idx = [r for _, (r, ps) in order for _ in ps]
+            p_idx = [p for _, (_, ps) in order for p in ps]
+            flat = self.head(hidden[r_idx, p_idx])
+            got, k = {}, 0
+            for i, (_, ps) in order:
+                got[i] = flat[k : k + len(ps)]
+                k += len(ps)
+        else:  # logits at the union of every row's positions, then each input's picked
+            res = self.model(**args, logits_to_keep=packed.keep)
+            got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
+        if insert_rows:
+            t0 = time.perf_counter()
+            cache = output_cache(res)
+            for r in insert_rows:
+                at, n = past_width + packed.prefix_at[r], len(rows[r].prefix)
+                kv = [
+                    torch.stack([la.keys[r, :, at : at + n], la.values[r, :, at : at + n]])
+                    for la in cache.layers
+                ]
+                self.tree.insert(rows[r].prefix, torch.stack(kv))
+            self.stats.add(insert_s=time.perf_counter() - t0)
+        return got
 
     def _run_fresh(
         self,
@@ -349,7 +395,3 @@ class PrefixTier:
                 rows.append(torch.stack([k[r, :, width - len(s) :], v[r, :, width - len(s) :]]))
             self.tree.insert(s, torch.stack(rows))
         self.stats.add(insert_s=time.perf_counter() - t0)
-
-
-def output_cache(res):
-    return getattr(res, "cache", None) if CACHE_KW == "cache" else res.past_key_values

@@ -62,10 +62,13 @@ def shared_prefix(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
 def prefix_batches(
     seqs: Sequence[Sequence[int]], batch_size: int, min_prefix: int
 ) -> list[list[int]]:
-    """Batches of indices: groups sharing a prefix first (each by length), then the rest by
-    length."""
+    """Batches of indices: groups sharing a prefix first (smaller groups first, each by length),
+    then the rest by length."""
     groups = prefix_groups(seqs, min_prefix)
     shared = [sorted(g, key=lambda i: len(seqs[i])) for g in groups if len(g) > 1]
+    # groups of similar size side by side: a one-row group's row is as wide as the group, so this
+    # keeps the rows of a forward alike (little padding)
+    shared.sort(key=lambda g: sum(len(seqs[i]) for i in g))
     alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: len(seqs[i]))
     flat = [i for g in shared for i in g] + alone
     return [flat[k : k + batch_size] for k in range(0, len(flat), batch_size)]

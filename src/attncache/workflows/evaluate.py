@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -11,6 +12,7 @@ import numpy as np
 from .. import data as data_mod
 from .. import models
 from ..build import BuildConfig
+from ..build.calibrate import rows_for
 from ..cache import AttnCache
 from ..errors import UserError
 from ..tasks import Comparison, compare, plan_rows, require_rows, run
@@ -19,7 +21,15 @@ from ..tiers.memo import ResultMemo
 from .calibrate import calibrate_plan
 from .session import Session, input_limit, warn_skipped
 
-CALIBRATION_ROWS = 150  # fewest rows a build-time bound is measured on (0 changes at 2 %, 95 %)
+CONFIDENCE = 0.95  # of the build's calibration bound
+
+
+def held_out_rows(n_rows: int, share: float, max_loss: float) -> int:
+    """How many of DATA's rows the build holds out to calibrate its default: ``share`` of them,
+    or none when they could not bound ``max_loss``. Half of the held rows verify the chosen
+    setting, so at least twice the rows a bound with no changed answer needs."""
+    n = int(round(share * n_rows))
+    return n if n >= 2 * rows_for(max_loss, CONFIDENCE) else 0
 
 
 def build(
@@ -51,8 +61,8 @@ def build(
     warn_skipped(ds.skipped + plan.skipped, not progress)
     require_rows(plan)
     held: list[int] = []
-    n_held = int(round(calibrate_share * len(plan.rows)))
-    if causal and calibrate_share > 0 and n_held >= CALIBRATION_ROWS:
+    n_held = held_out_rows(len(plan.rows), calibrate_share, max_loss) if causal else 0
+    if n_held:
         held = sorted({int(x) for x in np.linspace(0, len(plan.rows) - 1, n_held)})  # spread out
     keep = [r for r in range(len(plan.rows)) if r not in set(held)]
     seq_row: dict[int, int] = {}
@@ -72,7 +82,9 @@ def build(
                 model, tok, sub, cfg.batch_size if cfg else 8, progress=progress, desc="exact"
             )
             choices = sum(r.kind in ("choice1", "choiceN") and len(r.queries) > 1 for r in sub.rows)
-            rank_share = min(0.25, max(0.0, (len(sub.rows) - CALIBRATION_ROWS) / len(sub.rows)))
+            # rows that rank heads for templates come out of what the bound can spare
+            spare = len(sub.rows) - 2 * rows_for(max_loss, CONFIDENCE)
+            rank_share = min(0.25, max(0.0, spare / len(sub.rows)))
             templates = choices == len(sub.rows) and rank_share * len(sub.rows) >= 8
             calibrate_plan(
                 session,
@@ -80,7 +92,7 @@ def build(
                 exact,
                 f"{len(sub.rows)} rows of {data} held out of the build",
                 max_loss,
-                0.95,
+                CONFIDENCE,
                 cfg.batch_size if cfg else 8,
                 progress,
                 True,
@@ -92,10 +104,13 @@ def build(
             )
             return AttnCache.open(out)
     if calibrate_share > 0:
+        need = 2 * rows_for(max_loss, CONFIDENCE)
         why = (
             "encoders are not calibrated"
             if not causal
-            else f"{len(plan.rows)} rows are too few to hold out {CALIBRATION_ROWS} for a bound"
+            else f"{len(plan.rows)} rows are too few: a bound of {max_loss:g} needs "
+            f"{need} held-out rows, {calibrate_share:g} of {math.ceil(need / calibrate_share)}; "
+            "every row went into the DB"
         )
         cache.update_settings(
             policy={

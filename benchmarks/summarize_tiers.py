@@ -132,6 +132,19 @@ def buildtime() -> None:
 STAGES = ("recording maps", "pair labels", "projector", "exact", "calibration candidates")
 
 
+def search_columns(c: dict) -> list:
+    """A calibration result's rows, time, candidates, passes, choice, reuse and bound."""
+    return [
+        f"{c.get('selection_rows', c['n'])} / {c['n']}",
+        f(c["seconds"] / 60, 1, " min"),
+        c["candidates"],
+        f(c["passes"], 1),
+        c["policy"],
+        f(c["reuse_fraction"], 3),
+        f(c["disagreement_bound"], 3),
+    ]
+
+
 def calspeed() -> None:
     rows = []
     modes = ("search_presplit", "exhaustive_presplit", "search", "exhaustive")
@@ -143,12 +156,7 @@ def calspeed() -> None:
                     [
                         c["data"],
                         mode.replace("_presplit", ", bound on the choosing rows"),
-                        f"{c.get('selection_rows', c['n'])} / {c['n']}",
-                        f(c["seconds"] / 60, 1, " min"),
-                        c["candidates"],
-                        f(c["passes"], 1),
-                        c["policy"],
-                        f(c["reuse_fraction"], 3),
+                        *search_columns(c)[:-1],
                         f(c["agreement"], 3),
                         f(c["disagreement_bound"], 3),
                     ]
@@ -180,13 +188,7 @@ def calgoal() -> None:
             rows.append(
                 [
                     mode,
-                    f"{c['selection_rows']} / {c['n']}",
-                    f(c["seconds"] / 60, 1, " min"),
-                    c["candidates"],
-                    f(c["passes"], 1),
-                    c["policy"],
-                    f(c["reuse_fraction"], 3),
-                    f(c["disagreement_bound"], 3),
+                    *search_columns(c),
                 ]
             )
     fresh = load("calgoal_mmlu0_fresh.json")

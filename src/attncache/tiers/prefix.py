@@ -272,13 +272,13 @@ class PrefixTier:
         ]
         suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
         rows, sources = self._plan_rows(seqs, matches, in_row, keep_in_row, suffixes)
+        widths = [r.width(suffixes) for r in rows]
         self.stats.add(
             items_with_prefix=len(items),
             tokens_reused=sum(lens[i] for i in items) - sum(len(r.prefix) for r in rows),
-            tokens_run=sum(r.width(suffixes) for r in rows),
+            tokens_run=sum(widths),
         )
         got: dict[int, torch.Tensor] = {}
-        widths = [r.width(suffixes) for r in rows]
         for chunk in split_rows(widths, FORWARD_TOKENS):
             got.update(
                 self._forward_rows(

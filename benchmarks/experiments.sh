@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|memo|plain|peers|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|memo|plain|allhit|peers|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -239,6 +239,15 @@ fi
 if want plain; then
   # (issue 13) the plain path: sorting, matmul precision, bf16 weights (agreement measured)
   run python benchmarks/plain_path.py --data "sst2[436:500]" --compile --out $OUT/plain_path_sst2.json
+fi
+
+if want allhit; then
+  # (issue 13) the map mechanism where every input hits (the DB recorded from the timed rows): the
+  # batched workload pass (map tier only) against the per-item in-RAM bound at batch 1
+  [ -d runs/mmlu-allhit.db ] || run attncache build --data "mmlu[0:48]" --out runs/mmlu-allhit.db \
+      --no-calibrate --quiet
+  run attncache bench --db runs/mmlu-allhit.db --data "mmlu[0:48]" --policy all --batch-sizes 1,8,16 \
+      --no-eager --no-prefix-cache --json --quiet > $OUT/allhit_mmlu.json
 fi
 
 if want peers; then

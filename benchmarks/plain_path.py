@@ -8,6 +8,7 @@ batch size, interleaved, and measures agreement of each setting's predictions wi
 - ``matmul-medium``: ``torch.set_float32_matmul_precision("medium")`` (bf16 inner products where
   the CPU has them);
 - ``bf16``: bfloat16 weights;
+- ``sdpa-math``: SDPA's reference (math) kernel instead of the fused CPU kernel it picks;
 - ``compile``: ``torch.compile`` (inductor), compiled once before timing (``--compile``; slow to
   build).
 
@@ -17,12 +18,14 @@ batch size, interleaved, and measures agreement of each setting's predictions wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attncache.bench import interleaved, machine
 from attncache.inputs import collate
@@ -61,11 +64,13 @@ def main() -> None:
         print(f"compile warm-up {time.perf_counter() - t0:.1f} s", flush=True)
     exact = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
 
-    def timed(name: str, b: int, medium: bool = False):
+    def timed(name: str, b: int, medium: bool = False, math: bool = False):
         def fn(_i: int) -> dict:
             torch.set_float32_matmul_precision("medium" if medium else "highest")
+            kernel = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
             try:
-                return {"e2e": run(models[name], tok, plan, b, progress=False).seconds}
+                with kernel:
+                    return {"e2e": run(models[name], tok, plan, b, progress=False).seconds}
             finally:
                 torch.set_float32_matmul_precision("highest")
 
@@ -77,6 +82,7 @@ def main() -> None:
         variants[f"fp32-unsorted@{b}"] = lambda _i, b=b: {"e2e": unsorted_pass(base, tok, plan, b)}
         variants[f"matmul-medium@{b}"] = timed("fp32", b, medium=True)
         variants[f"bf16@{b}"] = timed("bf16", b)
+        variants[f"sdpa-math@{b}"] = timed("fp32", b, math=True)
         if a.compile:
             variants[f"compile@{b}"] = timed("compile", b)
     t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, a.repeats, 1).items()}
@@ -88,6 +94,9 @@ def main() -> None:
     got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
     torch.set_float32_matmul_precision("highest")
     agree["matmul-medium"] = sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
+    with sdpa_kernel(SDPBackend.MATH):
+        got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
+    agree["sdpa-math"] = sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
     agree["fp32-unsorted"] = 1.0
     best = {}
     for name in {k.split("@")[0] for k in t}:

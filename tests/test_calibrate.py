@@ -1,9 +1,12 @@
 """Calibration: the confidence bound, the sweep's exactness, and a calibrated bound holding on fresh
 data."""
 
+import contextlib
 import json
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from test_cli import cli
 
@@ -133,16 +136,13 @@ def test_each_candidate_bound_is_computed_once(monkeypatch):
     assert point.with_bound(0.9).bound == cal.binom_upper(3, 100, 0.9) < point.disagreement_upper95
 
 
-def test_change_counts_equal_mixing_then_comparing():
-    """The per-row state walk counts exactly what mixing at each threshold and comparing would."""
-    import numpy as np
+def _choice_plan(rng):
+    """30 synthetic choice rows of 1 to 3 continuation sequences, and a maker of outputs: random
+    log-probs per seed, the given lookup distances."""
+    from attncache.tasks import Plan, Query, RowPlan
 
-    from attncache.build.calibrate import change_counts
-    from attncache.tasks import Plan, Query, RowPlan, compare
-
-    rng = np.random.default_rng(3)
     rows, seqs = [], []
-    for r in range(30):  # choice rows of 1 to 3 continuation sequences each
+    for r in range(30):
         n = int(rng.integers(1, 4))
         ids = list(range(len(seqs), len(seqs) + n))
         seqs += [[1, r, j] for j in range(n)]
@@ -166,8 +166,18 @@ def test_change_counts_equal_mixing_then_comparing():
             list(dist) if dist is not None else [math.inf] * len(seqs),
         )
 
-    dist = rng.uniform(0, 1, len(seqs))
-    dist[rng.random(len(seqs)) < 0.2] = math.inf  # no compatible entry
+    return plan, out
+
+
+def test_change_counts_equal_mixing_then_comparing():
+    """The per-row state walk counts exactly what mixing at each threshold and comparing would."""
+    from attncache.build.calibrate import change_counts
+    from attncache.tasks import compare
+
+    rng = np.random.default_rng(3)
+    plan, out = _choice_plan(rng)
+    dist = rng.uniform(0, 1, len(plan.seqs))
+    dist[rng.random(len(plan.seqs)) < 0.2] = math.inf  # no compatible entry
     exact, base, cached = out(1), out(2), out(3, dist)
     ts = np.array([-1.0, 0.1, 0.3, 0.5, 0.9, 2.0])
     got = change_counts(plan, list(range(30)), exact, base, cached, ts)
@@ -175,6 +185,47 @@ def test_change_counts_equal_mixing_then_comparing():
         want = round((1 - compare(plan, exact, mix(base, cached, t)).agreement) * 30)
         assert n == want
     assert got[0] != got[-1]  # the thresholds matter in this example
+
+
+def test_verification_runs_nearest_first_and_stops_once_a_threshold_breaks():
+    """The chosen setting is verified on sequences nearest first; once the lowest threshold that
+    breaks the bound is final the pass stops, with the counts up to it those of a full pass."""
+    from attncache.build.calibrate import change_counts
+    from attncache.workflows.search import Search, Setting
+
+    rng = np.random.default_rng(5)
+    plan, out = _choice_plan(rng)
+    n = len(plan.seqs)
+    dist = rng.uniform(0, 1, n)
+    exact, base, full = out(1), out(2), out(3, dist)
+    search = Search.__new__(Search)  # only what verification reads
+    search.plan, search.exact, search.distances, search.batch_size = plan, exact, list(dist), 2
+    search.thresholds = np.array([-1.0, *sorted(dist)])
+    search.best = Setting(None, 0.9, 0.5, 0)
+    search.s = SimpleNamespace(
+        model=None, cache=SimpleNamespace(attach=lambda *a, **k: contextlib.nullcontext())
+    )
+    ran: list[int] = []
+
+    def run(_att, ids, into=None):
+        ran.extend(ids)
+        got = into if into is not None else RunOutput.empty(n)
+        for q in ids:
+            got.logprobs.update({(q, 1, t): full.logprobs[(q, 1, t)] for t in (7, 8)})
+            got.distance[q] = dist[q]
+        return got
+
+    search._run = run
+    rows = list(range(30))
+    every = change_counts(plan, rows, exact, base, full, search.thresholds, list(dist))
+    allowed = int(every[len(every) // 4])  # a bound the counts pass below and break later
+    breaks = [k for k, t in enumerate(search.thresholds) if t <= 0.9 and every[k] > allowed]
+    assert breaks, "the example must break the bound below the chosen threshold"
+    counts, _ = search._certify(rows, list(range(n)), base, lambda c: c <= allowed)
+    assert list(counts[: breaks[0] + 1]) == list(every[: breaks[0] + 1])
+    assert [dist[q] for q in ran] == sorted(dist[q] for q in ran)  # nearest first
+    assert len(ran) < sum(d <= 0.9 for d in dist)  # stopped before the chosen threshold
+    assert all(dist[q] <= 0.9 for q in ran)
 
 
 def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path):
@@ -226,6 +277,47 @@ def test_search_finds_the_exhaustive_choice_with_fewer_passes(tiny_hf, tmp_path)
         capped["search"].startswith("stopped at the time limit")
         and capped["disagreement_bound"] <= 0.2
     )
+
+
+def test_stored_setting_measures_what_eval_sees_on_the_verification_rows(tiny_hf, tmp_path):
+    """The bound is computed from a pass that runs the chosen policy only on sequences near enough
+    to hit: an eval of the stored default on the same verification rows agrees with it."""
+    model = tiny_hf("llama")
+    db = tmp_path / "db"
+    common = ["--model", model, "--quiet", "--max-tokens", "400"]  # no row skipped
+    cli("build", "--data", "sst2[0:40]", "--out", str(db), *common)
+    res = json.loads(
+        cli(
+            "calibrate",
+            "--db",
+            str(db),
+            "--data",
+            "sst2[40:120]",
+            "--max-loss",
+            "0.3",
+            "--json",
+            *common,
+        ).stdout
+    )
+    assert res["reuse_fraction"] > 0 and res["rank_rows"] == 20  # rows 40..59 rank heads
+    assert res["policy_layers"] and res["threshold"] < 1e9
+    got = json.loads(
+        cli(
+            "eval",
+            "--db",
+            str(db),
+            "--data",
+            "sst2[61:120:2]",  # the verification rows: every other row after the ranking rows
+            "--policy",
+            "default",
+            "--no-memo",
+            "--no-prefix-cache",  # maps replayed where the exact tier would take the prompt
+            "--json",
+            *common,
+        ).stdout
+    )
+    assert got["n"] == res["n"] and 0 < got["hit_rate"] < 1  # some sequences were not run
+    assert got["agreement"] == pytest.approx(res["agreement"])
 
 
 def test_build_calibrates_its_default_on_held_out_rows(tiny_hf, tmp_path):

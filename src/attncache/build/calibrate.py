@@ -173,11 +173,12 @@ def change_counts(
         want = row_prediction(r, exact)
         seqs = sorted(set(r.seqs), key=lambda s: dist_of[s])
         dists = np.array([dist_of[s] for s in seqs])
-        changed = np.array(
+        at = np.searchsorted(dists, thresholds, side="right")  # sequences inside, per threshold
+        changed = np.array(  # only the states some threshold takes (a sequence at infinity: none)
             [
                 row_prediction(r, _merged(r, set(seqs[:j]), base, cached)) != want
-                for j in range(len(seqs) + 1)
+                for j in range(int(at.max()) + 1)
             ]
         )
-        counts += changed[np.searchsorted(dists, thresholds, side="right")]
+        counts += changed[at]
     return counts

@@ -277,6 +277,45 @@ class Search:
                     f"{self.passes:.1f} passes"
                 )
 
+    def _certify(
+        self, rows: list[int], seq_ids: list[int], base: RunOutput, within
+    ) -> tuple[np.ndarray, RunOutput]:
+        """The best policy's change counts on ``rows`` per threshold, final up to the first
+        threshold (from the lowest) that breaks the bound, and its pass.
+
+        Only thresholds up to the chosen one are certified, so a sequence farther than it takes
+        ``base`` at each of them and never runs; nearer ones run nearest first, in chunks, and
+        the pass stops once the lowest threshold that breaks the bound is final (the rows not run
+        yet only enter above their distance)."""
+        best = self.best
+        near = sorted(
+            (q for q in seq_ids if self.distances[q] <= best.threshold),
+            key=self.distances.__getitem__,
+        )
+        size = max(8, 2 * self.batch_size)
+        out: RunOutput | None = None
+        ran: set[int] = set()
+        counts = np.zeros(len(self.thresholds), np.int64)
+        with self.s.cache.attach(self.s.model, best.policy, threshold=float("inf")) as att:
+            for i in range(0, max(1, len(near)), size):
+                chunk = near[i : i + size]
+                out = self._run(att, chunk, out)
+                ran.update(chunk)
+                dist = [d if q in ran else float("inf") for q, d in enumerate(self.distances)]
+                counts = change_counts(
+                    self.plan, rows, self.exact, base, out, self.thresholds, dist
+                )
+                frontier = self.distances[near[i + size]] if i + size < len(near) else np.inf
+                broken = [
+                    k
+                    for k, t in enumerate(self.thresholds)
+                    if t <= best.threshold and not within(int(counts[k]))
+                ]
+                if broken and self.thresholds[broken[0]] < frontier:
+                    break  # final: the certified thresholds end below it
+        assert out is not None
+        return counts, out
+
     # -- the bound, on rows that did not choose
     # -----------------------------------------------------------------
     def confirm(
@@ -293,24 +332,21 @@ class Search:
             return self.none, self.exact, 0
         seq_ids = self._seq_ids(rows)
 
-        def pass_of(policy: Policy, threshold: float) -> RunOutput:
+        def pass_of(policy: Policy, threshold: float, seqs: list[int]) -> RunOutput:
             with self.s.cache.attach(self.s.model, policy, threshold=threshold) as att:
-                return self._run(att, seq_ids)
+                return self._run(att, seqs)
 
         def within(changes: int) -> bool:
             return binom_upper(changes, len(rows), self.conf) <= self.max_loss
 
         if not best.policy.retrieves:
-            out = pass_of(best.policy, -1.0)
+            out = pass_of(best.policy, -1.0, seq_ids)
             changes = int(
                 change_counts(self.plan, rows, self.exact, out, out, self.thresholds[:1])[0]
             )
             return (best, out, changes) if within(changes) else (self.none, self.exact, 0)
-        base = self.exact if base_policy is None else pass_of(base_policy, -1.0)
-        out = pass_of(best.policy, float("inf"))
-        counts = change_counts(
-            self.plan, rows, self.exact, base, out, self.thresholds, self.distances
-        )
+        base = self.exact if base_policy is None else pass_of(base_policy, -1.0, seq_ids)
+        counts, out = self._certify(rows, seq_ids, base, within)
         reuse = self.reuse(best.policy)
         last = -1
         for k, threshold in enumerate(self.thresholds):

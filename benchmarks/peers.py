@@ -7,8 +7,8 @@ ctranslate2`` / ``pip install xllamacpp``, not project dependencies):
 - ``attncache``: the exact tiers (memo off, prefix tier on) at their best batch size;
 - ``ct2-float32`` / ``ct2-int8``: CTranslate2, next-token logits from ``generate_batch``
   (``return_logits_vocab``) for single-token choices, ``score_batch`` for continuations;
-- ``ct2-static``: int8 with ``static_prompt`` = the prefix each group of rows shares (CTranslate2's
-  own prefix reuse), batch 1 as its API requires;
+- ``ct2-static``: float32 and int8 with ``static_prompt`` = the prefix each group of rows shares
+  (CTranslate2's own prefix reuse), batch 1 as its API requires;
 - ``llamacpp``: llama.cpp (the ``xllamacpp`` wheel) on the built-in Q4_1 GGUF, its prompt cache on
   (each slot keeps the K/V of its last prompt), one request per row from as many threads as slots;
   single-token choices only (the server returns no log-probs of prompt tokens), scored from the
@@ -229,7 +229,7 @@ def main() -> None:
                         "agreement": float(np.mean(np.array(got) == np.array(exact))),
                     }
                 )
-            if "ct2-static" in engines and quant == "int8":
+            if "ct2-static" in engines:
                 # a fresh generator per pass (loaded outside the timer): CTranslate2 keeps each
                 # static prompt's state between calls, so a kept one would start later passes warm
                 times = []

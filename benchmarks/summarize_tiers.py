@@ -328,7 +328,9 @@ def peers() -> None:
         cold = load(f"peers_{key}_cold.json")  # engines rerun with every pass starting empty
         if p and cold:
             again = {e["engine"]: e for e in cold["engines"] if e["engine"] != "hf fp32 sdpa"}
+            known = {e["engine"] for e in p["engines"]}
             p["engines"] = [again.get(e["engine"], e) for e in p["engines"]]
+            p["engines"] += [e for name, e in again.items() if name not in known]
         if p:
             rows = [
                 [

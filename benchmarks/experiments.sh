@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|memo|plain|allhit|peers|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|mmlu100|memo|plain|allhit|peers|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -228,6 +228,15 @@ if want batchscale; then
   run attncache eval --db runs/sst2-cal-default.db --data "sst2[436:]" --policy default --policy all --no-memo --json --quiet > $OUT/batchscale_sst2_db_eval.json
 fi
 
+if want mmlu100; then
+  # (issue 13) MMLU 5-shot on 100 rows in dataset order: more rows per subject than 30 rows have (11
+  # subjects; a 5.0x token bound, the whole validation set's is 5.9x, 30 rows' 4.0x)
+  run attncache bench --model smollm2-135m --data "mmlu:5shot[0:100]" --no-per-item --pass-repeats 3 \
+      --batch-sizes 4,8 --json --quiet > $OUT/batchscale_mmlu5_100_bench.json
+  run attncache eval --model smollm2-135m --data "mmlu:5shot[0:100]" --no-memo --json --quiet \
+      > $OUT/batchscale_mmlu5_100_eval.json
+fi
+
 if want memo; then
   # (issue 13) the memo across runs: the same eval twice on a DB, the second answered from it
   rm -rf runs/memo.db && cp -r runs/sst2-cal-default.db runs/memo.db
@@ -254,6 +263,11 @@ if want peers; then
   # (issue 13) CTranslate2 on the same token ids (pip install ctranslate2: not a project dependency)
   run python benchmarks/peers.py --data "sst2[436:500]" --out $OUT/peers_sst2.json
   run python benchmarks/peers.py --data "mmlu:5shot[0:30]" --batch-sizes 1,8,16 --out $OUT/peers_mmlu5.json
+  # the engines that keep state between calls, every pass starting empty (summarize_tiers takes these)
+  run python benchmarks/peers.py --data "sst2[436:500]" --batch-sizes 16 --engines ct2-static,llamacpp-on \
+      --out $OUT/peers_sst2_cold.json
+  run python benchmarks/peers.py --data "mmlu:5shot[0:30]" --batch-sizes 16 --engines ct2-static,llamacpp-on \
+      --out $OUT/peers_mmlu5_cold.json
 fi
 
 if want calspeed; then

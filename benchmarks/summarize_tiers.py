@@ -224,6 +224,7 @@ def calgoal() -> None:
 
 JOBS = (
     ("mmlu5", "MMLU 5-shot, dataset order (mmlu:5shot[0:30])"),
+    ("mmlu5_100", "MMLU 5-shot, dataset order (mmlu:5shot[0:100])"),
     ("sst2_4shot", "SST-2 4-shot (sst2:4shot[0:64])"),
     ("arc5", "ARC-Easy 5-shot (arc_easy:5shot[0:40])"),
     ("hellaswag", "HellaSwag (hellaswag[0:40])"),

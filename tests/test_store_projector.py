@@ -166,6 +166,27 @@ def test_apply_maps_grouped_heads_matches_loop():
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_half_maps_multiply_in_either_precision(monkeypatch, dtype):
+    """fp16 maps with fp32 values: whichever precision the device probe picks, A @ V (all heads
+    or some) matches the fp32 product, and comes back in the values' dtype."""
+    from attncache.runtime import kernels
+
+    assert kernels.product_dtype(torch.float16, torch.float32, "cpu") in (
+        torch.float16,
+        torch.float32,
+    )
+    monkeypatch.setattr(kernels, "product_dtype", lambda *_: dtype)
+    torch.manual_seed(0)
+    A = torch.softmax(torch.randn(6, 5, 5), -1)
+    v = torch.randn(2, 5, 4)
+    ref = torch.stack([A.half().float()[h] @ v[h // 3] for h in range(6)])
+    out = apply_maps(A.half(), v, group=3)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-2)
+    some = kernels.apply_head_maps(A.half()[[1, 4]], v, torch.tensor([0, 1]))
+    assert some.dtype == torch.float32 and torch.allclose(some, ref[[1, 4]], atol=1e-2)
+
+
 @pytest.mark.parametrize("approx", [False, True])
 def test_index_search(approx):
     rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@ Pure tensor functions; every index tensor is made on the device of the data it i
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 
 import torch
@@ -23,9 +24,8 @@ def apply_maps(maps: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
     hkv, _, d = v.shape
     assert hq == hkv * group and v.shape[1] == lk, (maps.shape, v.shape, group)
     if v.dtype != maps.dtype:
-        # Run A @ V in the stored precision: reading fp16 maps as they are is several times faster
-        # than converting them (a full-size copy per layer); V is small.
-        return apply_maps(maps, v.to(maps.dtype), group).to(v.dtype)
+        dtype = product_dtype(maps.dtype, v.dtype, v.device.type)
+        return apply_maps(maps.to(dtype), v.to(dtype), group).to(v.dtype)
     if group == 1:
         return torch.bmm(maps, v)
     if maps.is_contiguous():
@@ -39,8 +39,34 @@ def apply_head_maps(maps: torch.Tensor, v: torch.Tensor, kv_of_head: torch.Tenso
     d]."""
     vs = v.index_select(0, kv_of_head)
     if vs.dtype != maps.dtype:
-        return torch.bmm(maps, vs.to(maps.dtype)).to(v.dtype)
+        dtype = product_dtype(maps.dtype, v.dtype, v.device.type)
+        return torch.bmm(maps.to(dtype), vs.to(dtype)).to(v.dtype)
     return torch.bmm(maps, vs)
+
+
+@functools.lru_cache(maxsize=16)
+def product_dtype(stored: torch.dtype, compute: torch.dtype, device: str) -> torch.dtype:
+    """The precision ``A @ V`` runs in for maps stored as ``stored`` and values in ``compute``.
+
+    Multiplying the stored maps as they are saves a full-size copy per layer, but only where the
+    device multiplies that precision natively: GPUs, and CPUs with half-precision matrix units
+    (AVX512-FP16, AMX). Elsewhere (measured: AMD EPYC with AVX-512 but no FP16 arithmetic) an
+    fp16 product is several times slower than converting the maps first. So on CPU both are
+    timed once per process on a typical shape and the faster one is kept."""
+    if stored == compute or device != "cpu":
+        return stored
+    maps, v = torch.rand(3, 3 * 128, 128).to(stored), torch.rand(3, 128, 64)
+
+    def seconds(fn) -> float:
+        fn()  # first call: allocation, kernel selection
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        return time.perf_counter() - t0
+
+    native = seconds(lambda: torch.bmm(maps, v.to(stored)))
+    converted = seconds(lambda: torch.bmm(maps.to(compute), v))
+    return stored if native <= converted else compute
 
 
 @functools.lru_cache(maxsize=256)

@@ -251,6 +251,8 @@ if want plain; then
 fi
 
 if want allhit; then
+  # (issue 13) first, how this CPU multiplies A @ V per precision (fp16 maps: as stored, or converted)
+  run python benchmarks/half_products.py --out $OUT/half_products.json
   # (issue 13) the map mechanism where every input hits (the DB recorded from the timed rows): the
   # batched workload pass (map tier only) against the per-item in-RAM bound at batch 1
   [ -d runs/mmlu-allhit.db ] || run attncache build --data "mmlu[0:48]" --out runs/mmlu-allhit.db \

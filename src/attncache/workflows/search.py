@@ -20,6 +20,7 @@ candidates are taken best-first and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,7 +279,7 @@ class Search:
                 )
 
     def _certify(
-        self, rows: list[int], seq_ids: list[int], base: RunOutput, within
+        self, rows: list[int], seq_ids: list[int], base: RunOutput, within: Callable[[int], bool]
     ) -> tuple[np.ndarray, RunOutput]:
         """The best policy's change counts on ``rows`` per threshold, final up to the first
         threshold (from the lowest) that breaks the bound, and its pass.

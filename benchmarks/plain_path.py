@@ -86,17 +86,21 @@ def main() -> None:
         if a.compile:
             variants[f"compile@{b}"] = timed("compile", b)
     t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, a.repeats, 1).items()}
+
+    def agreement(got: list[int]) -> float:
+        return sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
+
     agree = {}
     for name, model in models.items():
         got = predictions(plan, run(model, tok, plan, max(sizes), progress=False))
-        agree[name] = sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
+        agree[name] = agreement(got)
     torch.set_float32_matmul_precision("medium")
     got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
     torch.set_float32_matmul_precision("highest")
-    agree["matmul-medium"] = sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
+    agree["matmul-medium"] = agreement(got)
     with sdpa_kernel(SDPBackend.MATH):
         got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
-    agree["sdpa-math"] = sum(x == y for x, y in zip(got, exact, strict=True)) / len(exact)
+    agree["sdpa-math"] = agreement(got)
     agree["fp32-unsorted"] = 1.0
     best = {}
     for name in {k.split("@")[0] for k in t}:

@@ -286,36 +286,14 @@ def test_stored_setting_measures_what_eval_sees_on_the_verification_rows(tiny_hf
     db = tmp_path / "db"
     common = ["--model", model, "--quiet", "--max-tokens", "400"]  # no row skipped
     cli("build", "--data", "sst2[0:40]", "--out", str(db), *common)
-    res = json.loads(
-        cli(
-            "calibrate",
-            "--db",
-            str(db),
-            "--data",
-            "sst2[40:120]",
-            "--max-loss",
-            "0.3",
-            "--json",
-            *common,
-        ).stdout
-    )
+    calibrate = ["calibrate", "--db", str(db), "--data", "sst2[40:120]", "--max-loss", "0.3"]
+    res = json.loads(cli(*calibrate, "--json", *common).stdout)
     assert res["reuse_fraction"] > 0 and res["rank_rows"] == 20  # rows 40..59 rank heads
     assert res["policy_layers"] and res["threshold"] < 1e9
-    got = json.loads(
-        cli(
-            "eval",
-            "--db",
-            str(db),
-            "--data",
-            "sst2[61:120:2]",  # the verification rows: every other row after the ranking rows
-            "--policy",
-            "default",
-            "--no-memo",
-            "--no-prefix-cache",  # maps replayed where the exact tier would take the prompt
-            "--json",
-            *common,
-        ).stdout
-    )
+    # the verification rows (every other row after the ranking rows), maps only: the exact prefix
+    # tier would take the shared prompt instead
+    verify = ["eval", "--db", str(db), "--data", "sst2[61:120:2]", "--policy", "default"]
+    got = json.loads(cli(*verify, "--no-memo", "--no-prefix-cache", "--json", *common).stdout)
     assert got["n"] == res["n"] and 0 < got["hit_rate"] < 1  # some sequences were not run
     assert got["agreement"] == pytest.approx(res["agreement"])
 

@@ -232,7 +232,7 @@ if want mmlu100; then
   # (issue 13) MMLU 5-shot on 100 rows in dataset order: more rows per subject than 30 rows have (11
   # subjects; a 5.0x token bound, the whole validation set's is 5.9x, 30 rows' 4.0x)
   run attncache bench --model smollm2-135m --data "mmlu:5shot[0:100]" --limit 1000 --no-per-item --pass-repeats 3 \
-      --batch-sizes 4,8 --json --quiet > $OUT/batchscale_mmlu5_100_bench.json
+      --batch-sizes 4,8,16 --json --quiet > $OUT/batchscale_mmlu5_100_bench.json
   run attncache eval --model smollm2-135m --data "mmlu:5shot[0:100]" --no-memo --json --quiet \
       > $OUT/batchscale_mmlu5_100_eval.json
 fi

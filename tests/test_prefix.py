@@ -426,3 +426,52 @@ def test_rows_of_very_different_widths_run_as_separate_forwards():
     chunks = split_rows([20, 300, 22, 310], 48)  # two narrow, two wide rows
     assert sorted(map(sorted, chunks)) == [[0, 2], [1, 3]]
     assert sorted(r for c in split_rows([5, 9, 200, 7, 80], 16) for r in c) == [0, 1, 2, 3, 4]
+
+
+def _distinct_prefixes(seqs):
+    """Tokens a perfect prefix cache computes: one per distinct prefix of the inputs."""
+    return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+
+
+@pytest.mark.parametrize("keep_kv", [True, False])
+def test_an_input_that_reads_a_short_prefix_extends_the_tree_for_a_later_batch(keep_kv):
+    # A header in the tree; then one input opening a long shared prompt that only the next batch
+    # continues: with ``insert`` its own K/V go in behind the header, so the next batch reuses the
+    # whole prompt instead of computing it again.
+    model = tiny_model("llama")
+    header, prompt = random_seqs(2, lo=10, hi=10, seed=60)
+    head, first, later = random_seqs(3, lo=6, hi=6, seed=61)
+    batches = [
+        [header + head],
+        [header + prompt + first],
+        [header + prompt + later, header + prompt + first[:2] + later],
+    ]
+    runner = PrefixTier(model, min_prefix=8)
+    runner.run(batches[0], 1, 0, insert=[True])
+    runner.run(batches[1], 1, 0, insert=[keep_kv])
+    held = runner.tree.match(batches[1][0], len(batches[1][0])).length
+    assert held == (len(batches[1][0]) if keep_kv else len(header))
+    got = runner.run(batches[2], 1, 0, insert=[False, False]).logits
+    for ref, g in zip(exact_logits(model, batches[2], 1), got, strict=True):
+        assert (ref - g).abs().max() < 1e-4
+    seqs = [s for b in batches for s in b]
+    if keep_kv:
+        assert runner.stats.tokens_run == _distinct_prefixes(seqs)
+    else:  # the prompt ran again for the later batch
+        assert runner.stats.tokens_run >= _distinct_prefixes(seqs) + len(prompt)
+
+
+def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
+    # The tree holds a prompt; the next batch's inputs share it and two more tokens. Computing
+    # those 2 tokens in each of 3 suffixes is cheaper than the 32-token prefix again.
+    model = tiny_model("qwen2")
+    prompt = random_seqs(1, lo=30, hi=30, seed=62)[0]
+    tails = random_seqs(3, lo=4, hi=7, seed=63)
+    runner = PrefixTier(model, min_prefix=8)
+    runner.run([prompt + [3]], 1, 0, insert=[True])
+    batch = [prompt + [7, 7] + t for t in tails]
+    got = runner.run(batch, 1, 0).logits
+    for ref, g in zip(exact_logits(model, batch, 1), got, strict=True):
+        assert (ref - g).abs().max() < 1e-4
+    assert runner.stats.tokens_reused == 3 * len(prompt)
+    assert runner.stats.tokens_run == len(prompt) + 1 + sum(len(t) + 2 for t in tails)

@@ -38,6 +38,7 @@ class Packed:
     keep: torch.Tensor  # every row's needed positions at once (``logits_to_keep`` for all rows)
     picks: dict[int, tuple[int, list[int]]]  # input -> (row, indices into ``keep``), oldest first
     prefix_at: dict[int, int]  # row -> start of its in-row prefix in the new region
+    suffix_at: dict[int, int]  # input -> start of its suffix in its row's new region
 
 
 def pack(
@@ -61,6 +62,7 @@ def pack(
     allowed[:, diag, past_width + diag] = True  # padding attends to itself: no empty softmax row
     ends: dict[int, tuple[int, int]] = {}
     prefix_at: dict[int, int] = {}
+    suffix_at: dict[int, int] = {}
     for r, row in enumerate(rows):
         start = width - row.width(suffixes)
         p = row.past + len(row.prefix)  # where every suffix's positions start
@@ -84,6 +86,7 @@ def pack(
             own = slice(past_width + start, past_width + start + n)
             allowed[r, seg, own] = _causal(n)
             ends[i] = (r, start + n)
+            suffix_at[i] = start
             start += n
     mask = torch.zeros(allowed.shape, dtype=dtype, device=cpu)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -99,6 +102,7 @@ def pack(
         torch.tensor(wanted, device=device),
         picks,
         prefix_at,
+        suffix_at,
     )
 
 

@@ -8,11 +8,13 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
    may reuse all of its prefix but the positions whose logits it needs (``needs``);
 2. a group whose prefix is not cached and fits in one row runs as that row: the prefix, then every
    member's suffix (``packing.py``: a block mask, position ids restarting after the prefix); a wider
-   group's prefix is computed first, once, into a radix tree (``radix.py``);
+   group's prefix is computed first, once, into a radix tree (``radix.py``), unless the tree
+   already holds all but a few of its tokens (then those few run in every suffix);
 3. every input whose prefix the tree holds (from this batch or an earlier one) runs its suffix over
    the cached K/V, packed per prefix; these rows and the one-row groups share a forward (or a few,
    when their widths differ enough that padding would cost more than a forward), and logits are
-   computed only at the positions each input needs;
+   computed only at the positions each input needs; an input that a later one shares more with
+   adds its own K/V to the tree behind the prefix it read;
 4. the inputs without a usable prefix run together as usual, with the map cache (``maps``) applying
    to them, and insert their K/V when a later input may share it.
 
@@ -151,8 +153,18 @@ class PrefixTier:
                 self.longest_shared = max(self.longest_shared, shared)
                 if shared < self.min_prefix:
                     continue
+                held = self.tree.match(seqs[members[0]], shared).length
+                if (
+                    held < shared
+                    and held >= self.min_prefix
+                    and len(members) * (shared - held) < shared
+                ):
+                    # the tree holds all but a few of the group's tokens (a group split across
+                    # batches, whose new members happen to share a little more): take what it
+                    # holds and run those few tokens in every suffix, not the prefix again
+                    shared = held
                 prefix = tuple(seqs[members[0]][:shared])
-                cached = self.tree.match(list(prefix), shared).length == shared
+                cached = held >= shared
                 width = shared + sum(len(seqs[i]) - shared for i in members)
                 if not cached and self.pack and width <= IN_ROW_TOKENS:
                     in_row.append((members, shared))  # one row: prefix, members' suffixes
@@ -190,8 +202,16 @@ class PrefixTier:
             self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
             if grouped or any(m is not None for m in matches):
                 keep_in_row = [insert is None or any(insert[i] for i in g) for g, _ in in_row]
+                # inputs that matched less than a later input shares with them keep their own
+                # K/V: the tree then holds that longer prefix (one that only shares a header with
+                # the tree now, say, and opens a group continued in the next batch)
+                extend = {
+                    i
+                    for i, m in enumerate(matches)
+                    if m is not None and not self.idle and (insert is None or insert[i])
+                }
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
-                    got = self._run_rows(seqs, matches, in_row, keep_in_row, needs, pad_id)
+                    got = self._run_rows(seqs, matches, in_row, keep_in_row, needs, pad_id, extend)
                 for i, logits in got.items():
                     out[i] = torch.nn.functional.pad(logits, (0, 0, keep - len(logits), 0))
                 for g, p in in_row:
@@ -259,10 +279,12 @@ class PrefixTier:
         keep_in_row: list[bool],
         needs: list[int],
         pad_id: int,
+        extend: set[int],
     ) -> dict[int, torch.Tensor]:
         """Every input with a prefix (cached, or computed in its group's row) in one forward, or
         a few when rows of very different widths would pad much; per input its last ``needs[i]``
-        logits ``[needs[i], V]``."""
+        logits ``[needs[i], V]``. Inputs in ``extend`` that read a cached prefix add their own
+        K/V to the tree behind it."""
         lens = [m.length if m is not None else 0 for m in matches]
         for g, p in in_row:
             for i in g:
@@ -284,9 +306,11 @@ class PrefixTier:
                 self._forward_rows(
                     [rows[r] for r in chunk],
                     [sources[r] for r in chunk],
+                    seqs,
                     suffixes,
                     needs,
                     pad_id,
+                    extend,
                 )
             )
         return got
@@ -295,11 +319,14 @@ class PrefixTier:
         self,
         rows: list[Row],
         sources: list[Match | None],
+        seqs: list[list[int]],
         suffixes: list[list[int]],
         needs: list[int],
         pad_id: int,
+        extend: set[int],
     ) -> dict[int, torch.Tensor]:
-        """One forward over ``rows``; inserts the in-row prefixes of rows marked ``insert``."""
+        """One forward over ``rows``; inserts the in-row prefixes of rows marked ``insert`` and
+        the inputs in ``extend`` that read a cached prefix (behind that prefix)."""
         past_width = max(r.past for r in rows)
         dtype = next(self.model.parameters()).dtype
         packed = pack(rows, suffixes, needs, past_width, pad_id, self.device, dtype)
@@ -311,6 +338,7 @@ class PrefixTier:
             kvs = [m.kv() if m is not None else None for m in sources]
             kw[CACHE_KW] = stacked_cache(kvs, past_width, same, self.model.config)
         insert_rows = [r for r in sorted(packed.prefix_at) if rows[r].insert]
+        grown = [(r, i) for r, row in enumerate(rows) if row.past for i in row.items if i in extend]
         args = {
             "input_ids": packed.ids,
             "attention_mask": packed.mask,
@@ -332,16 +360,15 @@ class PrefixTier:
         else:  # logits at the union of every row's positions, then each input's picked
             res = self.model(**args, logits_to_keep=packed.keep)
             got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
-        if insert_rows:
+        if insert_rows or grown:
             t0 = time.perf_counter()
             cache = output_cache(res)
             for r in insert_rows:
-                at, n = past_width + packed.prefix_at[r], len(rows[r].prefix)
-                kv = [
-                    torch.stack([la.keys[r, :, at : at + n], la.values[r, :, at : at + n]])
-                    for la in cache.layers
-                ]
-                self.tree.insert(rows[r].prefix, torch.stack(kv))
+                kv = _span(cache, r, past_width + packed.prefix_at[r], len(rows[r].prefix))
+                self.tree.insert(rows[r].prefix, kv)
+            for r, i in grown:
+                kv = _span(cache, r, past_width + packed.suffix_at[i], len(suffixes[i]))
+                self.tree.insert(seqs[i], kv, start=rows[r].past)
             self.stats.add(insert_s=time.perf_counter() - t0)
         return got
 
@@ -395,3 +422,13 @@ class PrefixTier:
                 rows.append(torch.stack([k[r, :, width - len(s) :], v[r, :, width - len(s) :]]))
             self.tree.insert(s, torch.stack(rows))
         self.stats.add(insert_s=time.perf_counter() - t0)
+
+
+def _span(cache, row: int, at: int, n: int) -> torch.Tensor:
+    """K/V of ``n`` positions of one row of a forward's cache: ``[n_layers, 2, H_kv, n, d]``."""
+    return torch.stack(
+        [
+            torch.stack([la.keys[row, :, at : at + n], la.values[row, :, at : at + n]])
+            for la in cache.layers
+        ]
+    )

@@ -392,7 +392,8 @@ def test_an_in_row_prefix_enters_the_tree_only_when_a_later_input_needs_it(keep_
     prompt = random_seqs(1, lo=16, hi=16, seed=104)[0]
     batch = [prompt + [3, 4], prompt + [5]]
     runner = PrefixTier(model, min_prefix=8)
-    runner.run(batch, 1, 0, insert=[keep_kv, keep_kv])
+    shared = len(prompt) if keep_kv else 0  # what a later input shares with the batch's inputs
+    runner.run(batch, 1, 0, insert=[shared, shared])
     held = runner.tree.match(prompt, len(prompt)).length
     assert held == (len(prompt) if keep_kv else 0)
     if keep_kv:  # and a later input over it is exact
@@ -447,13 +448,17 @@ def test_an_input_that_reads_a_short_prefix_extends_the_tree_for_a_later_batch(k
         [header + prompt + later, header + prompt + first[:2] + later],
     ]
     runner = PrefixTier(model, min_prefix=8)
-    runner.run(batches[0], 1, 0, insert=[True])
-    runner.run(batches[1], 1, 0, insert=[keep_kv])
+    runner.run(batches[0], 1, 0, insert=[len(header)])
+    runner.run(batches[1], 1, 0, insert=[len(header + prompt) if keep_kv else 0])
     held = runner.tree.match(batches[1][0], len(batches[1][0])).length
     assert held == (len(batches[1][0]) if keep_kv else len(header))
-    got = runner.run(batches[2], 1, 0, insert=[False, False]).logits
+    # a later input would share the prompt, which these inputs read whole: nothing more to keep
+    shared = len(header + prompt)
+    got = runner.run(batches[2], 1, 0, insert=[shared, shared]).logits
     for ref, g in zip(exact_logits(model, batches[2], 1), got, strict=True):
         assert (ref - g).abs().max() < 1e-4
+    if keep_kv:  # the first read the prompt from the tree and added nothing behind it
+        assert runner.tree.match(batches[2][0], len(batches[2][0])).length == shared
     seqs = [s for b in batches for s in b]
     if keep_kv:
         assert runner.stats.tokens_run == _distinct_prefixes(seqs)
@@ -468,7 +473,7 @@ def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
     prompt = random_seqs(1, lo=30, hi=30, seed=62)[0]
     tails = random_seqs(3, lo=4, hi=7, seed=63)
     runner = PrefixTier(model, min_prefix=8)
-    runner.run([prompt + [3]], 1, 0, insert=[True])
+    runner.run([prompt + [3]], 1, 0, insert=[len(prompt)])
     batch = [prompt + [7, 7] + t for t in tails]
     got = runner.run(batch, 1, 0).logits
     for ref, g in zip(exact_logits(model, batch, 1), got, strict=True):

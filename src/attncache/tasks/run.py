@@ -113,7 +113,7 @@ def run(
             out.memo_hit[i] = True
         todo = [i for i in todo if i not in answered]
     lengths = [len(plan.seqs[i]) for i in todo]
-    insert: dict[int, bool] | None = None
+    insert: dict[int, int] | None = None  # per input: leading tokens a later batch shares
     if plan.causal and prefix is not None and not prefix.idle and lookahead:
         seqs_todo = [plan.seqs[i] for i in todo]
         groups = prefix_groups(seqs_todo, prefix.min_prefix)
@@ -132,7 +132,8 @@ def run(
             batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
             for g in groups:
                 spans = len({batch_of[todo[j]] for j in g}) > 1
-                insert.update({todo[j]: spans for j in g})
+                shared = _reusable(seqs_todo, g, [need[todo[j]] for j in g]) if spans else 0
+                insert.update({todo[j]: shared for j in g})
     else:
         batches = list(length_batches(lengths, batch_size))
     seconds = time.perf_counter() - t_start

@@ -128,16 +128,17 @@ class PrefixTier:
         keep: int,
         pad_id: int,
         maps=None,
-        insert: list[bool] | None = None,
+        insert: list[int] | None = None,
         needs: list[int] | None = None,
     ) -> TierOutput:
         """Logits ``[B, keep, V]`` and per item what happened. ``maps``: an attached map cache.
 
         ``needs``: per item, how many of its last positions' logits the caller reads (default
         ``keep`` for all); the rest of its last ``keep`` positions may come back as zeros, and
-        everything before its needed positions may be reused. ``insert``: per item, whether its
-        K/V may help a later input (a caller that sees the whole workload knows; None: keep every
-        input computed whole, until the tier goes idle)."""
+        everything before its needed positions may be reused. ``insert``: per item, how many of its
+        leading tokens a later input shares (0: none), from a caller that sees the whole workload;
+        the tier keeps the K/V a later input can use. None: unknown, keep what is computed (until
+        the tier goes idle)."""
         count = len(seqs)
         needs = [keep] * count if needs is None else [min(n, keep) for n in needs]
         self.stats.add(items=count, tokens_total=sum(len(s) for s in seqs))
@@ -198,17 +199,17 @@ class PrefixTier:
         tokens = [m.length if m is not None else 0 for m in matches]
         try:
             fresh = [i for i, m in enumerate(matches) if m is None and i not in grouped]
-            keep_kv = {i for i in fresh if insert is None or insert[i]}
+            keep_kv = {i for i in fresh if insert is None or insert[i] > 0}
             self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
             if grouped or any(m is not None for m in matches):
-                keep_in_row = [insert is None or any(insert[i] for i in g) for g, _ in in_row]
-                # inputs that matched less than a later input shares with them keep their own
-                # K/V: the tree then holds that longer prefix (one that only shares a header with
-                # the tree now, say, and opens a group continued in the next batch)
+                keep_in_row = [insert is None or any(insert[i] > 0 for i in g) for g, _ in in_row]
+                # an input that read less of the tree than a later input shares with it keeps its
+                # own K/V, so the tree holds that longer prefix next time (one that matched only a
+                # header, say, and opens a group the next batch continues)
                 extend = {
                     i
                     for i, m in enumerate(matches)
-                    if m is not None and not self.idle and (insert is None or insert[i])
+                    if m is not None and not self.idle and (insert is None or m.length < insert[i])
                 }
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
                     got = self._run_rows(seqs, matches, in_row, keep_in_row, needs, pad_id, extend)

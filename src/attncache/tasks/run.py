@@ -114,26 +114,25 @@ def run(
         todo = [i for i in todo if i not in answered]
     lengths = [len(plan.seqs[i]) for i in todo]
     insert: dict[int, int] | None = None  # per input: leading tokens a later batch shares
+    seqs_todo = [plan.seqs[i] for i in todo]
+    groups: list[list[int]] | None = None
     if plan.causal and prefix is not None and not prefix.idle and lookahead:
-        seqs_todo = [plan.seqs[i] for i in todo]
         groups = prefix_groups(seqs_todo, prefix.min_prefix)
-        saved = sum(
-            (len(g) - 1) * _reusable(seqs_todo, g, [need[todo[j]] for j in g])
-            for g in groups
-            if len(g) > 1
-        )
+        reusable = [
+            _reusable(seqs_todo, g, [need[todo[j]] for j in g]) if len(g) > 1 else 0 for g in groups
+        ]
+        saved = sum((len(g) - 1) * r for g, r in zip(groups, reusable, strict=True))
         if prefix.empty and saved < MIN_SAVED_SHARE * sum(lengths):
             prefix = None  # too little shared: the tier would cost more than it saves
         else:
             insert = {}  # filled once the batches are known
     if prefix is not None and not prefix.idle:
-        batches = prefix_batches([plan.seqs[i] for i in todo], batch_size, prefix.min_prefix)
-        if insert is not None:  # K/V worth keeping: an input of a later batch shares it
+        batches = prefix_batches(seqs_todo, batch_size, prefix.min_prefix, groups)
+        if insert is not None and groups is not None:  # K/V a later batch's input shares
             batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
-            for g in groups:
+            for g, r in zip(groups, reusable, strict=True):
                 spans = len({batch_of[todo[j]] for j in g}) > 1
-                shared = _reusable(seqs_todo, g, [need[todo[j]] for j in g]) if spans else 0
-                insert.update({todo[j]: shared for j in g})
+                insert.update({todo[j]: r if spans else 0 for j in g})
     else:
         batches = list(length_batches(lengths, batch_size))
     seconds = time.perf_counter() - t_start

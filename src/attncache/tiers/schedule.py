@@ -60,11 +60,14 @@ def shared_prefix(seqs: Sequence[Sequence[int]], members: list[int]) -> int:
 
 
 def prefix_batches(
-    seqs: Sequence[Sequence[int]], batch_size: int, min_prefix: int
+    seqs: Sequence[Sequence[int]],
+    batch_size: int,
+    min_prefix: int,
+    groups: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """Batches of indices: groups sharing a prefix first (smaller groups first, each by length),
-    then the rest by length."""
-    groups = prefix_groups(seqs, min_prefix)
+    then the rest by length. ``groups``: ``prefix_groups(seqs, min_prefix)`` if already known."""
+    groups = prefix_groups(seqs, min_prefix) if groups is None else groups
     shared = [sorted(g, key=lambda i: len(seqs[i])) for g in groups if len(g) > 1]
     # groups of similar size side by side: a one-row group's row is as wide as the group, so this
     # keeps the rows of a forward alike (little padding)

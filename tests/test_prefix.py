@@ -296,6 +296,30 @@ def test_schedule_groups_shared_prefixes_first():
     assert prefix_batches([[1, 2], [3, 4, 5]], 8, 8) == [[0, 1]]  # nothing shared: by length
 
 
+def test_batches_are_sized_by_the_tokens_the_tier_runs():
+    """Given what each group reuses, a batch holds as many inputs as run the tokens of
+    ``batch_size`` average inputs (a prompt's short suffixes go many to a batch), capped."""
+    from attncache.tiers.schedule import MAX_INPUTS_FACTOR, prefix_batches, prefix_groups
+
+    prompt = list(range(100, 160))  # 60 shared tokens, then a 2-token suffix each
+    group = [prompt + [k, k + 1] for k in range(0, 60, 2)]
+    for loner, sizes in ((62, [16, 16]), (200, [16, 15, 1])):
+        seqs = group + [[7] * loner, [8] * loner]
+        groups = prefix_groups(seqs, 8)
+        reusable = [60 if len(g) > 1 else 0 for g in groups]
+        batches = prefix_batches(seqs, 4, 8, groups, reusable)
+        assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
+        # the prompt once and 15 suffixes (92 tokens) fill the first batch to its cap of 16
+        # inputs; short loners join the rest of the group, long ones break the token budget
+        assert [len(b) for b in batches] == sizes and sizes[0] == MAX_INPUTS_FACTOR * 4
+        budget = 4 * sum(map(len, seqs)) / len(seqs)
+        for b in batches:  # within the budget, or a single input
+            run = sum(len(seqs[i]) - (60 if i < 30 and i != batches[0][0] else 0) for i in b)
+            assert run <= budget or len(b) == 1
+        # without what is reused, batches are counted in inputs, as before
+        assert [len(b) for b in prefix_batches(seqs, 4, 8, groups)] == [4] * 8
+
+
 def test_workload_without_shared_prefixes_skips_the_tier():
     """A workload in which nothing is shared never builds a K/V cache: the plain model runs."""
     from attncache.tasks import Plan, Query, RowPlan, run

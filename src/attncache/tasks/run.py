@@ -116,6 +116,7 @@ def run(
     insert: dict[int, int] | None = None  # per input: leading tokens a later batch shares
     seqs_todo = [plan.seqs[i] for i in todo]
     groups: list[list[int]] | None = None
+    reusable: list[int] | None = None  # per group: prefix tokens its later members reuse
     if plan.causal and prefix is not None and not prefix.idle and lookahead:
         groups = prefix_groups(seqs_todo, prefix.min_prefix)
         reusable = [
@@ -127,8 +128,10 @@ def run(
         else:
             insert = {}  # filled once the batches are known
     if prefix is not None and not prefix.idle:
-        batches = prefix_batches(seqs_todo, batch_size, prefix.min_prefix, groups)
-        if insert is not None and groups is not None:  # K/V a later batch's input shares
+        # sized by the tokens the tier will run when the whole workload is known
+        batches = prefix_batches(seqs_todo, batch_size, prefix.min_prefix, groups, reusable)
+        if insert is not None and groups is not None and reusable is not None:
+            # per input the K/V a later batch's input shares
             batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
             for g, r in zip(groups, reusable, strict=True):
                 spans = len({batch_of[todo[j]] for j in g}) > 1

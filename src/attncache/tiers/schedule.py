@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# a batch sized by tokens holds at most this many times ``batch_size`` inputs (the logits it
+# returns, and the Python work per input, grow with its inputs)
+MAX_INPUTS_FACTOR = 4
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n, limit = 0, min(len(a), len(b))
@@ -64,14 +68,41 @@ def prefix_batches(
     batch_size: int,
     min_prefix: int,
     groups: list[list[int]] | None = None,
+    reusable: list[int] | None = None,
 ) -> list[list[int]]:
     """Batches of indices: groups sharing a prefix first (smaller groups first, each by length),
-    then the rest by length. ``groups``: ``prefix_groups(seqs, min_prefix)`` if already known."""
+    then the rest by length. ``groups``: ``prefix_groups(seqs, min_prefix)`` if already known.
+
+    ``reusable``: per group, the prefix tokens its members after the first take from the tier.
+    Given it, a batch is sized by the tokens it will run, not by its inputs: it takes inputs
+    until it runs as many tokens as ``batch_size`` average inputs hold (what a plain batch runs),
+    and at most ``MAX_INPUTS_FACTOR`` x ``batch_size`` inputs. Without it, ``batch_size`` inputs."""
     groups = prefix_groups(seqs, min_prefix) if groups is None else groups
-    shared = [sorted(g, key=lambda i: len(seqs[i])) for g in groups if len(g) > 1]
+    saved = [0] * len(groups) if reusable is None else reusable
+    shared = [
+        (sorted(g, key=lambda i: len(seqs[i])), r)
+        for g, r in zip(groups, saved, strict=True)
+        if len(g) > 1
+    ]
     # groups of similar size side by side: a one-row group's row is as wide as the group, so this
     # keeps the rows of a forward alike (little padding)
-    shared.sort(key=lambda g: sum(len(seqs[i]) for i in g))
+    shared.sort(key=lambda gr: sum(len(seqs[i]) for i in gr[0]))
     alone = sorted((g[0] for g in groups if len(g) == 1), key=lambda i: len(seqs[i]))
-    flat = [i for g in shared for i in g] + alone
-    return [flat[k : k + batch_size] for k in range(0, len(flat), batch_size)]
+    flat = [i for g, _ in shared for i in g] + alone
+    if reusable is None or not seqs:
+        return [flat[k : k + batch_size] for k in range(0, len(flat), batch_size)]
+    # tokens each input makes the tier run: a group's first member its whole sequence (the shared
+    # prefix once), every later member its suffix
+    cost = {i: len(seqs[i]) - (r if k else 0) for g, r in shared for k, i in enumerate(g)}
+    cost.update({i: len(seqs[i]) for i in alone})
+    budget = batch_size * sum(len(s) for s in seqs) / len(seqs)
+    most = MAX_INPUTS_FACTOR * batch_size
+    batches: list[list[int]] = [[]]
+    tokens = 0
+    for i in flat:
+        if batches[-1] and (tokens + cost[i] > budget or len(batches[-1]) >= most):
+            batches.append([])
+            tokens = 0
+        batches[-1].append(i)
+        tokens += cost[i]
+    return batches

@@ -139,12 +139,14 @@ class TokenCounter:
 
     def __init__(self, model):
         self.tokens, self.calls = 0, 0
+        self.shapes: list[tuple[int, ...]] = []
         # on the embeddings: every forward passes there, whichever module the caller runs
         self.handle = model.get_input_embeddings().register_forward_pre_hook(self._count)
 
     def _count(self, _mod, args):
         ids = args[0]
         self.calls += 1
+        self.shapes.append(tuple(ids.shape))
         self.tokens += int((ids != 0).sum())  # real tokens: test ids are 1..127, padding is 0
 
 
@@ -451,6 +453,50 @@ def test_rows_of_very_different_widths_run_as_separate_forwards():
     chunks = split_rows([20, 300, 22, 310], 48)  # two narrow, two wide rows
     assert sorted(map(sorted, chunks)) == [[0, 2], [1, 3]]
     assert sorted(r for c in split_rows([5, 9, 200, 7, 80], 16) for r in c) == [0, 1, 2, 3, 4]
+
+
+def test_suffixes_over_one_prefix_fill_the_fewest_even_rows():
+    from attncache.tiers.packing import balanced_rows
+
+    rows = balanced_rows([40] * 14, 276)  # 560 tokens: 3 rows, not 276 + 276 + 8
+    assert sorted(i for r in rows for i in r) == list(range(14))
+    assert len(rows) == 3 and {len(r) for r in rows} <= {4, 5}
+    assert balanced_rows([60, 60, 60], 100) == [[0], [1], [2]]  # two would exceed the cap
+    assert sorted(balanced_rows([5, 300, 7], 100)) == [[0, 2], [1]]  # a long one alone
+    assert balanced_rows([3, 4], 0) == [[0], [1]]  # no packing: a row each
+
+
+def test_missing_prefixes_pack_side_by_side_into_few_rows():
+    from attncache.tiers.packing import segment_rows
+
+    rows = segment_rows([520, 309, 276], 1040)
+    assert sorted(map(sorted, rows)) == [[0], [1, 2]]  # 2 x 585 padded tokens, not 3 x 520
+    assert segment_rows([60] * 4, 120) == [[0], [1], [2], [3]]  # equal: no wider rows needed
+
+
+def test_wide_groups_prefixes_run_in_one_packed_forward_and_exact(monkeypatch):
+    """Three new prompts of different lengths, each with a group too wide for one row: their
+    prefixes run in one forward, side by side, then the suffixes over them; all outputs equal the
+    uncached model's (1e-4)."""
+    from attncache.tiers import prefix as prefix_module
+
+    monkeypatch.setattr(prefix_module, "IN_ROW_TOKENS", 0)  # every new group: prefix first
+    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)  # suffixes in one forward
+    model = tiny_model("qwen2")
+    prompts = [random_seqs(1, lo=n, hi=n, seed=90 + n)[0] for n in (30, 17, 12)]
+    batch = [p + [3 + k] * (1 + k) for p in prompts for k in range(3)]
+    runner = PrefixTier(model, min_prefix=8)
+    counter = TokenCounter(model)
+    try:
+        got = runner.run(batch, 1, 0).logits
+    finally:
+        counter.handle.remove()
+    for r, g in zip(exact_logits(model, batch, 1), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    assert counter.calls == 2  # the prefixes, then every suffix
+    assert counter.shapes[0] == (2, 30)  # 30 | 17 + 12 side by side, not 3 rows padded to 30
+    assert runner.stats.tokens_run == 30 + 17 + 12 + 3 * (1 + 2 + 3)
+    assert all(runner.tree.match(p, len(p)).length == len(p) for p in prompts)
 
 
 def _distinct_prefixes(seqs):

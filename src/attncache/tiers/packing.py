@@ -130,3 +130,50 @@ def split_rows(widths: list[int], overhead: int) -> list[list[int]]:
         chunks.append(order[cut[k] : k])
         k = cut[k]
     return chunks[::-1]
+
+
+def segment_rows(lengths: list[int], widest: int) -> list[list[int]]:
+    """Sequences (by index) packed side by side into rows, each sequence attending to itself only
+    (``pack`` with an empty prefix), so that rows x width, the padded tokens a forward runs, is
+    least. Widths from the longest sequence up to ``widest`` are tried (first fit, longest
+    first); the narrowest best wins, a row's attention growing with its width."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    longest = lengths[order[0]]
+    best: tuple[int, list[list[int]]] | None = None
+    for width in range(longest, max(longest, widest) + 1, 16):
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            if r is None:
+                rows.append([])
+                room.append(width)
+                r = len(rows) - 1
+            rows[r].append(i)
+            room[r] -= lengths[i]
+        used = len(rows) * max(width - min(room), 1)  # a forward is as wide as its widest row
+        if best is None or used < best[0]:
+            best = (used, rows)
+    assert best is not None
+    return best[1]
+
+
+def balanced_rows(lengths: list[int], cap: int) -> list[list[int]]:
+    """Suffixes (by index) in as few rows as keep every row within ``cap`` tokens (a suffix longer
+    than ``cap`` has a row to itself), filled evenly: longest first, each into the emptiest row.
+    ``cap`` 0: a row each."""
+    if cap <= 0:
+        return [[i] for i in range(len(lengths))]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    long = [n for n in lengths if n > cap]
+    count = max(1, len(long) + -(-(sum(lengths) - sum(long)) // cap))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        fill = [0] * count
+        for i in order:
+            r = min(range(count), key=fill.__getitem__)
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if count >= len(lengths) or all(f <= cap or len(r) == 1 for f, r in zip(fill, rows)):
+            return [sorted(r) for r in rows if r]
+        count += 1

@@ -37,7 +37,7 @@ from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
 from .model_io import CACHE_KW, output_cache, plain_head, stacked_cache
-from .packing import Row, pack, split_rows
+from .packing import Row, balanced_rows, pack, segment_rows, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
 from .schedule import prefix_groups, shared_prefix
 
@@ -225,17 +225,33 @@ class PrefixTier:
         return TierOutput(torch.stack(out), hits, reused, tokens)
 
     def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
-        """Make the tree hold every prefix: compute the missing ones (from what the tree has) at
-        once."""
+        """Make the tree hold every prefix: compute the missing ones in one forward, packed side
+        by side in rows (each attending to itself only), so prefixes of different lengths pad
+        little."""
         todo = [list(p) for p in prefixes if self.tree.match(list(p), len(p)).length < len(p)]
         if not todo:
             return
-        # Computed whole, in one batch: simpler than resuming each from its partial match, and the
-        # common case (a new few-shot prompt, a new question) has no partial match worth resuming.
-        inputs = collate(todo, 0, True, self.device)
-        res = self.model(**inputs, logits_to_keep=1, use_cache=True)
-        self.stats.add(tokens_run=sum(len(p) for p in todo))
-        self._insert_batch(todo, output_cache(res), [False] * len(todo))
+        # Computed whole: simpler than resuming each from its partial match, and the common case
+        # (a new few-shot prompt, a new question) has no partial match worth resuming.
+        lengths = [len(p) for p in todo]
+        rows = [Row(0, [], r) for r in segment_rows(lengths, 2 * max(lengths))]
+        dtype = next(self.model.parameters()).dtype
+        packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device, dtype)
+        res = self._forward(packed.ids, packed.mask, packed.positions, use_cache=True)
+        self.stats.add(tokens_run=sum(lengths))
+        t0 = time.perf_counter()
+        cache = output_cache(res)
+        for r, row in enumerate(rows):
+            for i in row.items:
+                self.tree.insert(todo[i], _span(cache, r, packed.suffix_at[i], lengths[i]))
+        self.stats.add(insert_s=time.perf_counter() - t0)
+
+    def _forward(self, ids, mask, positions, **kw):
+        """The decoder alone where the head is separable (no logits needed), else the model."""
+        args = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **kw}
+        if self.head is not None:
+            return self.model.get_decoder()(**args)
+        return self.model(**args, logits_to_keep=1)
 
     def _plan_rows(
         self,
@@ -247,26 +263,25 @@ class PrefixTier:
     ) -> tuple[list[Row], list[Match | None]]:
         """Rows of the suffix forward, and per row the cached prefix it reads (None: in-row).
 
-        Inputs reusing the same cached prefix share one row (``pack``): the prefix K/V is read
-        once per row instead of once per input. Such a row takes suffixes up to the prefix's
-        length in all (at least ``PACK_MIN_TOKENS``), then another starts: a packed row's
-        attention grows with its whole width. A group whose prefix is not cached yet is one row
-        of its own: the prefix tokens, then every member's suffix."""
+        Inputs reusing the same cached prefix share rows (``pack``): the prefix K/V is read
+        once per row instead of once per input. They take as few rows as keep each within the
+        prefix's length of suffix tokens (at least ``PACK_MIN_TOKENS``: a packed row's attention
+        grows with its whole width), filled evenly, so the rows of a forward pad little. A group
+        whose prefix is not cached yet is one row of its own: the prefix tokens, then every
+        member's suffix."""
         rows: list[Row] = []
         sources: list[Match | None] = []
-        filling: dict[tuple[int, int], tuple[int, int]] = {}  # prefix -> (row, suffix tokens)
+        readers: dict[tuple[int, int], list[int]] = {}  # cached prefix -> inputs reading it
         for i, m in enumerate(matches):
-            if m is None:
-                continue
-            n, key = len(suffixes[i]), (id(m.node), m.length)
-            row = filling.get(key) if self.pack else None
-            if row is not None and row[1] + n <= max(PACK_MIN_TOKENS, m.length):
-                rows[row[0]].items.append(i)
-                filling[key] = (row[0], row[1] + n)
-            else:
-                rows.append(Row(m.length, [], [i]))
+            if m is not None:
+                readers.setdefault((id(m.node), m.length), []).append(i)
+        for items in readers.values():
+            m = matches[items[0]]
+            assert m is not None
+            cap = max(PACK_MIN_TOKENS, m.length) if self.pack else 0
+            for members in balanced_rows([len(suffixes[i]) for i in items], cap):
+                rows.append(Row(m.length, [], [items[j] for j in members]))
                 sources.append(m)
-                filling[key] = (len(rows) - 1, n)
         for (g, p), keep in zip(in_row, keep_in_row, strict=True):
             rows.append(Row(0, seqs[g[0]][:p], list(g), insert=keep))
             sources.append(None)

@@ -67,3 +67,13 @@ def stacked_cache(kvs: list[torch.Tensor | None], width: int, same: bool, config
         ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(len(stacked))],
         config=config,
     )
+
+
+def span_kv(cache, row: int, at: int, n: int) -> torch.Tensor:
+    """K/V of ``n`` positions of one row of a forward's cache: ``[n_layers, 2, H_kv, n, d]``."""
+    return torch.stack(
+        [
+            torch.stack([la.keys[row, :, at : at + n], la.values[row, :, at : at + n]])
+            for la in cache.layers
+        ]
+    )

@@ -41,6 +41,39 @@ class Packed:
     suffix_at: dict[int, int]  # input -> start of its suffix in its row's new region
 
 
+def plan_rows(
+    reads: list[tuple[int, int] | None],
+    suffixes: list[list[int]],
+    groups: list[tuple[list[int], list[int], bool]],
+    cap: int,
+) -> tuple[list[Row], list[int | None]]:
+    """Rows of one suffix forward, and per row an input whose cached prefix it reads (None: the
+    row computes its own prefix).
+
+    ``reads``: per input, the cached prefix it reads (a key and its length; None: none).
+    Inputs reading the same one share rows: the prefix K/V is read once per row instead of once
+    per input. They take as few rows as keep each within the prefix's length of suffix tokens (at
+    least ``cap``: a packed row's attention grows with its whole width), filled evenly, so the
+    rows of a forward pad little; ``cap`` 0: a row each. ``groups``: inputs sharing a prefix not
+    cached yet (members, the prefix tokens, whether to keep its K/V): a row each, the prefix
+    tokens then every member's suffix."""
+    readers: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(reads):
+        if key is not None:
+            readers.setdefault(key, []).append(i)
+    rows: list[Row] = []
+    sources: list[int | None] = []
+    for (_, length), items in readers.items():
+        limit = max(cap, length) if cap else 0
+        for members in balanced_rows([len(suffixes[i]) for i in items], limit):
+            rows.append(Row(length, [], [items[j] for j in members]))
+            sources.append(items[0])
+    for members, prefix, keep in groups:
+        rows.append(Row(0, list(prefix), list(members), insert=keep))
+        sources.append(None)
+    return rows, sources
+
+
 def pack(
     rows: list[Row],
     suffixes: list[list[int]],

@@ -7,14 +7,14 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
 1. finds the inputs of the batch that share at least ``min_prefix`` tokens (``schedule.py``); each
    may reuse all of its prefix but the positions whose logits it needs (``needs``);
 2. a group whose prefix is not cached and fits in one row runs as that row: the prefix, then every
-   member's suffix (``packing.py``: a block mask, position ids restarting after the prefix); a wider
-   group's prefix is computed first, once, into a radix tree (``radix.py``), unless the tree
-   already holds all but a few of its tokens (then those few run in every suffix);
-3. every input whose prefix the tree holds (from this batch or an earlier one) runs its suffix over
-   the cached K/V, packed per prefix; these rows and the one-row groups share a forward (or a few,
-   when their widths differ enough that padding would cost more than a forward), and logits are
-   computed only at the positions each input needs; an input that a later one shares more with
-   adds its own K/V to the tree behind the prefix it read;
+   member's suffix (``packing.py``: a block mask, position ids restarting after the prefix); the
+   prefixes of wider groups are computed first, side by side in one forward, into a radix tree
+   (``radix.py``), unless the tree holds all but a few of a prefix's tokens (those few then run
+   in every suffix);
+3. every input whose prefix the tree holds runs its suffix over the cached K/V, in the fewest even
+   rows per prefix; these rows and the one-row groups share a forward (or a few, when padding
+   would cost more than a forward), logits only at the positions each input needs; an input that
+   a later one shares more with adds its own K/V to the tree behind the prefix it read;
 4. the inputs without a usable prefix run together as usual, with the map cache (``maps``) applying
    to them, and insert their K/V when a later input may share it.
 
@@ -36,8 +36,8 @@ from torch import nn
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
-from .model_io import CACHE_KW, output_cache, plain_head, stacked_cache
-from .packing import Row, balanced_rows, pack, segment_rows, split_rows
+from .model_io import CACHE_KW, output_cache, plain_head, span_kv, stacked_cache
+from .packing import Packed, Row, pack, plan_rows, segment_rows, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
 from .schedule import prefix_groups, shared_prefix
 
@@ -237,55 +237,27 @@ class PrefixTier:
         rows = [Row(0, [], r) for r in segment_rows(lengths, 2 * max(lengths))]
         dtype = next(self.model.parameters()).dtype
         packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device, dtype)
-        res = self._forward(packed.ids, packed.mask, packed.positions, use_cache=True)
+        res = self._forward(packed, use_cache=True)
         self.stats.add(tokens_run=sum(lengths))
         t0 = time.perf_counter()
         cache = output_cache(res)
         for r, row in enumerate(rows):
             for i in row.items:
-                self.tree.insert(todo[i], _span(cache, r, packed.suffix_at[i], lengths[i]))
+                self.tree.insert(todo[i], span_kv(cache, r, packed.suffix_at[i], lengths[i]))
         self.stats.add(insert_s=time.perf_counter() - t0)
 
-    def _forward(self, ids, mask, positions, **kw):
-        """The decoder alone where the head is separable (no logits needed), else the model."""
-        args = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **kw}
+    def _forward(self, packed: Packed, keep: torch.Tensor | int = 1, **kw):
+        """The decoder alone where the head is separable (the caller applies it where needed),
+        else the model with logits at ``keep``."""
+        args = {
+            "input_ids": packed.ids,
+            "attention_mask": packed.mask,
+            "position_ids": packed.positions,
+            **kw,
+        }
         if self.head is not None:
             return self.model.get_decoder()(**args)
-        return self.model(**args, logits_to_keep=1)
-
-    def _plan_rows(
-        self,
-        seqs: list[list[int]],
-        matches: list[Match | None],
-        in_row: list[tuple[list[int], int]],
-        keep_in_row: list[bool],
-        suffixes: list[list[int]],
-    ) -> tuple[list[Row], list[Match | None]]:
-        """Rows of the suffix forward, and per row the cached prefix it reads (None: in-row).
-
-        Inputs reusing the same cached prefix share rows (``pack``): the prefix K/V is read
-        once per row instead of once per input. They take as few rows as keep each within the
-        prefix's length of suffix tokens (at least ``PACK_MIN_TOKENS``: a packed row's attention
-        grows with its whole width), filled evenly, so the rows of a forward pad little. A group
-        whose prefix is not cached yet is one row of its own: the prefix tokens, then every
-        member's suffix."""
-        rows: list[Row] = []
-        sources: list[Match | None] = []
-        readers: dict[tuple[int, int], list[int]] = {}  # cached prefix -> inputs reading it
-        for i, m in enumerate(matches):
-            if m is not None:
-                readers.setdefault((id(m.node), m.length), []).append(i)
-        for items in readers.values():
-            m = matches[items[0]]
-            assert m is not None
-            cap = max(PACK_MIN_TOKENS, m.length) if self.pack else 0
-            for members in balanced_rows([len(suffixes[i]) for i in items], cap):
-                rows.append(Row(m.length, [], [items[j] for j in members]))
-                sources.append(m)
-        for (g, p), keep in zip(in_row, keep_in_row, strict=True):
-            rows.append(Row(0, seqs[g[0]][:p], list(g), insert=keep))
-            sources.append(None)
-        return rows, sources
+        return self.model(**args, logits_to_keep=keep)
 
     def _run_rows(
         self,
@@ -309,7 +281,12 @@ class PrefixTier:
             i for g, _ in in_row for i in g
         ]
         suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
-        rows, sources = self._plan_rows(seqs, matches, in_row, keep_in_row, suffixes)
+        reads = [(id(m.node), m.length) if m is not None else None for m in matches]
+        groups = [
+            (g, seqs[g[0]][:p], keep) for (g, p), keep in zip(in_row, keep_in_row, strict=True)
+        ]
+        rows, readers = plan_rows(reads, suffixes, groups, PACK_MIN_TOKENS if self.pack else 0)
+        sources = [matches[i] if i is not None else None for i in readers]
         widths = [r.width(suffixes) for r in rows]
         self.stats.add(
             items_with_prefix=len(items),
@@ -355,35 +332,27 @@ class PrefixTier:
             kw[CACHE_KW] = stacked_cache(kvs, past_width, same, self.model.config)
         insert_rows = [r for r in sorted(packed.prefix_at) if rows[r].insert]
         grown = [(r, i) for r, row in enumerate(rows) if row.past for i in row.items if i in extend]
-        args = {
-            "input_ids": packed.ids,
-            "attention_mask": packed.mask,
-            "position_ids": packed.positions,
-            "use_cache": bool(past_width or insert_rows),
-            **kw,
-        }
-        if self.head is not None:  # the decoder, then the head on the needed positions only
-            res = self.model.get_decoder()(**args)
-            hidden = res.last_hidden_state
+        use_cache = bool(past_width or insert_rows)
+        res = self._forward(packed, keep=packed.keep, use_cache=use_cache, **kw)
+        if self.head is not None:  # the decoder's states, the head on the needed positions only
             order = list(packed.at.items())
             r_idx = [r for _, (r, ps) in order for _ in ps]
             p_idx = [p for _, (_, ps) in order for p in ps]
-            flat = self.head(hidden[r_idx, p_idx])
+            flat = self.head(res.last_hidden_state[r_idx, p_idx])
             got, k = {}, 0
             for i, (_, ps) in order:
                 got[i] = flat[k : k + len(ps)]
                 k += len(ps)
         else:  # logits at the union of every row's positions, then each input's picked
-            res = self.model(**args, logits_to_keep=packed.keep)
             got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
         if insert_rows or grown:
             t0 = time.perf_counter()
             cache = output_cache(res)
             for r in insert_rows:
-                kv = _span(cache, r, past_width + packed.prefix_at[r], len(rows[r].prefix))
+                kv = span_kv(cache, r, past_width + packed.prefix_at[r], len(rows[r].prefix))
                 self.tree.insert(rows[r].prefix, kv)
             for r, i in grown:
-                kv = _span(cache, r, past_width + packed.suffix_at[i], len(suffixes[i]))
+                kv = span_kv(cache, r, past_width + packed.suffix_at[i], len(suffixes[i]))
                 self.tree.insert(seqs[i], kv, start=rows[r].past)
             self.stats.add(insert_s=time.perf_counter() - t0)
         return got
@@ -438,13 +407,3 @@ class PrefixTier:
                 rows.append(torch.stack([k[r, :, width - len(s) :], v[r, :, width - len(s) :]]))
             self.tree.insert(s, torch.stack(rows))
         self.stats.add(insert_s=time.perf_counter() - t0)
-
-
-def _span(cache, row: int, at: int, n: int) -> torch.Tensor:
-    """K/V of ``n`` positions of one row of a forward's cache: ``[n_layers, 2, H_kv, n, d]``."""
-    return torch.stack(
-        [
-            torch.stack([la.keys[row, :, at : at + n], la.values[row, :, at : at + n]])
-            for la in cache.layers
-        ]
-    )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment behind docs/results.md. Each writes JSON to runs/exp/ (and PNGs to docs/).
 # Run on a quiet machine: timings are medians of interleaved runs, but other load still skews them.
-#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|mmlu100|memo|plain|allhit|peers|all]
+#   bash benchmarks/experiments.sh [sst2|piqa|mmlu|prefix|minilm|length|quant|calibrate|fidelity|fidbench|store|storebench|scale|speed|load|redesign|redesign_before|buildspeed|buildbefore|calspeed|calgoal|calexhaustive|batchscale|mmlu100|warm|memo|plain|allhit|peers|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -235,6 +235,19 @@ if want mmlu100; then
       --batch-sizes 4,8,16 --json --quiet > $OUT/batchscale_mmlu5_100_bench.json
   run attncache eval --model smollm2-135m --data "mmlu:5shot[0:100]" --no-memo --json --quiet \
       > $OUT/batchscale_mmlu5_100_eval.json
+fi
+
+if want warm; then
+  # (issue 13) a warm start: one eval keeps MMLU's 5-shot prompts (--prefix-dir, from the even rows),
+  # then the odd rows (new questions on the same prompts) timed cold and warm against the same baseline
+  rm -rf runs/mmlu-prompts
+  run attncache eval --model smollm2-135m --data "mmlu:5shot[0:30:2]" --prefix-dir runs/mmlu-prompts --json --quiet \
+      > $OUT/warm_mmlu5_keep.json
+  W=(--model smollm2-135m --data "mmlu:5shot[1:30:2]" --no-per-item --limit 1000 --pass-repeats 3 --batch-sizes 4,8,16 --json --quiet)
+  run attncache bench "${W[@]}" > $OUT/warm_mmlu5_cold_bench.json
+  run attncache bench "${W[@]}" --prefix-dir runs/mmlu-prompts > $OUT/warm_mmlu5_warm_bench.json
+  run attncache eval --model smollm2-135m --data "mmlu:5shot[1:30:2]" --prefix-dir runs/mmlu-prompts --no-memo \
+      --json --quiet > $OUT/warm_mmlu5_eval.json
 fi
 
 if want memo; then

@@ -215,6 +215,38 @@ def test_a_restarted_server_answers_a_repeated_prefix_from_disk(tmp_path):
         PrefixTier(model).load(TierFolder(tmp_path / "tiers", fingerprint(model, tok)))
 
 
+def test_eval_starts_from_the_prompts_an_earlier_run_kept(tmp_path):
+    """``eval --prefix-dir``: a first run keeps its shared prompt's K/V; a second run on new rows
+    with that prompt reuses it from disk (more tokens reused than cold, answers still equal to the
+    exact pass); the memo of rows answered before comes back too; a tier-less run is refused."""
+    from tiny import save_tiny_hf
+
+    from attncache.workflows import evaluate
+
+    model_dir = save_tiny_hf("llama", tmp_path / "m")
+    prompt = "Answer with yes or no, as in these examples. " * 2
+    rows = [
+        {"prompt": f"{prompt}Q{k}: is {k} even?", "choices": [" no", " yes"], "answer": 1 - k % 2}
+        for k in range(12)
+    ]
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+    kw = {"model_name": str(model_dir), "progress": False}
+    tiers = tmp_path / "tiers"
+    cold = evaluate(None, str(new), memo=False, **kw)[0]
+    evaluate(None, str(old), prefix_dir=str(tiers), **kw)
+    assert (tiers / "tiers.json").is_file()
+    warm = evaluate(None, str(new), memo=False, prefix_dir=str(tiers), **kw)[0]
+    for res in (cold, warm):
+        assert res.comparison.agreement == 1.0
+    assert warm.prefix_tokens_reused_fraction > cold.prefix_tokens_reused_fraction
+    again = evaluate(None, str(old), prefix_dir=str(tiers), **kw)[0]  # rows answered before
+    assert again.memo_hit_rate == 1.0 and again.comparison.agreement == 1.0
+    with pytest.raises(UserError, match="prefix-dir"):
+        evaluate(None, str(new), prefix_dir=str(tiers), prefix_bytes=None, **kw)
+
+
 def test_the_device_map_cache_is_exact_capped_and_counted(built):
     model, cache, seqs = built("llama")
     ref, mask = forward(model, seqs[:4], True)

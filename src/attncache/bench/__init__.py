@@ -30,6 +30,7 @@ class BenchConfig:
     quantize: str | None = None
     max_tokens: int | None = None
     prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
+    prefix_dir: str | None = None  # attncache's passes start from the prefix K/V kept here
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -68,8 +69,11 @@ def bench(
     if pol is not None:
         res["reused_layers"] = pol.head_maps(s.cache.store.layer_pos)  # per hit
         res["template_layers"] = pol.fixed_maps()  # per item, no lookup
+    folder = s.tier_folder(cfg.prefix_dir, cfg.prefix_bytes)
     res.update(
-        time_workload(s, plan, pol, threshold, cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes)
+        time_workload(
+            s, plan, pol, threshold, cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes, folder
+        )
     )
     if cfg.per_item and pol is not None:
         res.update(time_items(s, plan.seqs, pol, threshold, cfg.repeats, cfg.warmup, cfg.eager))

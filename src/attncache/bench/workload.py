@@ -3,7 +3,8 @@
 Plain SDPA is timed over the same sequences at every batch size (as memory allows) and its best is
 the baseline; attncache (the exact tiers and the map cache, no memo) is timed the same way at its
 own sizes. The two best configurations (and attncache's single tiers, for attribution) are then
-timed again in interleaved order (medians). Every tiered pass starts from an empty prefix tree.
+timed again in interleaved order (medians). Every tiered pass starts from an empty prefix tree,
+or from the one a ``--prefix-dir`` holds (a warm start, reported as such).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ def time_workload(
     batch_sizes: tuple[int, ...],
     repeats: int,
     prefix_bytes: int | None,
+    folder=None,
 ) -> dict:
+    """``folder``: a ``db.TierFolder``; every attncache pass starts from the prefix K/V it holds
+    (a warm start), not from an empty tree."""
     model, tok = s.model, s.tokenizer
     has_prefix = s.prefix_tier(prefix_bytes) is not None
     has_maps = s.cache is not None and pol is not None
@@ -40,6 +44,8 @@ def time_workload(
     def tiered(batch: int, maps: bool, prefix: bool):
         def fn(_i: int) -> dict:
             tier = s.prefix_tier(prefix_bytes) if prefix else None
+            if tier is not None and folder is not None:
+                tier.load(folder)
             ctx = s.cache.attach(model, pol, threshold) if maps else contextlib.nullcontext()
             with ctx as att:
                 out = run(model, tok, plan, batch, attached=att, progress=False, prefix=tier)
@@ -87,5 +93,6 @@ def time_workload(
         "prefix_tokens_reused_fraction": prefix.get("prefix_tokens_reused_fraction", 0.0),
         "prefix_bytes_peak": prefix.get("prefix_bytes_peak", 0),
         "prefix_bytes_cap": prefix_bytes if has_prefix else 0,
+        "prefix_warm_start": folder is not None,  # passes started from a kept tree (--prefix-dir)
         "pass_repeats": repeats,
     }

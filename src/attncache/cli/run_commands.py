@@ -88,6 +88,7 @@ def run_eval(a) -> int:
                 "eviction",
                 "no_prefix_cache",
                 "prefix_bytes",
+                "prefix_dir",
             ],
             "with --sweep (it mixes every threshold from one pass per policy)",
         )
@@ -133,6 +134,7 @@ def run_eval(a) -> int:
         dtype=a.dtype,
         memo=not a.no_memo,
         device_map_bytes=a.device_map_bytes,
+        prefix_dir=a.prefix_dir,
     )
     rows = [r.as_dict() for r in results]
     if a.json:
@@ -158,6 +160,7 @@ def run_bench(a) -> int:
         max_tokens=a.max_tokens,
         device=a.device,
         dtype=a.dtype,
+        prefix_dir=a.prefix_dir,
     )
     db = db_or_model(a)
     if db is None:
@@ -197,7 +200,13 @@ def register(sub, formatter) -> None:
     sp.add_argument(
         "--threshold", type=number(float, 0.0), help="max predicted distance for a hit (the DB's)"
     )
-    sp.add_argument("--batch-size", type=POSITIVE, default=8)
+    sp.add_argument(
+        "--batch-size",
+        type=POSITIVE,
+        default=8,
+        help="inputs per forward (default 8); with shared prefixes, a batch holds the inputs "
+        "whose new tokens make as many as 8 average inputs have (at most 4x as many inputs)",
+    )
     sp.add_argument(
         "--sweep",
         action="store_true",
@@ -219,6 +228,11 @@ def register(sub, formatter) -> None:
     )
     add_device_maps(sp)
     add_prefix(sp)
+    sp.add_argument(
+        "--prefix-dir",
+        help="start the exact tiers from what an earlier run kept here, and keep the shared "
+        "prompts' K/V (and, without a DB, the memo) here for the next run",
+    )
     sp.add_argument(
         "--no-memo",
         action="store_true",
@@ -263,4 +277,9 @@ def register(sub, formatter) -> None:
         help="dynamic int8 quantization of the model's linears (CPU)",
     )
     add_prefix(sp)
+    sp.add_argument(
+        "--prefix-dir",
+        help="start every attncache pass from the prefix K/V an earlier run kept here "
+        "(eval --prefix-dir); the baseline is unchanged",
+    )
     sp.set_defaults(fn=run_bench)

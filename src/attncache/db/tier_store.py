@@ -80,9 +80,9 @@ class TierFolder:
             index = self._index()
             old = index["files"].get(name, {}).get("file")
             file = f"{name}-{int(index.get('generation', 0)) + 1}.safetensors"
-            data = {
+            data = {  # numpy arrays copied: ones made from bytes are read-only
                 k: (
-                    v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+                    v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
                 ).contiguous()
                 for k, v in tensors.items()
             }

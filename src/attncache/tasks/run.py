@@ -91,13 +91,15 @@ def run(
     into: RunOutput | None = None,
     memo: ResultMemo | None = None,
     lookahead: bool = True,
+    keep_prefixes: bool = False,
 ) -> RunOutput:
     """Forward every planned sequence once and collect what the rows need.
 
     ``seq_ids``: only these sequences (the others keep what ``into`` holds, or nothing). ``memo``:
     answer sequences seen before from it and add the exact answers of this run. ``lookahead``: the
     plan is the whole workload, so the prefix tier keeps only K/V a later input shares (a server,
-    which cannot see the next request, passes False and keeps what it computes)."""
+    which cannot see the next request, passes False and keeps what it computes).
+    ``keep_prefixes``: keep every group's shared prefix too (a tree saved for a later run)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if attached is not None and attached.inert:
         attached = None  # a policy that reuses nothing: the plain model
@@ -134,7 +136,7 @@ def run(
             # per input the K/V a later batch's input shares
             batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
             for g, r in zip(groups, reusable, strict=True):
-                spans = len({batch_of[todo[j]] for j in g}) > 1
+                spans = keep_prefixes or len({batch_of[todo[j]] for j in g}) > 1
                 insert.update({todo[j]: r if spans else 0 for j in g})
     else:
         batches = list(length_batches(lengths, batch_size))

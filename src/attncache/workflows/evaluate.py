@@ -174,13 +174,16 @@ def evaluate(
     dtype: str = "float32",
     memo: bool = True,
     device_map_bytes: int | None = None,
+    prefix_dir: str | None = None,
 ) -> list[EvalResult]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
     The cached pass runs every tier: the result memo (answers of earlier runs, kept in the DB), the
     exact prefix tier (decoders; ``prefix_bytes=None`` switches it off), and map reuse by the
     policy. ``db`` None: ``model_name`` with the exact tiers only. ``learn``: inputs that miss are
-    recorded and inserted as the run goes (within the byte cap)."""
+    recorded and inserted as the run goes (within the byte cap). ``prefix_dir``: the exact tiers
+    start from what an earlier run kept there (checked for this model) and keep the shared
+    prompts' K/V (and, without a DB, the memo) for the next run."""
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
     if learn and quantize:
@@ -192,13 +195,20 @@ def evaluate(
     if s.cache is None and (policies or threshold is not None or learn):
         raise UserError("--policy, --threshold and --learn need a map DB (--db)")
     parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
+    folder = s.tier_folder(prefix_dir, prefix_bytes)
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
-    stored = ResultMemo.load(s.cache.db) if memo and s.cache is not None else None
+    stored = None
+    if memo and s.cache is not None:
+        stored = ResultMemo.load(s.cache.db)
+    elif memo and folder is not None:
+        stored = ResultMemo.load_from(folder)
     learned_answers = ResultMemo(stored.max_entries) if stored is not None else None
     results = []
     for policy in parsed:
         prefix = s.prefix_tier(prefix_bytes)
+        if prefix is not None and folder is not None:
+            prefix.load(folder)
         # every policy starts from the memo as stored, so policies compare on equal terms
         answers = stored.copy() if stored is not None else None
         if s.cache is not None:
@@ -222,6 +232,7 @@ def evaluate(
                 desc=f"cached ({name})",
                 prefix=prefix,
                 memo=answers,
+                keep_prefixes=folder is not None,
             )
         if answers is not None:
             learned_answers.merge(answers)
@@ -268,4 +279,10 @@ def evaluate(
             stored.merge(learned_answers)
             stored.dirty = True
             stored.save(s.cache.db)
+    if folder is not None:
+        if prefix is not None:
+            prefix.save(folder)
+        if s.cache is None and stored is not None and learned_answers is not None:
+            stored.merge(learned_answers)
+            stored.save_to(folder)
     return results

@@ -12,6 +12,7 @@ import torch
 from .. import data as data_mod
 from .. import models
 from ..cache import AttnCache
+from ..db.tier_store import TierFolder
 from ..errors import UserError
 from ..tasks import Plan, plan_rows, require_rows
 from ..tiers import PrefixTier, supports_prefix
@@ -122,6 +123,18 @@ class Session:
         if max_bytes is None or not self.causal or not supports_prefix(self.model):
             return None
         return PrefixTier(self.model, max_bytes)
+
+    def tier_folder(self, prefix_dir: str | None, max_bytes: int | None) -> TierFolder | None:
+        """The folder that keeps the exact tiers between runs (``--prefix-dir``), checked for
+        this model; None without one. It holds the prefix tier's K/V, so it needs that tier."""
+        if prefix_dir is None:
+            return None
+        if self.prefix_tier(max_bytes) is None:
+            raise UserError(
+                "--prefix-dir keeps the prefix tier's K/V: it needs a decoder whose cache keeps "
+                "every key (no sliding window) and the tier on (no --no-prefix-cache)"
+            )
+        return TierFolder(prefix_dir, models.fingerprint(self.model, self.tokenizer))
 
     def plan(
         self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False

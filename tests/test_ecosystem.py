@@ -245,6 +245,19 @@ def test_eval_starts_from_the_prompts_an_earlier_run_kept(tmp_path):
     assert again.memo_hit_rate == 1.0 and again.comparison.agreement == 1.0
     with pytest.raises(UserError, match="prefix-dir"):
         evaluate(None, str(new), prefix_dir=str(tiers), prefix_bytes=None, **kw)
+    # bench only reads a kept tree: an empty folder is refused, not created
+    from attncache.bench import BenchConfig, bench
+
+    with pytest.raises(UserError, match="holds no kept prefixes"):
+        bench(None, str(new), cfg=BenchConfig(prefix_dir=str(tmp_path / "none")), **kw)
+    assert not (tmp_path / "none").exists()
+    warm_bench = bench(
+        None,
+        str(new),
+        cfg=BenchConfig(prefix_dir=str(tiers), batch_sizes=(2,), pass_repeats=1, per_item=False),
+        **kw,
+    )
+    assert warm_bench["prefix_warm_start"] and warm_bench["workload_seconds"] > 0
 
 
 def test_the_device_map_cache_is_exact_capped_and_counted(built):

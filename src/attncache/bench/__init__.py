@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..db.tier_store import INDEX
+from ..errors import UserError
 from ..tiers import DEFAULT_PREFIX_BYTES
 from ..workflows import Session
 from .harness import AttentionTimer, interleaved, machine
@@ -49,6 +52,12 @@ def bench(
     """Time DATA's workload (and, with a DB, its items). ``db`` None: the exact tiers of
     ``model_name``."""
     cfg = cfg or BenchConfig()
+    kept = cfg.prefix_dir
+    if kept is not None and not (Path(kept) / INDEX).is_file():  # before the model loads
+        raise UserError(
+            f"--prefix-dir '{kept}' holds no kept prefixes: run 'attncache eval ... "
+            f"--prefix-dir {kept}' first (bench only reads it)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     s = Session.open(
@@ -69,7 +78,9 @@ def bench(
     if pol is not None:
         res["reused_layers"] = pol.head_maps(s.cache.store.layer_pos)  # per hit
         res["template_layers"] = pol.fixed_maps()  # per item, no lookup
-    folder = s.tier_folder(cfg.prefix_dir, cfg.prefix_bytes)
+    folder = s.tier_folder(kept, cfg.prefix_bytes)
+    if folder is not None and folder.read("prefix") is None:
+        raise UserError(f"--prefix-dir '{kept}' holds no prefix K/V (only answers)")
     res.update(
         time_workload(
             s, plan, pol, threshold, cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes, folder

@@ -143,6 +143,12 @@ class TokenCounter:
         # on the embeddings: every forward passes there, whichever module the caller runs
         self.handle = model.get_input_embeddings().register_forward_pre_hook(self._count)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
     def _count(self, _mod, args):
         ids = args[0]
         self.calls += 1
@@ -158,11 +164,8 @@ def test_continuations_in_one_batch_compute_the_prompt_once():
     other = random_seqs(1, seed=62)[0]
     batch = [prompt + [7, 8, 9], prompt + [10, 11], other, prompt + [12, 13, 14, 15]]
     runner = PrefixTier(model, min_prefix=8)
-    counter = TokenCounter(model)
-    try:
+    with TokenCounter(model) as counter:
         got = runner.run(batch, 3, 0).logits
-    finally:
-        counter.handle.remove()
     ref = exact_logits(model, batch, 3)
     for r, g in zip(ref, got):
         assert (r - g).abs().max() < 1e-4
@@ -330,11 +333,8 @@ def test_workload_without_shared_prefixes_skips_the_tier():
     seqs = random_seqs(6, lo=9, hi=12, seed=90)
     plan = Plan(seqs, [RowPlan("text", [i], [[Query(i, 1, 3)]], [1.0]) for i in range(6)], [], True)
     runner = PrefixTier(model, min_prefix=4)
-    counter = TokenCounter(model)
-    try:
+    with TokenCounter(model) as counter:
         run(model, TinyTok(), plan, 4, progress=False, prefix=runner)
-    finally:
-        counter.handle.remove()
     assert runner.stats.items == 0 and runner.tree.bytes == 0  # the tier was not even asked
     assert counter.tokens == sum(len(s) for s in seqs)
 
@@ -385,11 +385,8 @@ def test_cached_rows_an_in_row_group_and_a_loner_share_one_forward(head, monkeyp
     runner.run([a + [3]], 1, 0)  # a is in the tree
     loner = random_seqs(1, lo=11, hi=11, seed=102)[0]
     batch = [a + [4, 5, 6], b + [7], loner, b + [8, 9, 10, 11], a + [12]]
-    counter = TokenCounter(model)
-    try:
+    with TokenCounter(model) as counter:
         got = runner.run(batch, 3, 0).logits
-    finally:
-        counter.handle.remove()
     for r, g, s in zip(exact_logits(model, batch, 3), got, batch, strict=True):
         n = min(3, len(s))
         assert (r[-n:] - g[-n:]).abs().max() < 1e-4
@@ -486,11 +483,8 @@ def test_wide_groups_prefixes_run_in_one_packed_forward_and_exact(monkeypatch):
     prompts = [random_seqs(1, lo=n, hi=n, seed=90 + n)[0] for n in (30, 17, 12)]
     batch = [p + [3 + k] * (1 + k) for p in prompts for k in range(3)]
     runner = PrefixTier(model, min_prefix=8)
-    counter = TokenCounter(model)
-    try:
+    with TokenCounter(model) as counter:
         got = runner.run(batch, 1, 0).logits
-    finally:
-        counter.handle.remove()
     for r, g in zip(exact_logits(model, batch, 1), got, strict=True):
         assert (r - g).abs().max() < 1e-4
     assert counter.calls == 2  # the prefixes, then every suffix

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from ..runtime import Policy
 from ..tasks import Plan, run
 from ..workflows import Session
@@ -27,10 +29,10 @@ def time_workload(
     batch_sizes: tuple[int, ...],
     repeats: int,
     prefix_bytes: int | None,
-    folder=None,
+    warm: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """``folder``: a ``db.TierFolder``; every attncache pass starts from the prefix K/V it holds
-    (a warm start), not from an empty tree."""
+    """``warm``: a kept prefix tree (``TierFolder.read("prefix")``); every attncache pass starts
+    from it (a warm start), not from an empty tree."""
     model, tok = s.model, s.tokenizer
     has_prefix = s.prefix_tier(prefix_bytes) is not None
     has_maps = s.cache is not None and pol is not None
@@ -44,8 +46,8 @@ def time_workload(
     def tiered(batch: int, maps: bool, prefix: bool):
         def fn(_i: int) -> dict:
             tier = s.prefix_tier(prefix_bytes) if prefix else None
-            if tier is not None and folder is not None:
-                tier.load(folder)
+            if tier is not None and warm is not None:
+                tier.restore(warm)
             ctx = s.cache.attach(model, pol, threshold) if maps else contextlib.nullcontext()
             with ctx as att:
                 out = run(model, tok, plan, batch, attached=att, progress=False, prefix=tier)
@@ -93,6 +95,6 @@ def time_workload(
         "prefix_tokens_reused_fraction": prefix.get("prefix_tokens_reused_fraction", 0.0),
         "prefix_bytes_peak": prefix.get("prefix_bytes_peak", 0),
         "prefix_bytes_cap": prefix_bytes if has_prefix else 0,
-        "prefix_warm_start": folder is not None,  # passes started from a kept tree (--prefix-dir)
+        "prefix_warm_start": warm is not None,  # passes started from a kept tree (--prefix-dir)
         "pass_repeats": repeats,
     }

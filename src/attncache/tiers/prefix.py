@@ -103,10 +103,15 @@ class PrefixTier:
         data = folder.read("prefix")
         if data is None:
             return False
+        self.restore(data)
+        return True
+
+    def restore(self, data: dict[str, torch.Tensor]) -> None:
+        """Start from a kept tree (``folder.read("prefix")``); ``data`` stays unchanged, so one
+        read can start several tiers."""
         self.tree = from_tensors(
             {k: v.to(self.device) if k == "kv" else v for k, v in data.items()}, self.tree.max_bytes
         )
-        return True
 
     def reset(self) -> None:
         self.tree = RadixKV(self.tree.max_bytes)

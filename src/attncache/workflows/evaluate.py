@@ -196,6 +196,7 @@ def evaluate(
         raise UserError("--policy, --threshold and --learn need a map DB (--db)")
     parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
     folder = s.tier_folder(prefix_dir, prefix_bytes)
+    kept = folder.read("prefix") if folder is not None else None  # read once, for every policy
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
     stored = None
@@ -207,8 +208,8 @@ def evaluate(
     results = []
     for policy in parsed:
         prefix = s.prefix_tier(prefix_bytes)
-        if prefix is not None and folder is not None:
-            prefix.load(folder)
+        if prefix is not None and kept is not None:
+            prefix.restore(kept)
         # every policy starts from the memo as stored, so policies compare on equal terms
         answers = stored.copy() if stored is not None else None
         if s.cache is not None:

@@ -1,6 +1,6 @@
 """Markdown tables for the exact tiers, build/calibrate speed and peers (docs/results.md), from the
 JSON that ``benchmarks/experiments.sh SECTION`` writes to runs/exp/ (sections redesign, buildspeed,
-calspeed, calgoal, batchscale, memo, plain, peers).
+calspeed, calgoal, batchscale, memo, plain, allhit, peers).
 
     python benchmarks/summarize_tiers.py [runs/exp]
 """
@@ -323,6 +323,32 @@ def plain() -> None:
         )
 
 
+def allhit() -> None:
+    b = load("allhit_mmlu.json")
+    if not b or b.get("workload_seconds_bound") is None:
+        return
+    table(
+        f"All-hit workload ({b['n']} items, every one a hit, policy {b['policy']})",
+        ["bound", "batch", "speedup vs SDPA, same batch", "attncache", "fraction kept"],
+        [
+            [
+                "per item, maps in RAM, no lookup",
+                1,
+                f(b["bound_e2e_speedup"], 3, "x"),
+                f(b["e2e_speedup_vs_sdpa"], 3, "x"),
+                f(b["fraction_of_bound"], 3),
+            ],
+            [
+                "workload pass, hits replayed, maps in RAM, no lookup",
+                b["workload_batch_size"],
+                f(b["workload_bound_speedup_vs_sdpa"], 3, "x"),
+                f(b["workload_speedup_vs_sdpa"], 3, "x"),
+                f(b["workload_fraction_of_bound"], 3),
+            ],
+        ],
+    )
+
+
 def peers() -> None:
     for key in ("sst2", "mmlu5"):
         p = load(f"peers_{key}.json")
@@ -360,4 +386,5 @@ if __name__ == "__main__":
     batchscale()
     memo()
     plain()
+    allhit()
     peers()

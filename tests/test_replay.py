@@ -383,3 +383,42 @@ def test_replay_creates_no_tensor_off_the_model_device(built, family):
                 assert (ref - y)[mask].abs().max() < 1e-4
     finally:
         cache.use_templates(None)
+
+
+def test_recorded_hits_replay_a_looked_up_pass_without_searching(built, monkeypatch):
+    """The workload bound's hit source: what a looked-up pass found, batch by batch, replayed over
+    the same batches with maps preloaded gives the same outputs with no lookup; replayed over
+    other batches it refuses."""
+    from attncache.runtime import Lookup, PreloadedMaps, RecordedHits, RecordingHits, attach
+
+    model, cache, seqs = built("llama")
+    batches = [seqs[:3], seqs[3:5] + [random_seqs(1, seed=44)[0]]]
+    att = cache.attach(model, policy="all", threshold=1e-4)
+    att.hits = recording = RecordingHits(att.hits)
+    with att:
+        looked = [forward(model, b, True) for b in batches]
+    assert [[h is not None for h in b] for b in recording.batches] == [
+        [True] * 3,
+        [True, True, False],
+    ]
+    hits = {h for b in recording.batches for h in b if h is not None}
+    layers = range(cache.shape.n_layers)
+    maps = {
+        (h.entry, x, h.length): cache.fetch(h.entry, x, h.length).clone()
+        for h in hits
+        for x in layers
+    }
+    replayed = cache.attach(model, policy="all", threshold=1e-4)
+    replayed.hits = RecordedHits(recording.batches)
+    replayed.maps = PreloadedMaps(cache.db, maps)
+    searched = []
+    monkeypatch.setattr(attach, "features", lambda *a, **k: searched.append(1))
+    monkeypatch.setattr(Lookup, "find", lambda *a: searched.append(1))
+    with replayed:
+        for (ref, mask), b in zip(looked, batches, strict=True):
+            out, _ = forward(model, b, True)
+            assert (ref - out)[mask].abs().max() < 1e-6
+        assert replayed.last_hits == recording.batches[1]
+        with pytest.raises(RuntimeError, match="other batches"):
+            forward(model, seqs[:2], True)
+    assert not searched  # no features, no search

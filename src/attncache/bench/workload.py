@@ -5,6 +5,11 @@ the baseline; attncache (the exact tiers and the map cache, no memo) is timed th
 own sizes. The two best configurations (and attncache's single tiers, for attribution) are then
 timed again in interleaved order (medians). Every tiered pass starts from an empty prefix tree,
 or from the one a ``--prefix-dir`` holds (a warm start, reported as such).
+
+With a map DB, the same attncache pass is also timed as its *in-RAM bound*: the hits a looked-up
+pass found, replayed batch by batch with their maps already in memory and no lookup (features,
+search, fetch and decode left out). ``workload_fraction_of_bound`` is what the real pass keeps of
+it, at the same batch size (the per-item bound of ``items.py`` is at batch 1).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import contextlib
 
 import torch
 
-from ..runtime import Policy
+from ..runtime import Policy, PreloadedMaps, RecordedHits, RecordingHits
 from ..tasks import Plan, run
 from ..workflows import Session
 from .harness import interleaved
 
 BATCH_SIZES = (1, 4, 8, 16, 32)
+BOUND_BYTES = 4 << 30  # the in-RAM bound preloads every hit's maps: skipped beyond this
 
 
 def time_workload(
@@ -43,12 +49,20 @@ def time_workload(
 
         return fn
 
-    def tiered(batch: int, maps: bool, prefix: bool):
+    def tiered(batch: int, maps: bool, prefix: bool, hits=None, preloaded=None):
+        """``hits``: given the attachment's lookup, the hit source to use instead
+        (``RecordingHits``, ``RecordedHits``); ``preloaded``: maps in memory by (entry, layer,
+        length)."""
+
         def fn(_i: int) -> dict:
             tier = s.prefix_tier(prefix_bytes) if prefix else None
             if tier is not None and warm is not None:
                 tier.restore(warm)
             ctx = s.cache.attach(model, pol, threshold) if maps else contextlib.nullcontext()
+            if hits is not None:
+                ctx.hits = hits(ctx.hits)
+            if preloaded is not None:
+                ctx.maps = PreloadedMaps(s.cache.db, preloaded)
             with ctx as att:
                 out = run(model, tok, plan, batch, attached=att, progress=False, prefix=tier)
             if tier is not None:
@@ -56,6 +70,30 @@ def time_workload(
             return {"e2e": out.seconds}
 
         return fn
+
+    def in_ram_bound(batch: int):
+        """The attncache pass at ``batch`` replaying the hits one looked-up pass found, their maps
+        preloaded; None where those maps would take more than ``BOUND_BYTES``."""
+        assert s.cache is not None and pol is not None
+        recorder: list[RecordingHits] = []
+
+        def record(lookup):
+            recorder.append(RecordingHits(lookup))
+            return recorder[0]
+
+        tiered(batch, True, has_prefix, hits=record)(0)
+        batches = recorder[0].batches
+        hits = {h for b in batches for h in b if h is not None}
+        layers = [x for x in pol.layers if x in s.cache.store.layer_pos]
+        heads = s.cache.shape.n_heads
+        if not hits or sum(len(layers) * heads * h.length**2 * 4 for h in hits) > BOUND_BYTES:
+            return None
+        maps = {
+            (h.entry, x, h.length): s.cache.fetch(h.entry, x, h.length).clone()
+            for h in hits
+            for x in layers
+        }
+        return tiered(batch, True, has_prefix, lambda _: RecordedHits(batches), maps)
 
     reports: dict = {}
     sizes = sorted({b for b in batch_sizes if b <= max(1, len(plan.seqs))} or {1})
@@ -75,6 +113,9 @@ def time_workload(
     if has_maps and has_prefix:
         variants["map_only"] = tiered(best_ours, True, False)
         variants["prefix_only"] = tiered(best_ours, False, True)
+    bound = in_ram_bound(best_ours) if has_maps else None
+    if bound is not None:
+        variants["bound"] = bound
     t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, repeats, 0).items()}
     same = t.get("sdpa_same", t["sdpa_best"])
     prefix = reports.get("prefix", {})
@@ -87,6 +128,10 @@ def time_workload(
         "workload_speedup_vs_sdpa": same / t["ours"],  # plain SDPA at attncache's batch size
         "workload_speedup_map_only": same / t["map_only"] if "map_only" in t else None,
         "workload_speedup_prefix_only": same / t["prefix_only"] if "prefix_only" in t else None,
+        # the same pass with its hits' maps in RAM and no lookup, and what the real pass keeps
+        "workload_seconds_bound": t.get("bound"),
+        "workload_bound_speedup_vs_sdpa": same / t["bound"] if "bound" in t else None,
+        "workload_fraction_of_bound": t["bound"] / t["ours"] if "bound" in t else None,
         "screening_seconds_sdpa": screen_sdpa,
         "screening_seconds_attncache": screen_ours,
         "workload_tokens": sum(len(x) for x in plan.seqs),

@@ -3,7 +3,7 @@ lifecycle."""
 
 from .adapters import Adapter, get_adapter
 from .attach import Attachment, Learner, MapStats
-from .lookup import Hit, Lookup, PresetHits, compatible, nearest
+from .lookup import Hit, Lookup, PresetHits, RecordedHits, RecordingHits, compatible, nearest
 from .maps import PreloadedMaps, StoreMaps
 from .policy import Policy, parse_policy
 
@@ -17,6 +17,8 @@ __all__ = [
     "Policy",
     "PreloadedMaps",
     "PresetHits",
+    "RecordedHits",
+    "RecordingHits",
     "StoreMaps",
     "compatible",
     "get_adapter",

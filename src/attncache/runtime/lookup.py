@@ -90,3 +90,38 @@ class PresetHits:
 
     def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]:
         return list(self.hits)
+
+
+class RecordingHits:
+    """A hit source that keeps what the one it wraps found, batch by batch (benchmarks)."""
+
+    def __init__(self, inner: HitSource):
+        self.inner = inner
+        self.batches: list[list[Hit | None]] = []
+
+    @property
+    def needs_features(self) -> bool:
+        return self.inner.needs_features
+
+    def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]:
+        hits = self.inner.find(feats, lengths)
+        self.batches.append(list(hits))
+        return hits
+
+
+class RecordedHits:
+    """The hits a ``RecordingHits`` kept, handed out batch by batch in the same order, with no
+    features and no search: a pass over the same batches then replays exactly those hits (a
+    workload's in-RAM bound)."""
+
+    needs_features = False
+
+    def __init__(self, batches: Sequence[Sequence[Hit | None]]):
+        self.batches = [list(b) for b in batches]
+        self._next = 0
+
+    def find(self, feats: np.ndarray | None, lengths: Sequence[int]) -> list[Hit | None]:
+        if self._next >= len(self.batches) or len(self.batches[self._next]) != len(lengths):
+            raise RuntimeError("recorded hits replayed over other batches than they came from")
+        self._next += 1
+        return list(self.batches[self._next - 1])

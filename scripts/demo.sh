@@ -13,7 +13,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 D=runs/demo  # its own folder: experiment DBs in runs/ are left alone
 mkdir -p "$D"
-BENCH=(--no-per-item --limit 64 --batch-sizes 1,8,32 --pass-repeats 2 --json --quiet)
+BENCH=(--no-per-item --no-bound --limit 64 --batch-sizes 1,8,32 --pass-repeats 2 --json --quiet)
 echo "== 4-shot SST-2, exact tiers: eval on 200 rows, then timing on 64"
 attncache eval --model smollm2-135m --data "sst2:4shot[0:200]" --no-memo --json --quiet > "$D/fewshot_eval.json"
 attncache bench --model smollm2-135m --data "sst2:4shot[200:264]" "${BENCH[@]}" > "$D/fewshot_bench.json"

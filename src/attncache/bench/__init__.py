@@ -30,6 +30,7 @@ class BenchConfig:
     pass_repeats: int = 3  # whole-workload passes per variant
     batch_sizes: tuple[int, ...] = BATCH_SIZES  # tried for plain SDPA and for attncache
     per_item: bool = True  # the map mechanism per item (needs a DB)
+    bound: bool = True  # the workload pass with its hits' maps in RAM and no lookup (needs a DB)
     quantize: str | None = None
     max_tokens: int | None = None
     prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: no prefix tier
@@ -84,7 +85,15 @@ def bench(
         raise UserError(f"--prefix-dir '{kept}' holds no prefix K/V (only answers)")
     res.update(
         time_workload(
-            s, plan, pol, threshold, cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes, warm
+            s,
+            plan,
+            pol,
+            threshold,
+            cfg.batch_sizes,
+            cfg.pass_repeats,
+            cfg.prefix_bytes,
+            warm,
+            cfg.bound,
         )
     )
     if cfg.per_item and pol is not None:

@@ -36,9 +36,11 @@ def time_workload(
     repeats: int,
     prefix_bytes: int | None,
     warm: dict[str, torch.Tensor] | None = None,
+    bound: bool = True,
 ) -> dict:
     """``warm``: a kept prefix tree (``TierFolder.read("prefix")``); every attncache pass starts
-    from it (a warm start), not from an empty tree."""
+    from it (a warm start), not from an empty tree. ``bound``: with maps, time the in-RAM bound
+    too."""
     model, tok = s.model, s.tokenizer
     has_prefix = s.prefix_tier(prefix_bytes) is not None
     has_maps = s.cache is not None and pol is not None
@@ -113,9 +115,9 @@ def time_workload(
     if has_maps and has_prefix:
         variants["map_only"] = tiered(best_ours, True, False)
         variants["prefix_only"] = tiered(best_ours, False, True)
-    bound = in_ram_bound(best_ours) if has_maps else None
-    if bound is not None:
-        variants["bound"] = bound
+    in_ram = in_ram_bound(best_ours) if has_maps and bound else None
+    if in_ram is not None:
+        variants["bound"] = in_ram
     t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, repeats, 0).items()}
     same = t.get("sdpa_same", t["sdpa_best"])
     prefix = reports.get("prefix", {})

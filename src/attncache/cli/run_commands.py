@@ -155,6 +155,7 @@ def run_bench(a) -> int:
         prefix_bytes=prefix_bytes(a),
         batch_sizes=tuple(a.batch_sizes),
         per_item=not a.no_per_item,
+        bound=not a.no_bound,
         quantize=a.quantize,
         pass_repeats=a.pass_repeats,
         max_tokens=a.max_tokens,
@@ -267,6 +268,11 @@ def register(sub, formatter) -> None:
     )
     sp.add_argument(
         "--no-per-item", action="store_true", help="skip the per-item (batch 1) map reuse timing"
+    )
+    sp.add_argument(
+        "--no-bound",
+        action="store_true",
+        help="skip the workload pass with every hit's maps in RAM and no lookup (its bound)",
     )
     sp.add_argument(
         "--pass-repeats", type=POSITIVE, default=3, help="whole-workload passes per variant (3)"

@@ -258,6 +258,8 @@ def test_eval_starts_from_the_prompts_an_earlier_run_kept(tmp_path):
         **kw,
     )
     assert warm_bench["prefix_warm_start"] and warm_bench["workload_seconds"] > 0
+    assert warm_bench["workload_seconds_bound"] is None
+    assert warm_bench["workload_bound_skipped"] == "no map DB"
 
 
 def test_the_device_map_cache_is_exact_capped_and_counted(built):

@@ -75,7 +75,7 @@ def time_workload(
 
     def in_ram_bound(batch: int):
         """The attncache pass at ``batch`` replaying the hits one looked-up pass found, their maps
-        preloaded; None where those maps would take more than ``BOUND_BYTES``."""
+        preloaded; else None and why not."""
         assert s.cache is not None and pol is not None
         recorder: list[RecordingHits] = []
 
@@ -88,14 +88,16 @@ def time_workload(
         hits = {h for b in batches for h in b if h is not None}
         layers = [x for x in pol.layers if x in s.cache.store.layer_pos]
         heads = s.cache.shape.n_heads
-        if not hits or sum(len(layers) * heads * h.length**2 * 4 for h in hits) > BOUND_BYTES:
-            return None
+        if not hits:  # e.g. every input ran over a shared prefix, where maps do not apply
+            return None, "the pass found no map hits"
+        if sum(len(layers) * heads * h.length**2 * 4 for h in hits) > BOUND_BYTES:
+            return None, f"its hits' maps exceed {BOUND_BYTES >> 30} GiB"
         maps = {
             (h.entry, x, h.length): s.cache.fetch(h.entry, x, h.length).clone()
             for h in hits
             for x in layers
         }
-        return tiered(batch, True, has_prefix, lambda _: RecordedHits(batches), maps)
+        return tiered(batch, True, has_prefix, lambda _: RecordedHits(batches), maps), None
 
     reports: dict = {}
     sizes = sorted({b for b in batch_sizes if b <= max(1, len(plan.seqs))} or {1})
@@ -115,7 +117,9 @@ def time_workload(
     if has_maps and has_prefix:
         variants["map_only"] = tiered(best_ours, True, False)
         variants["prefix_only"] = tiered(best_ours, False, True)
-    in_ram = in_ram_bound(best_ours) if has_maps and bound else None
+    in_ram, no_bound = None, "no map DB" if not has_maps else "--no-bound"
+    if has_maps and bound:
+        in_ram, no_bound = in_ram_bound(best_ours)
     if in_ram is not None:
         variants["bound"] = in_ram
     t = {k: v["e2e"][0] for k, v in interleaved(variants, 1, repeats, 0).items()}
@@ -134,6 +138,7 @@ def time_workload(
         "workload_seconds_bound": t.get("bound"),
         "workload_bound_speedup_vs_sdpa": same / t["bound"] if "bound" in t else None,
         "workload_fraction_of_bound": t["bound"] / t["ours"] if "bound" in t else None,
+        "workload_bound_skipped": no_bound,  # why there is no bound (None: there is one)
         "screening_seconds_sdpa": screen_sdpa,
         "screening_seconds_attncache": screen_ours,
         "workload_tokens": sum(len(x) for x in plan.seqs),

@@ -15,6 +15,7 @@ it, at the same batch size (the per-item bound of ``items.py`` is at batch 1).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -73,7 +74,7 @@ def time_workload(
 
         return fn
 
-    def in_ram_bound(batch: int):
+    def in_ram_bound(batch: int) -> tuple[Callable[[int], dict] | None, str | None]:
         """The attncache pass at ``batch`` replaying the hits one looked-up pass found, their maps
         preloaded; else None and why not."""
         assert s.cache is not None and pol is not None

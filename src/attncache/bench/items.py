@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..inputs import collate
-from ..runtime import Attachment, MapStats, Policy, PreloadedMaps, PresetHits
+from ..runtime import Attachment, MapStats, Policy, PreloadedMaps, PresetHits, read_maps
 from ..workflows import Session
 from .harness import AttentionTimer, interleaved, ratio_of
 
@@ -50,13 +50,7 @@ def time_items(
             model(**x, **kw)
             hits.append(att.last_hits[0])
             reused.append(att.last_reused[0])
-    preloaded = {
-        (h.entry, layer, h.length): cache.fetch(h.entry, layer, h.length).clone()
-        for h in hits
-        if h is not None
-        for layer in pol.layers
-        if layer in cache.store.layer_pos
-    }
+    preloaded = read_maps(cache.db, hits, (x for x in pol.layers if x in cache.store.layer_pos))
 
     def bound(i: int) -> Attachment:
         return Attachment(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runtime import Policy, PreloadedMaps, RecordedHits, RecordingHits
+from ..runtime import Policy, PreloadedMaps, RecordedHits, RecordingHits, read_maps
 from ..tasks import Plan, run
 from ..workflows import Session
 from .harness import interleaved
@@ -93,11 +93,7 @@ def time_workload(
             return None, "the pass found no map hits"
         if sum(len(layers) * heads * h.length**2 * 4 for h in hits) > BOUND_BYTES:
             return None, f"its hits' maps exceed {BOUND_BYTES >> 30} GiB"
-        maps = {
-            (h.entry, x, h.length): s.cache.fetch(h.entry, x, h.length).clone()
-            for h in hits
-            for x in layers
-        }
+        maps = read_maps(s.cache.db, hits, layers)
         return tiered(batch, True, has_prefix, lambda _: RecordedHits(batches), maps), None
 
     reports: dict = {}
@@ -118,8 +114,11 @@ def time_workload(
     if has_maps and has_prefix:
         variants["map_only"] = tiered(best_ours, True, False)
         variants["prefix_only"] = tiered(best_ours, False, True)
-    in_ram, no_bound = None, "no map DB" if not has_maps else "--no-bound"
-    if has_maps and bound:
+    if not has_maps:
+        in_ram, no_bound = None, "no map DB"
+    elif not bound:
+        in_ram, no_bound = None, "--no-bound"
+    else:
         in_ram, no_bound = in_ram_bound(best_ours)
     if in_ram is not None:
         variants["bound"] = in_ram

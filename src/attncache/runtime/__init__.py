@@ -4,7 +4,7 @@ lifecycle."""
 from .adapters import Adapter, get_adapter
 from .attach import Attachment, Learner, MapStats
 from .lookup import Hit, Lookup, PresetHits, RecordedHits, RecordingHits, compatible, nearest
-from .maps import PreloadedMaps, StoreMaps
+from .maps import PreloadedMaps, StoreMaps, read_maps
 from .policy import Policy, parse_policy
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "get_adapter",
     "nearest",
     "parse_policy",
+    "read_maps",
 ]

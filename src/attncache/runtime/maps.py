@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -132,6 +133,20 @@ class StoreMaps:
         if cache is not None:
             cache.put(self._uid_key(*key), maps)
         return maps
+
+
+def read_maps(
+    db: Database, hits: Iterable[Hit | None], layers: Iterable[int]
+) -> dict[MapKey, torch.Tensor]:
+    """Every hit's maps of ``layers`` read into memory now (copies, not memmap views): what a
+    ``PreloadedMaps`` holds."""
+    layers = list(layers)
+    return {
+        (h.entry, x, h.length): db.store.layer(h.entry, x, h.length).clone()
+        for h in hits
+        if h is not None
+        for x in layers
+    }
 
 
 class PreloadedMaps(StoreMaps):

@@ -16,8 +16,8 @@ from tiny import TinyTokenizer, random_seqs, tiny_model
 
 from attncache import AttnCache, Scorer, UserError
 from attncache.db.tier_store import TierFolder
-from attncache.models import fingerprint
-from attncache.tiers import PrefixTier
+from attncache.models import fingerprint, numerics
+from attncache.tiers import PrefixTier, kept_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,9 +205,11 @@ def test_a_restarted_server_answers_a_repeated_prefix_from_disk(tmp_path):
     assert (ref[0, -1] - got.logits[0, -1]).abs().max() < 1e-4
     # another model's folder is refused; a damaged file is refused, not used
     with pytest.raises(UserError, match="another model"):
-        TierFolder(tmp_path / "tiers", fingerprint(tiny_model("llama", seed=9), tok)).read("prefix")
+        TierFolder(tmp_path / "tiers", fingerprint(tiny_model("llama", seed=9), tok)).read(
+            kept_name(numerics(model))
+        )
     index = json.loads((tmp_path / "tiers" / "tiers.json").read_text())
-    path = tmp_path / "tiers" / index["files"]["prefix"]["file"]
+    path = tmp_path / "tiers" / index["files"][kept_name(numerics(model))]["file"]
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -12,29 +12,31 @@ from attncache import AttnCache
 from attncache.tasks import Plan, Query, RowPlan, run
 from attncache.tiers.memo import Answer, ResultMemo
 
+FP32 = "float32-cpu"
+
 
 def test_an_answer_covers_only_what_it_holds_and_the_cap_evicts_the_least_recent():
     memo = ResultMemo(max_entries=2)
-    memo.put([1, 2, 3], Answer({(1, 5): -0.5}, 7))
-    assert memo.get([1, 2, 3], [(1, 5)]).argmax == 7
-    assert memo.get([1, 2, 3], [(1, 5), (1, 6)]) is None  # another scoring asked for more
-    memo.put([1, 2, 3], Answer({(1, 6): -2.0}, 7))  # ... and now it has both
-    assert memo.get([1, 2, 3], [(1, 5), (1, 6)]).logprobs == {(1, 5): -0.5, (1, 6): -2.0}
-    memo.put([4], Answer({}, 1))
-    memo.get([1, 2, 3])  # recently used
-    memo.put([5], Answer({}, 2))
-    assert len(memo) == 2 and memo.get([4]) is None and memo.get([1, 2, 3]) is not None
+    memo.put([1, 2, 3], FP32, Answer({(1, 5): -0.5}, 7))
+    assert memo.get([1, 2, 3], FP32, [(1, 5)]).argmax == 7
+    assert memo.get([1, 2, 3], FP32, [(1, 5), (1, 6)]) is None  # another scoring asked for more
+    memo.put([1, 2, 3], FP32, Answer({(1, 6): -2.0}, 7))  # ... and now it has both
+    assert memo.get([1, 2, 3], FP32, [(1, 5), (1, 6)]).logprobs == {(1, 5): -0.5, (1, 6): -2.0}
+    memo.put([4], FP32, Answer({}, 1))
+    memo.get([1, 2, 3], FP32)  # recently used
+    memo.put([5], FP32, Answer({}, 2))
+    assert len(memo) == 2 and memo.get([4], FP32) is None and memo.get([1, 2, 3], FP32) is not None
     st = memo.stats.as_dict()
     assert st["lookups"] == 6 and st["hits"] == 4
 
 
 def test_arrays_round_trip_logprobs_and_embeddings():
     memo = ResultMemo()
-    memo.put([1, 2], Answer({(1, 3): -1.25, (2, 4): -0.5}, 9))
-    memo.put([3], Answer(embedding=np.arange(4, dtype=np.float32)))
+    memo.put([1, 2], FP32, Answer({(1, 3): -1.25, (2, 4): -0.5}, 9))
+    memo.put([3], FP32, Answer(embedding=np.arange(4, dtype=np.float32)))
     again = ResultMemo.from_arrays(memo.to_arrays())
-    assert again.get([1, 2], [(1, 3), (2, 4)]).logprobs == {(1, 3): -1.25, (2, 4): -0.5}
-    assert np.array_equal(again.get([3], embedding=True).embedding, np.arange(4))
+    assert again.get([1, 2], FP32, [(1, 3), (2, 4)]).logprobs == {(1, 3): -1.25, (2, 4): -0.5}
+    assert np.array_equal(again.get([3], FP32, embedding=True).embedding, np.arange(4))
 
 
 def plan_of(seqs):
@@ -62,8 +64,8 @@ def test_a_second_run_is_answered_from_the_memo_with_the_same_outputs(tmp_path):
     assert AttnCache.verify(db) == []
     again = ResultMemo.load(AttnCache.open(db).db)
     assert (
-        again.get(seqs[2], [(1, 5), (1, 9)]).logprobs
-        == memo.get(seqs[2], [(1, 5), (1, 9)]).logprobs
+        again.get(seqs[2], FP32, [(1, 5), (1, 9)]).logprobs
+        == memo.get(seqs[2], FP32, [(1, 5), (1, 9)]).logprobs
     )
     # inserts and other commits keep it
     AttnCache.open(db).learn(model, random_seqs(2, seed=77))
@@ -107,6 +109,6 @@ def test_answers_that_replayed_maps_are_never_memoised(built):
             memo=memo,
         )
     assert out.replayed[:3] == [True] * 3 and out.replayed[3:] == [False] * 2
-    assert len(memo) == 2 and all(memo.get(s) is not None for s in new)
+    assert len(memo) == 2 and all(memo.get(s, FP32) is not None for s in new)
     ref, _ = forward(model, new, True)
     assert torch.isfinite(ref).all()

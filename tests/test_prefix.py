@@ -134,6 +134,28 @@ def test_tier_goes_idle_without_shared_prefixes():
     assert len(runner.tree) == n  # no more insertions
 
 
+def test_an_idle_tier_re_arms_when_the_traffic_starts_sharing():
+    """A long-lived server: after 64 inputs that share nothing the tier idles, and a later stream
+    of requests on one prompt (one request per batch, as a server sees them) is reused again,
+    exactly. On 9cecc0c the tier stayed idle for the process's life."""
+    from attncache.tiers.prefix import IDLE_AFTER
+
+    model = tiny_model("llama")
+    runner = PrefixTier(model, min_prefix=4)
+    for s in random_seqs(IDLE_AFTER + 4, lo=10, hi=12, seed=50):
+        runner.run([s], 1, 0)
+    assert runner.idle
+    prompt = random_seqs(1, lo=24, hi=24, seed=51)[0]
+    tails = random_seqs(6, lo=2, hi=4, seed=52)
+    outs = [runner.run([prompt + t], 1, 0) for t in tails]
+    assert not runner.idle
+    assert sum(o.prefix_tokens[0] for o in outs[2:]) >= 3 * len(prompt)  # reused once re-armed
+    for t, o in zip(tails, outs, strict=True):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt + t])).logits[0, -1]
+        assert (ref - o.logits[0, -1]).abs().max() < 1e-4
+
+
 class TokenCounter:
     """Counts the tokens a model's forwards process (a forward pre-hook on the input ids)."""
 

@@ -28,13 +28,17 @@ class Scorer:
         batch_size: int = 8,
         prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
         memo: bool = True,
+        prefix_dir: str | None = None,
     ):
+        """``prefix_dir``: keep the prefix tree (and, without a DB, the memo) there across
+        processes, as ``serve --prefix-dir`` does; kept per model and numerics."""
         cfg = ServeConfig(
             max_batch=batch_size,
             policy=policy,
             attach=cache is not None,
             prefix_bytes=prefix_bytes,
             memo=memo,
+            prefix_dir=prefix_dir,
         )
         self.engine = Engine(Session(cache, model, tokenizer), cfg)
 

@@ -209,6 +209,25 @@ _NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def numerics(model) -> str:
+    """What decides a model's exact outputs beyond its weights: dtype, device type and whether its
+    linears are quantized (``float32-cpu``, ``bfloat16-cuda``, ``float32-cpu-int8``).
+
+    Every artefact an exact tier keeps (memo answers, prefix K/V) is keyed by it, so one numerics'
+    answers are never served to another (the fingerprint deliberately ignores dtype: a map DB
+    serves its model in any dtype)."""
+    p = next(model.parameters(), None)
+    dtype = str(p.dtype).replace("torch.", "") if p is not None else "float32"
+    device = p.device.type if p is not None else "cpu"
+    quantized = any("quantized" in type(m).__module__ for m in model.modules())
+    parts = [dtype, device]
+    if device == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        parts.append("tf32")
+    if quantized:
+        parts.append("int8")
+    return "-".join(parts)
+
+
 def name_of(model) -> str:
     """The name a model was loaded by (a built-in name or a path), else its config's
     ``_name_or_path``."""

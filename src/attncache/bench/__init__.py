@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import models
 from ..db.tier_store import INDEX
 from ..errors import UserError
 from ..tiers import DEFAULT_PREFIX_BYTES
@@ -80,9 +81,12 @@ def bench(
         res["reused_layers"] = pol.head_maps(s.cache.store.layer_pos)  # per hit
         res["template_layers"] = pol.fixed_maps()  # per item, no lookup
     folder = s.tier_folder(kept, cfg.prefix_bytes)
-    warm = folder.read("prefix") if folder is not None else None  # read once, for every pass
+    warm = s.kept_prefix(folder)  # read once, for every pass
     if folder is not None and warm is None:
-        raise UserError(f"--prefix-dir '{kept}' holds no prefix K/V (only answers)")
+        raise UserError(
+            f"--prefix-dir '{kept}' holds no prefix K/V computed in {models.numerics(s.model)} "
+            "(only answers, or K/V of other numerics)"
+        )
     res.update(
         time_workload(
             s,

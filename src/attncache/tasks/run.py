@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import models
 from ..inputs import collate, length_batches
 from ..progress import Stage
 from ..tiers.memo import Answer, ResultMemo
@@ -109,8 +110,9 @@ def run(
     todo = list(range(len(plan.seqs))) if seq_ids is None else list(seq_ids)
     device = next(model.parameters()).device
     t_start = time.perf_counter()
+    numerics = models.numerics(model)  # memo answers are kept per numerics (dtype, device, int8)
     if memo is not None:
-        answered = {i for i in todo if _from_memo(memo, plan, i, wanted, out)}
+        answered = {i for i in todo if _from_memo(memo, numerics, plan, i, wanted, out)}
         for i in answered:
             out.memo_hit[i] = True
         todo = [i for i in todo if i not in answered]
@@ -188,26 +190,31 @@ def run(
                         out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
                     out.embeddings[i] = pooled[j].cpu().numpy()
                 if memo is not None and not reused[j]:
-                    _to_memo(memo, plan, i, wanted, out)
+                    _to_memo(memo, numerics, plan, i, wanted, out)
             bar.update(len(batch))
     out.seconds += seconds
     return out
 
 
 def _from_memo(
-    memo: ResultMemo, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput
+    memo: ResultMemo,
+    numerics: str,
+    plan: Plan,
+    i: int,
+    wanted: dict[int, list[Query]],
+    out: RunOutput,
 ) -> bool:
     seq = plan.seqs[i]
     if plan.causal:
         keys = [(q.from_end, q.token) for q in wanted.get(i, [])]
-        got = memo.get(seq, keys)
+        got = memo.get(seq, numerics, keys)
         if got is None or got.argmax < 0:
             return False
         out.argmax[i] = got.argmax
         for q in wanted.get(i, []):
             out.logprobs[(i, q.from_end, q.token)] = got.logprobs[(q.from_end, q.token)]
         return True
-    got = memo.get(seq, embedding=True)
+    got = memo.get(seq, numerics, embedding=True)
     if got is None:
         return False
     if out.embeddings is None:
@@ -217,16 +224,21 @@ def _from_memo(
 
 
 def _to_memo(
-    memo: ResultMemo, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput
+    memo: ResultMemo,
+    numerics: str,
+    plan: Plan,
+    i: int,
+    wanted: dict[int, list[Query]],
+    out: RunOutput,
 ) -> None:
     seq = plan.seqs[i]
     if plan.causal:
         lp = {
             (q.from_end, q.token): out.logprobs[(i, q.from_end, q.token)] for q in wanted.get(i, [])
         }
-        memo.put(seq, Answer(lp, out.argmax[i]))
+        memo.put(seq, numerics, Answer(lp, out.argmax[i]))
     else:
-        memo.put(seq, Answer(embedding=out.embeddings[i].copy()))
+        memo.put(seq, numerics, Answer(embedding=out.embeddings[i].copy()))
 
 
 def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:

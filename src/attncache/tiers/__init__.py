@@ -2,7 +2,7 @@
 
 from .base import Tier, TierOutput
 from .model_io import supports_prefix
-from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier
+from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier, kept_name
 from .radix import InsertResult, Match, RadixKV
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "RadixKV",
     "Tier",
     "TierOutput",
+    "kept_name",
     "supports_prefix",
 ]

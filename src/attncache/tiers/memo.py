@@ -2,8 +2,10 @@
 
 An input whose token ids (after the task's formatting) were answered before by the exact model is
 answered from the memo: per sequence the log-probabilities a scoring asked for and the greedy next
-token (decoders), or the embedding (encoders), keyed by a hash of the ids. Only exact outputs are
-kept (an input that replayed maps is never memoised). Bounded by an entry count, least recently used
+token (decoders), or the embedding (encoders), keyed by a hash of the ids *and the numerics that
+computed them* (``models.numerics``: dtype, device type, quantization), so a bfloat16 or int8 run's
+answers are never served to a float32 run as exact. Only exact outputs are kept (an input that
+replayed maps is never memoised). Bounded by an entry count, least recently used
 first. The DB persists it (``Database.commit_memo``) with the same checksums and atomic commits as
 the maps, so the model fingerprint guards it too.
 """
@@ -21,10 +23,15 @@ import numpy as np
 from ..stats import Counters, ratio
 
 DEFAULT_MEMO_ENTRIES = 100_000
+# Stored with the arrays: memos written before keys carried their numerics are dropped on load
+# (their answers may come from any dtype).
+KEY_SCHEME = 2
 
 
-def memo_key(seq: Sequence[int]) -> bytes:
-    return hashlib.sha256(np.asarray(seq, dtype=np.int64).tobytes()).digest()
+def memo_key(seq: Sequence[int], numerics: str) -> bytes:
+    h = hashlib.sha256(numerics.encode() + b"\0")
+    h.update(np.asarray(seq, dtype=np.int64).tobytes())
+    return h.digest()
 
 
 @dataclass
@@ -58,10 +65,15 @@ class ResultMemo:
         return len(self._entries)
 
     def get(
-        self, seq: Sequence[int], wanted: Sequence[tuple[int, int]] = (), embedding: bool = False
+        self,
+        seq: Sequence[int],
+        numerics: str,
+        wanted: Sequence[tuple[int, int]] = (),
+        embedding: bool = False,
     ) -> Answer | None:
-        """The stored answer if it covers every wanted (from_end, token) (or the embedding)."""
-        key = memo_key(seq)
+        """The answer ``numerics`` stored for ``seq`` if it covers every wanted (from_end, token)
+        (or the embedding)."""
+        key = memo_key(seq, numerics)
         with self._lock:
             got = self._entries.get(key)
             ok = (
@@ -74,8 +86,8 @@ class ResultMemo:
         self.stats.add(lookups=1, hits=int(ok))
         return got if ok else None
 
-    def put(self, seq: Sequence[int], answer: Answer) -> None:
-        key = memo_key(seq)
+    def put(self, seq: Sequence[int], numerics: str, answer: Answer) -> None:
+        key = memo_key(seq, numerics)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:  # a later scoring may ask for other tokens: keep both
@@ -96,15 +108,20 @@ class ResultMemo:
             twin._entries = OrderedDict(self._entries)
         return twin
 
-    def merge(self, other: ResultMemo) -> None:
-        """Take ``other``'s answers (another process's commit) without touching recency of ours."""
+    def merge(self, other: ResultMemo) -> int:
+        """Take ``other``'s answers (another process's commit, or a pass's copy) without touching
+        recency of ours; returns how many were new here (the caller decides whether they are new
+        to the DB)."""
+        added = 0
         with self._lock:
             for key, answer in other._entries.items():
                 if key not in self._entries:
                     self._entries[key] = answer
                     self._entries.move_to_end(key, last=False)
+                    added += 1
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+        return added
 
     # -- persistence in a DB
     # ---------------------------------------------------------------------------
@@ -168,6 +185,7 @@ class ResultMemo:
             "logprob": np.array([v for _, _, v in flat], dtype=np.float32),
             "embedding": emb,
             "has_embedding": has_emb,
+            "key_scheme": np.array([KEY_SCHEME], dtype=np.int64),
         }
 
     @classmethod
@@ -175,6 +193,9 @@ class ResultMemo:
         cls, arrays: dict[str, np.ndarray], max_entries: int = DEFAULT_MEMO_ENTRIES
     ) -> ResultMemo:
         memo = cls(max_entries)
+        scheme = arrays.get("key_scheme")
+        if scheme is None or int(np.asarray(scheme).reshape(-1)[0]) != KEY_SCHEME:
+            return memo  # keys without their numerics: no answer of it can be trusted as exact
         keys, counts = arrays["keys"], arrays["counts"]
         starts = np.concatenate([[0], np.cumsum(counts)])
         for i in range(len(keys)):

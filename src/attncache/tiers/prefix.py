@@ -18,21 +18,29 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
 4. the inputs without a usable prefix run together as usual, with the map cache (``maps``) applying
    to them, and insert their K/V when a later input may share it.
 
-If none of the first 64 inputs shares even ``min_prefix`` tokens with another (SST-2-like
-workloads), the tier goes idle: it stops building K/V caches and inserting, so it costs about
-nothing where it cannot help. Models with sliding-window layers keep only a window of K/V, so the
-tier is not used for them.
+If the last 64 inputs shared not even ``min_prefix`` tokens with another (SST-2-like workloads),
+the tier goes idle: it stops building K/V caches and inserting, so it costs about nothing where it
+cannot help. It re-arms as soon as an input shares its first ``min_prefix`` tokens with one of the
+last 64 (a server whose traffic changes reuses again). Models with sliding-window layers keep only
+a window of K/V, so the tier is not used for them.
+
+K/V depend on the numerics that computed them: the tree belongs to one ``models.numerics`` (a
+model moved to another dtype or device starts a new tree), and a kept tree is stored under its
+numerics' name (``kept_name``), so a bfloat16 run's K/V never reach a float32 run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import models
+from ..errors import UserError
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
@@ -43,7 +51,7 @@ from .schedule import prefix_groups, shared_prefix
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
-IDLE_AFTER = 64  # inputs: if none of the first ones shares even MIN_PREFIX tokens, stop inserting
+IDLE_AFTER = 64  # inputs: if none of the last ones shares even MIN_PREFIX tokens, stop inserting
 # a packed row may always hold this many suffix tokens, however short its prefix
 PACK_MIN_TOKENS = 32
 # a group whose prefix is not cached runs as one row (prefix, then every member's suffix) when the
@@ -70,6 +78,11 @@ class PrefixStats(Counters):
         return {"prefix_tokens_reused_fraction": ratio(saved, c["tokens_total"])}
 
 
+def kept_name(numerics: str) -> str:
+    """The name a kept tree of these numerics has in a ``db.TierFolder``."""
+    return f"prefix.{numerics}"
+
+
 class PrefixTier:
     """Runs decoder batches through a ``RadixKV``; returns the last ``keep`` positions' logits."""
 
@@ -85,6 +98,9 @@ class PrefixTier:
         self.min_prefix = min_prefix
         self.idle = False  # a workload without shared prefixes: matching goes on, inserting stops
         self.longest_shared = 0
+        self._since_shared = 0  # inputs since one last shared MIN_PREFIX tokens with another
+        self._recent_heads: deque[tuple[int, ...]] = deque(maxlen=IDLE_AFTER)
+        self.numerics = models.numerics(model)  # the tree's K/V are of these numerics only
         self.tree = RadixKV(max_bytes)
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
@@ -96,22 +112,56 @@ class PrefixTier:
 
     def save(self, folder) -> None:
         """Keep the tree in a ``db.TierFolder`` (``--prefix-dir``): a restart starts warm."""
-        folder.write("prefix", to_tensors(self.tree))
+        self._follow_model()
+        folder.write(kept_name(self.numerics), to_tensors(self.tree))
 
     def load(self, folder) -> bool:
-        """Take the tree a ``db.TierFolder`` holds (checksummed, for this model); False if none."""
-        data = folder.read("prefix")
+        """Take the tree a ``db.TierFolder`` holds for this model's numerics (checksummed, for
+        this model); False if none."""
+        self._follow_model()
+        data = folder.read(kept_name(self.numerics))
         if data is None:
             return False
         self.restore(data)
         return True
 
     def restore(self, data: dict[str, torch.Tensor]) -> None:
-        """Start from a kept tree (``folder.read("prefix")``); ``data`` stays unchanged, so one
-        read can start several tiers."""
+        """Start from a kept tree (``folder.read(kept_name(numerics))``); ``data`` stays
+        unchanged, so one read can start several tiers. K/V of another dtype are refused."""
+        self._follow_model()
+        kv = data.get("kv")
+        dtype = next(self.model.parameters()).dtype
+        if kv is not None and kv.numel() and kv.dtype != dtype:
+            raise UserError(
+                f"the kept prefix K/V are {str(kv.dtype).replace('torch.', '')}, the model runs "
+                f"in {str(dtype).replace('torch.', '')}; K/V of other numerics are not exact"
+            )
         self.tree = from_tensors(
             {k: v.to(self.device) if k == "kv" else v for k, v in data.items()}, self.tree.max_bytes
         )
+
+    def _follow_model(self) -> None:
+        """A model moved to another dtype or device since the tree was built starts a new tree:
+        K/V computed in other numerics would make the tier inexact."""
+        now = models.numerics(self.model)
+        if now != self.numerics:
+            self.numerics = now
+            self.device = next(self.model.parameters()).device
+            self.tree = RadixKV(self.tree.max_bytes)
+
+    def _watch_sharing(self, seqs: list[list[int]]) -> None:
+        """The idle rule: idle once the last ``IDLE_AFTER`` inputs shared nothing; re-armed by an
+        input whose first ``min_prefix`` tokens repeat a recent input's (or another's in the
+        batch)."""
+        heads = [tuple(s[: self.min_prefix]) for s in seqs if len(s) >= self.min_prefix]
+        seen = set(self._recent_heads)
+        repeats = len(set(heads)) < len(heads) or any(h in seen for h in heads)
+        self._recent_heads.extend(heads)
+        if repeats:
+            self._since_shared = 0
+            self.idle = False
+        else:
+            self._since_shared += len(seqs)
 
     def reset(self) -> None:
         self.tree = RadixKV(self.tree.max_bytes)
@@ -144,6 +194,8 @@ class PrefixTier:
         leading tokens a later input shares (0: none), from a caller that sees the whole workload;
         the tier keeps the K/V a later input can use. None: unknown, keep what is computed (until
         the tier goes idle)."""
+        self._follow_model()
+        self._watch_sharing(seqs)
         count = len(seqs)
         needs = [keep] * count if needs is None else [min(n, keep) for n in needs]
         self.stats.add(items=count, tokens_total=sum(len(s) for s in seqs))
@@ -192,11 +244,9 @@ class PrefixTier:
             if use is not None:
                 self.tree.lock(use.node)
             matches.append(use)
-        if (
-            not self.idle
-            and self.stats.items >= IDLE_AFTER
-            and self.longest_shared < self.min_prefix
-        ):
+        if any(m is not None for m in matches) or in_row:
+            self._since_shared = 0  # something was shared after all (a held prefix)
+        if not self.idle and self._since_shared >= IDLE_AFTER:
             self.idle = True
         out: list[torch.Tensor | None] = [None] * count
         hits: list = [None] * count

@@ -196,7 +196,7 @@ def evaluate(
         raise UserError("--policy, --threshold and --learn need a map DB (--db)")
     parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
     folder = s.tier_folder(prefix_dir, prefix_bytes)
-    kept = folder.read("prefix") if folder is not None else None  # read once, for every policy
+    kept = s.kept_prefix(folder)  # read once, for every policy
     plan = s.plan(data, limit, strict, quiet=not progress)
     exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
     stored = None
@@ -235,8 +235,9 @@ def evaluate(
                 memo=answers,
                 keep_prefixes=folder is not None,
             )
-        if answers is not None:
+        if answers is not None and answers.dirty:  # this pass answered something new
             learned_answers.merge(answers)
+            learned_answers.dirty = True
         st = (
             s.cache.stats.as_dict()
             if s.cache

@@ -15,7 +15,7 @@ from ..cache import AttnCache
 from ..db.tier_store import TierFolder
 from ..errors import UserError
 from ..tasks import Plan, plan_rows, require_rows
-from ..tiers import PrefixTier, supports_prefix
+from ..tiers import PrefixTier, kept_name, supports_prefix
 
 
 def input_limit(model, tokenizer, cap: int | None = None) -> int | None:
@@ -135,6 +135,13 @@ class Session:
                 "every key (no sliding window) and the tier on (no --no-prefix-cache)"
             )
         return TierFolder(prefix_dir, models.fingerprint(self.model, self.tokenizer))
+
+    def kept_prefix(self, folder: TierFolder | None) -> dict | None:
+        """The prefix K/V ``folder`` keeps for this model's numerics (dtype, device, int8), read
+        once for every pass; None if it keeps none (or only other numerics')."""
+        if folder is None:
+            return None
+        return folder.read(kept_name(models.numerics(self.model)))
 
     def plan(
         self, data: str, limit: int | None = None, strict: bool = False, quiet: bool = False

@@ -1,0 +1,119 @@
+"""Exact artefacts are keyed by their numerics: answers and K/V computed in one dtype (or device, or
+with int8 linears) are never served to another as exact. And what an eval learns is kept."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_cli import cli
+from tiny import TinyTokenizer, random_seqs, tiny_model
+
+from attncache import AttnCache, Scorer, UserError
+from attncache.db.tier_store import TierFolder
+from attncache.models import fingerprint, numerics, same_identity
+from attncache.tiers import PrefixTier, kept_name
+from attncache.workflows.session import quantize_int8
+
+PROMPTS = [
+    ("Review: a gripping and moving film, told well\nSentiment:", [" negative", " positive"]),
+    ("Review: dull, long and far too loud for its own good\nSentiment:", [" bad", " good"]),
+    ("Question: is the sky blue on a clear day?\nAnswer:", [" no", " yes", " maybe"]),
+]
+
+
+def in_bf16(model):
+    """A bfloat16 copy that answers to the fp32 model's fingerprint, as ``load_model(...,
+    dtype="bfloat16")`` gives (the weights are fingerprinted before the cast)."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    same_identity(low, model)
+    return low
+
+
+def scores(scorer: Scorer) -> list[dict]:
+    return [scorer.score(p, c) for p, c in PROMPTS]
+
+
+def assert_close(got: list[dict], want: list[dict], tol: float = 1e-4) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"], strict=True)) < tol
+
+
+def test_numerics_name_dtype_device_and_int8():
+    model = tiny_model("llama")
+    assert numerics(model) == "float32-cpu"
+    assert numerics(copy.deepcopy(model).to(torch.bfloat16)) == "bfloat16-cpu"
+    assert numerics(quantize_int8(copy.deepcopy(model))).endswith("-int8")
+
+
+def test_a_bf16_scorer_on_a_db_never_answers_a_later_fp32_one(tmp_path):
+    """The memo kept in a DB: bf16 answers first, then an fp32 Scorer on the same DB answers what
+    the fp32 model computes (on 9cecc0c every one came from the memo, 0.13 off)."""
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    db = tmp_path / "db"
+    AttnCache.build(model, tok, random_seqs(10, seed=3), db, progress=False)
+    with Scorer(model, tok, memo=False) as plain:
+        want = scores(plain)
+    bf16 = in_bf16(model)
+    with Scorer(bf16, tok, AttnCache.open(db), policy="none") as s:
+        low = scores(s)
+    assert max(abs(a - b) for g, w in zip(low, want) for a, b in zip(g["logprobs"], w["logprobs"]))
+    assert json.loads((db / "manifest.json").read_text())["memo"]["entries"] > 0
+    with Scorer(model, tok, AttnCache.open(db), policy="none") as s:
+        got = scores(s)
+    assert all(g["usage"]["attncache"]["memo_hits"] == 0 for g in got)
+    assert_close(got, want)
+    with Scorer(model, tok, AttnCache.open(db), policy="none") as s:  # its own answers do come back
+        again = scores(s)
+    assert all(g["usage"]["attncache"]["memo_hits"] == g["usage"]["attncache"]["sequences"]
+               for g in again)
+    assert_close(again, want)
+
+
+def test_a_prefix_dir_keeps_each_numerics_apart(tmp_path):
+    """``--prefix-dir``: a bf16 process keeps its K/V and answers; an fp32 process on the same
+    folder neither restores those K/V nor takes those answers."""
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    with Scorer(model, tok, memo=False) as plain:
+        want = scores(plain)
+    bf16 = in_bf16(model)
+    folder = str(tmp_path / "tiers")
+    with Scorer(bf16, tok, prefix_dir=folder) as s:
+        scores(s)
+    index = json.loads((tmp_path / "tiers" / "tiers.json").read_text())
+    assert kept_name("bfloat16-cpu") in index["files"] and "memo" in index["files"]
+    with Scorer(model, tok, prefix_dir=folder) as s:
+        got = scores(s)
+    assert all(g["usage"]["attncache"]["memo_hits"] == 0 for g in got)
+    assert_close(got, want)
+    # the bf16 tree is never restored into an fp32 tier, by name or by hand
+    tier = PrefixTier(model)
+    kept = TierFolder(folder, fingerprint(model, tok)).read(kept_name("bfloat16-cpu"))
+    assert kept is not None and kept["kv"].dtype == torch.bfloat16
+    with pytest.raises(UserError, match="not exact"):
+        tier.restore(kept)
+
+
+def test_the_in_process_tree_starts_afresh_when_the_model_changes_dtype():
+    model = copy.deepcopy(tiny_model("llama"))
+    prompt = random_seqs(1, lo=30, hi=30, seed=5)[0]
+    tier = PrefixTier(model, min_prefix=8)
+    tier.run([prompt + [3], prompt + [4]], 1, 0)
+    assert not tier.empty
+    model.to(torch.bfloat16)
+    out = tier.run([prompt + [5]], 1, 0)
+    assert out.prefix_tokens == [0] and tier.numerics == "bfloat16-cpu"
+
+
+def test_a_second_eval_is_answered_from_the_memo_the_first_kept(tiny_hf, tmp_path):
+    """On 9cecc0c the first eval merged its answers without marking them new: nothing was saved
+    and the second eval's memo_hit_rate was 0.0."""
+    db = tmp_path / "db"
+    cli("build", "--model", tiny_hf("llama"), "--data", "sst2[0:8]", "--out", str(db), "--quiet")
+    run = ["eval", "--db", str(db), "--data", "sst2[8:14]", "--json", "--quiet"]
+    first = json.loads(cli(*run).stdout)
+    second = json.loads(cli(*run).stdout)
+    assert first["memo_hit_rate"] == 0.0 and second["memo_hit_rate"] == 1.0
+    assert second["agreement"] == 1.0 and second["accuracy_cached"] == first["accuracy_cached"]
+    bf16 = json.loads(cli(*run, "--dtype", "bfloat16").stdout)  # other numerics: not from fp32's
+    assert bf16["memo_hit_rate"] == 0.0

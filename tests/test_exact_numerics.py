@@ -65,8 +65,9 @@ def test_a_bf16_scorer_on_a_db_never_answers_a_later_fp32_one(tmp_path):
     assert_close(got, want)
     with Scorer(model, tok, AttnCache.open(db), policy="none") as s:  # its own answers do come back
         again = scores(s)
-    assert all(g["usage"]["attncache"]["memo_hits"] == g["usage"]["attncache"]["sequences"]
-               for g in again)
+    assert all(
+        g["usage"]["attncache"]["memo_hits"] == g["usage"]["attncache"]["sequences"] for g in again
+    )
     assert_close(again, want)
 
 

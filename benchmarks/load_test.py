@@ -1,6 +1,10 @@
 """Load test of `attncache serve` on loopback (issue 8): throughput and p50/p99 latency, cache
 attached vs detached at the same concurrency, with a real HTTP client. Bounded in requests and time.
 
+Every variant starts from the same state: its own fresh copy of the DB, and the memo off for both
+(`--no-memo`), so neither variant answers from answers the other wrote; the JSON says so
+(`state`). The memo is an exact tier of its own and is not what this compares.
+
     python benchmarks/load_test.py --db runs/sst2-minilm.db --data "sst2[436:]" --requests 200 \
         --concurrency 8 --out runs/exp/load_test.json
 """
@@ -11,9 +15,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,15 +127,20 @@ def main() -> None:
         "machine": machine(),
         "omp_threads": env_threads,
     }
-    for name, extra in (("detached", ["--no-cache"]), ("attached", ["--policy", a.policy])):
+    res["state"] = "each variant on a fresh copy of the DB, --no-memo for both"
+    variants = (("detached", ["--no-cache"]), ("attached", ["--policy", a.policy]))
+    for name, extra in variants:
         port = free_port()
-        p = start(a.db, port, ["--max-batch", str(a.max_batch), *extra])
+        copy = Path(tempfile.mkdtemp(prefix="load-test-")) / "db"
+        shutil.copytree(a.db, copy, ignore=shutil.ignore_patterns(".lock", ".readers"))
+        p = start(str(copy), port, ["--max-batch", str(a.max_batch), "--no-memo", *extra])
         try:
             asyncio.run(hammer(port, bodies[:16], path, a.concurrency, a.time_limit))  # warm-up
             res[name] = asyncio.run(hammer(port, bodies, path, a.concurrency, a.time_limit))
         finally:
             p.terminate()
             p.wait(30)
+            shutil.rmtree(copy.parent, ignore_errors=True)
         print(name, json.dumps(res[name]), flush=True)
     res["throughput_ratio"] = res["attached"]["throughput_rps"] / res["detached"]["throughput_rps"]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -53,3 +53,36 @@ def test_batch_argument_errors(tmp_path):
         run_batch(str(tmp_path), "sst2", str(tmp_path / "out.csv"))
     with pytest.raises(UserError, match="does not exist"):
         run_batch(str(tmp_path / "nope"), "sst2", str(tmp_path / "out.jsonl"))
+
+
+@pytest.mark.ray
+def test_a_row_that_cannot_run_gets_an_error_not_a_failed_job(tiny_hf, tmp_path):
+    """On 9cecc0c a row the planner skipped raised inside a Ray actor and failed the whole job.
+    Now it is reported in its own ``error`` column and every other row is answered, in order."""
+    rows = [
+        {"prompt": "Question: is it even?\nAnswer:", "choices": [" no", " yes"], "answer": 1},
+        {"prompt": "x" * 600, "choices": [" no", " yes"], "answer": 0},  # over 512 positions
+        {"prompt": "Question: is it odd?\nAnswer:", "choices": [" no", " yes"], "answer": 0},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    res = run_batch(
+        None,
+        str(data),
+        str(out),
+        model_name=tiny_hf("llama"),
+        actors=1,
+        batch_size=2,
+        progress=False,
+    )
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["idx"] for r in got] == [0, 1, 2] and res["errors"] == 1
+    assert "longer than the model" in got[1]["error"] and got[1]["prediction"] == -1
+    assert got[0]["error"] == got[2]["error"] == "" and len(got[0]["scores"]) == 2
+    assert res["errors_summary"].startswith("1 of 3 rows not run; first: row 1")
+    # the same rows in one process: the good rows' scores are identical
+    s = Session.open(None, tiny_hf("llama"))
+    want = predict_rows(s, data_mod.load(str(data)).rows, [0, 1, 2], None, 2)
+    assert np.allclose(got[0]["scores"], want["scores"][0], atol=1e-5)
+    assert want["error"][1] == got[1]["error"]

@@ -201,7 +201,11 @@ def test_load_test(tiny_db, tmp_path):
         out,
     )
     res = json.loads(out.read_text())
-    assert res
+    assert res["state"].startswith("each variant on a fresh copy")
+    for name in ("detached", "attached"):
+        assert res[name]["ok"] == res[name]["requests"] > 0
+    # the variants ran on copies: the DB given keeps no memo either wrote
+    assert "memo" not in json.loads((Path(tiny_db) / "manifest.json").read_text())["names"]
 
 
 def test_summarize_runs_on_what_exists(tmp_path):

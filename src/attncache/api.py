@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .cache import AttnCache
 from .errors import UserError
-from .serve.config import ServeConfig
+from .serve.config import Limits, ServeConfig
 from .serve.engine import Engine, RequestError
 from .tiers import DEFAULT_PREFIX_BYTES
 from .workflows import Session
@@ -39,6 +39,7 @@ class Scorer:
             prefix_bytes=prefix_bytes,
             memo=memo,
             prefix_dir=prefix_dir,
+            limits=Limits.none(),
         )
         self.engine = Engine(Session(cache, model, tokenizer), cfg)
 
@@ -52,29 +53,38 @@ class Scorer:
         """Detach from the model and save what the DB should keep (usage counts, memo answers)."""
         self.engine.close()
 
-    def _check(self, fn, *args) -> None:
+    def _check(self, fn, *args):
         try:
-            fn(*args)
+            return fn(*args)
         except RequestError as e:
             raise UserError(str(e)) from None
+
+    @staticmethod
+    def _result(r):
+        if isinstance(r, RequestError):
+            raise UserError(str(r))
+        return r
 
     def score(self, prompt: str, choices: list[str]) -> dict:
         """Log-probabilities of each continuation, the chosen index, and ``usage`` (as
         /v1/score)."""
-        self._check(self.engine.check_choices, prompt, choices)
-        return self.engine.score([(prompt, list(choices))])[0]
+        self._check(self.engine.check.score, prompt, list(choices))
+        return self._result(self.engine.score([(prompt, list(choices))])[0])
 
     def rerank(self, query: str, documents: list[str]) -> list[float]:
         """A relevance score per document (as /v1/rerank, unsorted)."""
-        for d in documents:
-            self._check(self.engine.tokens, f"Query: {query}\nDocument: {d}", "documents")
-        return self.engine.rerank([(query, list(documents))])[0]["scores"]
+        self._check(self.engine.check.rerank, query, list(documents))
+        return self._result(self.engine.rerank([(query, list(documents))])[0])["scores"]
 
     def classify(
         self, texts: list[str], labels: list[str], template: str | None = None
     ) -> list[dict]:
         """Per text the labels' probabilities and the most likely label (as /v1/classify)."""
-        out = self.engine.classify([(t, list(labels), template) for t in texts])
+        self._check(self.engine.check.classify, list(texts), list(labels), template, True)
+        out = [
+            self._result(r)
+            for r in self.engine.classify([(t, list(labels), template) for t in texts])
+        ]
         return [
             {"label": labels[max(range(len(r["probs"])), key=r["probs"].__getitem__)], **r}
             for r in out
@@ -82,10 +92,5 @@ class Scorer:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """L2-normalised embeddings (as /v1/embeddings)."""
-        ids = []
-        for t in texts:
-            try:
-                ids.append(self.engine.tokens(t, "texts"))
-            except RequestError as e:
-                raise UserError(str(e)) from None
+        ids = self._check(self.engine.check.embeddings, list(texts), "texts", True)
         return [r["embedding"] for r in self.engine.embed(ids)]

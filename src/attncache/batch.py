@@ -4,7 +4,8 @@
 pool; each actor opens the DB read-only (memory-mapped, so actors on one node share the page cache)
 and loads the model once. Output rows, in input order, carry the row index, the prediction (choice
 index, or greedy token for text rows on a decoder) or the embedding (encoders), the choices' scores,
-and whether the cache hit. Written as JSONL or Parquet (by the OUT suffix). Ray is an optional
+whether the cache hit, and ``error`` (why a row could not be planned, else empty: such rows never
+fail the job). Written as JSONL or Parquet (by the OUT suffix). Ray is an optional
 extra: ``pip install 'attncache[ray]'``.
 """
 
@@ -89,12 +90,12 @@ class Predictor:
 def predict_rows(
     s, rows: list, idx: list[int], attached, batch_size: int, prefix=None, memo=None
 ) -> dict:
-    """Per row: index, prediction or embedding, scores, cache hit (the columns of the output)."""
+    """Per row: index, prediction or embedding, scores, cache hit, and ``error`` (empty, or why
+    the row could not be planned: too long, an empty choice; such a row gets no prediction and
+    never fails the job)."""
     from .tasks import choice_scores, plan_rows, run
 
     plan = plan_rows(rows, s.tokenizer, s.causal, s.max_len)
-    if plan.skipped:  # rows were validated on the driver; a skip here would misalign the output
-        raise UserError(f"rows could not be planned in an actor: {plan.skipped[0]}")
     if attached is not None and attached.inert:
         attached = None
     out = run(
@@ -107,9 +108,16 @@ def predict_rows(
         prefix=prefix,
         memo=memo,
     )
-    cols: dict = {"idx": [], "prediction": [], "scores": [], "embedding": [], "cache_hit": []}
-    for i, r in zip(idx, plan.rows):
+    cols: dict = {k: [] for k in ("idx", "prediction", "scores", "embedding", "cache_hit", "error")}
+    for n, (i, r) in enumerate(zip(idx, plan.by_input(len(rows)), strict=True)):
         cols["idx"].append(int(i))
+        if r is None:
+            for k, empty in (("prediction", -1), ("scores", []), ("embedding", [])):
+                cols[k].append(empty)
+            cols["cache_hit"].append(False)
+            cols["error"].append(plan.error_of(n))
+            continue
+        cols["error"].append("")
         cols["cache_hit"].append(bool(any(out.hit[q] for q in r.seqs)))
         if r.kind in ("choice1", "choiceN"):
             sc = choice_scores(r, out)
@@ -162,12 +170,7 @@ def run_batch(
     if db is not None:
         causal = AttnCache.open(db).adapter.causal  # fail fast on a bad DB, before starting Ray
     elif model_name is not None:
-        from transformers import AutoConfig
-
-        causal = (
-            models.model_kind(AutoConfig.from_pretrained(models.resolve(model_name)[0]))
-            == "decoder"
-        )
+        causal = models.kind_of(model_name) == "decoder"  # every name eval takes (GGUF too)
     else:
         raise UserError("which model? pass --db DB or --model MODEL")
     ds_rows = data_mod.load(data, encoder=not causal, limit=limit).rows
@@ -217,9 +220,11 @@ def run_batch(
             "scores": [float(x) for x in r["scores"]],
             "embedding": [float(x) for x in r["embedding"]],
             "cache_hit": bool(r["cache_hit"]),
+            "error": str(r["error"]),
         }
         for r in rows
     ]
+    errors = [r for r in clean if r["error"]]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".jsonl":
         with open(out_path, "w") as f:
@@ -232,6 +237,14 @@ def run_batch(
         pq.write_table(pa.Table.from_pylist(clean), out_path)
     return {
         "rows": len(clean),
+        "errors": len(errors),
+        # one line: how many rows could not run, and the first of them
+        "errors_summary": (
+            f"{len(errors)} of {len(clean)} rows not run; first: row {errors[0]['idx']}: "
+            f"{errors[0]['error']}"
+            if errors
+            else ""
+        ),
         "hit_rate": float(np.mean([r["cache_hit"] for r in clean])),
         "out": str(out_path),
         "actors": actors,

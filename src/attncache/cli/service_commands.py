@@ -23,6 +23,7 @@ from .output import emit
 
 def run_serve(a) -> int:
     from ..serve import ServeConfig, serve
+    from ..serve.config import Limits
 
     if not a.learn:
         refuse(a, ["max_bytes"], "without --learn (it bounds what learning inserts)")
@@ -43,6 +44,9 @@ def run_serve(a) -> int:
         memo=not a.no_memo,
         device_map_bytes=a.device_map_bytes,
         prefix_dir=a.prefix_dir,
+        limits=Limits(
+            a.max_client_batch_size, a.max_request_tokens, a.max_input_chars, a.max_body_bytes
+        ),
     )
     serve(
         db,
@@ -84,6 +88,8 @@ def run_batch(a) -> int:
 
 
 def register(sub, formatter) -> None:
+    from ..serve.config import Limits
+
     sp = sub.add_parser(
         "serve",
         help="HTTP service: /v1/embeddings, /v1/score, /v1/rerank, /v1/classify, /health, "
@@ -113,7 +119,35 @@ def register(sub, formatter) -> None:
         help="per-request timeout, 504 after (30)",
     )
     sp.add_argument(
-        "--no-cache", action="store_true", help="serve the plain model (a baseline for load tests)"
+        "--no-cache",
+        action="store_true",
+        help="serve the plain model: no map reuse, nothing read from or written to the DB (a "
+        "baseline for load tests)",
+    )
+    limits = Limits()
+    sp.add_argument(
+        "--max-client-batch-size",
+        type=POSITIVE,
+        default=limits.max_client_batch_size,
+        help=f"strings in one request, 413 past it ({limits.max_client_batch_size})",
+    )
+    sp.add_argument(
+        "--max-request-tokens",
+        type=POSITIVE,
+        default=limits.max_request_tokens,
+        help=f"tokens one request runs, 413 past it ({limits.max_request_tokens})",
+    )
+    sp.add_argument(
+        "--max-input-chars",
+        type=POSITIVE,
+        default=limits.max_input_chars,
+        help=f"characters of one string, 413 past it ({limits.max_input_chars})",
+    )
+    sp.add_argument(
+        "--max-body-bytes",
+        type=size,
+        default=limits.max_body_bytes,
+        help="request body size, 413 past it (4M)",
     )
     sp.add_argument(
         "--learn", action="store_true", help="insert inputs that miss (one writer per DB)"

@@ -1,22 +1,78 @@
-"""The HTTP routes: embeddings (OpenAI), score, rerank (Cohere/vLLM), classify (vLLM), health,
-metrics.
+"""The HTTP app: the endpoints (``routes.py``) over one engine and batcher, a bound on body sizes,
+and errors that are always a JSON body naming the field (or the limit).
 
-Bad requests get 400/422 with a JSON error naming the field; the server keeps serving. Every answer
-carries ``usage``: tokens and what each tier did for it (memo hits, prefix tokens reused, maps).
-OpenAPI docs with an example per endpoint are at ``/docs``.
+Bad requests get 400 (or 413 past a configured limit, 422 for a malformed body) and the server
+keeps serving; anything unforeseen is a 500 with a JSON body, never a bare one. Every answer
+carries ``usage``: tokens and what each tier did for it. OpenAPI docs: ``/docs``.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the endpoint annotations of the request
-# models defined inside create_app at run time.
-import asyncio
-import time
+from __future__ import annotations
+
+import json
+import logging
 
 from ..errors import UserError
 from ..workflows import Session
 from .batcher import Batcher
 from .config import ServeConfig
-from .engine import Engine, RequestError
+from .engine import Engine
 from .metrics import Metrics
+
+log = logging.getLogger("attncache.serve")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` (declared or streamed) gets 413 before any
+    parsing; the body is read once here and handed on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                return await _send_json(
+                    send, 400, "content-length", "content-length is not a number"
+                )
+            if too_big:
+                return await self._refuse(send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not msg.get("more_body"):
+                break
+        body, given = b"".join(chunks), False
+
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        msg = f"the request body is over max_body_bytes ({self.max_bytes})"
+        await _send_json(send, 413, "max_body_bytes", msg)
+
+
+async def _send_json(send, status: int, fld: str, msg: str) -> None:
+    body = json.dumps({"error": {"field": fld, "message": msg}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(session: Session, cfg: ServeConfig | None = None):
@@ -26,77 +82,16 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    from .routes import ENDPOINTS, Refused, Service, error
 
     cfg = cfg or ServeConfig()
     metrics = Metrics()
     engine = Engine(session, cfg)
     batcher = Batcher(engine, cfg, metrics)
     model_name = session.cache.manifest["model"]["name"] if session.cache else "model"
-
-    class EmbeddingsIn(BaseModel):
-        model_config = ConfigDict(
-            extra="ignore",
-            json_schema_extra={"examples": [{"input": ["a gripping film", "dull and too long"]}]},
-        )
-        input: str | list[str] = Field(..., description="a string or a list of strings")
-        model: str | None = None
-
-    class ScoreIn(BaseModel):
-        model_config = ConfigDict(
-            extra="ignore",
-            json_schema_extra={
-                "examples": [
-                    {
-                        "prompt": "Review: a gripping film\nSentiment:",
-                        "choices": [" negative", " positive"],
-                    }
-                ]
-            },
-        )
-        prompt: str
-        choices: list[str]
-
-    class RerankIn(BaseModel):
-        model_config = ConfigDict(
-            extra="ignore",
-            json_schema_extra={
-                "examples": [
-                    {
-                        "query": "what is the capital of France?",
-                        "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
-                        "top_n": 2,
-                    }
-                ]
-            },
-        )
-        query: str
-        documents: list[str] | None = Field(None, description="the texts to rank (Cohere, vLLM)")
-        texts: list[str] | None = Field(None, description="the same, as TEI names it")
-        top_n: int | None = Field(None, ge=1)
-        return_documents: bool = False
-        model: str | None = None
-
-    class ClassifyIn(BaseModel):
-        model_config = ConfigDict(
-            extra="ignore",
-            json_schema_extra={
-                "examples": [
-                    {
-                        "input": ["a gripping film"],
-                        "labels": ["negative", "positive"],
-                        "template": "Review: {text}\nSentiment:",
-                    }
-                ]
-            },
-        )
-        input: str | list[str]
-        labels: list[str] = Field(..., description="the classes; probabilities come in this order")
-        template: str | None = Field(
-            None, description="how a text becomes a prompt; {text} marks it"
-        )
-        model: str | None = None
+    svc = Service(engine, batcher, metrics, cfg, model_name)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -113,8 +108,9 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
     )
     app.state.engine, app.state.metrics = engine, metrics
 
-    def error(status: int, fld: str, msg: str) -> JSONResponse:
-        return JSONResponse({"error": {"field": fld, "message": msg}}, status_code=status)
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, exc: Refused):
+        return exc.response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -129,162 +125,19 @@ def create_app(session: Session, cfg: ServeConfig | None = None):
         metrics.request(request.url.path, 422)
         return error(422, fld, f"{fld}: {first.get('msg')}")
 
-    def refuse(endpoint: str, e: RequestError) -> JSONResponse:
-        metrics.request(endpoint, 400)
-        return error(400, e.field, str(e))
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, "path", f"{request.url.path}: {exc.detail}")
 
-    async def answer(endpoint: str, kind: str, payload):
-        t0 = time.perf_counter()
-        try:
-            res = await batcher.submit(kind, payload)
-        except OverflowError as e:
-            metrics.request(endpoint, 503)
-            return None, error(503, "queue", f"{e}; retry later")
-        except TimeoutError:
-            metrics.request(endpoint, 504)
-            return None, error(504, "timeout", f"no answer within {cfg.timeout_s} s")
-        except (UserError, RuntimeError, ValueError) as e:
-            metrics.request(endpoint, 500)
-            return None, error(500, "server", str(e))
-        metrics.request(endpoint, 200, time.perf_counter() - t0)
-        return res, None
+    @app.exception_handler(Exception)
+    async def unforeseen(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        metrics.request(request.url.path, 500)
+        return error(500, "server", f"{type(exc).__name__}: {exc}")
 
-    def texts_of(value, fld: str) -> list[str]:
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise RequestError(fld, f"{fld} is an empty list")
-        for i, t in enumerate(texts):
-            engine.tokens(t, f"{fld}[{i}]" if isinstance(value, list) else fld)
-        return texts
-
-    @app.post("/v1/embeddings", summary="Embeddings (OpenAI shape)")
-    async def embeddings(body: EmbeddingsIn):
-        try:
-            texts = texts_of(body.input, "input")
-        except RequestError as e:
-            return refuse("/v1/embeddings", e)
-        ids = [engine.tokens(t, "input") for t in texts]
-        results = await asyncio.gather(*(answer("/v1/embeddings", "embed", x) for x in ids))
-        bad = next((err for _, err in results if err is not None), None)
-        if bad is not None:
-            return bad
-        data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": r["embedding"],
-                "cache_hit": r["cache_hit"],
-            }
-            for i, (r, _) in enumerate(results)
-        ]
-        n_tok = sum(r["tokens"] for r, _ in results)
-        tiers = [r["usage"].get("attncache", {}) for r, _ in results]
-        return {
-            "object": "list",
-            "model": body.model or model_name,
-            "data": data,
-            "usage": {
-                "prompt_tokens": n_tok,
-                "total_tokens": n_tok,
-                "attncache": {
-                    k: sum(t.get(k, 0) for t in tiers)
-                    for k in ("memo_hits", "map_replayed_sequences")
-                },
-            },
-        }
-
-    @app.post("/v1/score", summary="Log-probabilities of continuations of a prompt")
-    async def score(body: ScoreIn):
-        try:
-            engine.check_choices(body.prompt, body.choices)
-        except RequestError as e:
-            return refuse("/v1/score", e)
-        res, err = await answer("/v1/score", "score", (body.prompt, list(body.choices)))
-        return err if err is not None else res
-
-    @app.post("/v1/rerank", summary="Relevance of documents to a query (Cohere / vLLM shape)")
-    async def rerank(body: RerankIn):
-        docs = body.documents if body.documents is not None else body.texts
-        try:
-            if not body.query.strip():
-                raise RequestError("query", "query is empty")
-            if not docs:
-                raise RequestError("documents", "documents must hold at least one string")
-            for i, d in enumerate(docs):
-                engine.tokens(f"Query: {body.query}\nDocument: {d}", f"documents[{i}]")
-        except RequestError as e:
-            return refuse("/v1/rerank", e)
-        res, err = await answer("/v1/rerank", "rerank", (body.query, list(docs)))
-        if err is not None:
-            return err
-        order = sorted(range(len(docs)), key=lambda i: -res["scores"][i])[: body.top_n or len(docs)]
-        results = [
-            {
-                "index": i,
-                "relevance_score": res["scores"][i],
-                **({"document": {"text": docs[i]}} if body.return_documents else {}),
-            }
-            for i in order
-        ]
-        return {"model": body.model or model_name, "results": results, "usage": res["usage"]}
-
-    @app.post("/v1/classify", summary="Label probabilities of texts (vLLM shape)")
-    async def classify(body: ClassifyIn):
-        try:
-            texts = texts_of(body.input, "input")
-            if len(body.labels) < 2:
-                raise RequestError("labels", "labels must hold at least two strings")
-            if body.template is not None and "{text}" not in body.template:
-                raise RequestError("template", "template must contain {text}")
-            if engine.causal:
-                for t in texts:
-                    prompt = (body.template or "{text}\nLabel:").format(text=t)
-                    engine.check_choices(prompt, [" " + x for x in body.labels], "labels")
-        except RequestError as e:
-            return refuse("/v1/classify", e)
-        results = await asyncio.gather(
-            *(
-                answer("/v1/classify", "classify", (t, list(body.labels), body.template))
-                for t in texts
-            )
-        )
-        bad = next((err for _, err in results if err is not None), None)
-        if bad is not None:
-            return bad
-        data = [
-            {
-                "index": i,
-                "label": body.labels[max(range(len(r["probs"])), key=r["probs"].__getitem__)],
-                "probs": r["probs"],
-                "num_classes": len(body.labels),
-                "usage": r["usage"],
-            }
-            for i, (r, _) in enumerate(results)
-        ]
-        tokens = sum(d["usage"]["prompt_tokens"] for d in data)
-        return {
-            "object": "list",
-            "model": body.model or model_name,
-            "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-
-    @app.get("/health", summary="Liveness and what is loaded")
-    async def health():
-        return {
-            "status": "ok",
-            "entries": len(session.cache.store) if session.cache else 0,
-            "attached": engine.att is not None,
-            "device": session.device,
-            "dtype": session.dtype,
-            "memo_entries": len(engine.memo),
-            "prefix_cache": engine.prefix is not None,
-        }
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prom():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
-
+    for add in ENDPOINTS:
+        add(app, svc)
+    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
     return app
 
 

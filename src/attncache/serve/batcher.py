@@ -73,5 +73,9 @@ class Batcher:
                     b[2].set_exception(e)
             return
         for b, r in zip(part, results, strict=True):
-            if not b[2].done():
+            if b[2].done():
+                continue
+            if isinstance(r, Exception):  # that request's own error (an input it cannot run)
+                b[2].set_exception(r)
+            else:
                 b[2].set_result(r)

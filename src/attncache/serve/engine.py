@@ -16,22 +16,16 @@ from ..inputs import collate
 from ..tasks import Plan, RunOutput, choice_scores, plan_rows, run
 from ..tiers.memo import ResultMemo
 from ..workflows import Session
+from .checks import (
+    Checker,
+    RequestError,
+    SerialTokenizer,
+    classify_row,
+    rerank_row,
+)
 from .config import ServeConfig
 
-RERANK_PROMPT = (
-    "Query: {query}\nDocument: {document}\nIs the document relevant to the query? Answer:"
-)
-RERANK_CHOICES = (" Yes", " No")
-CLASSIFY_TEMPLATE = "{text}\nLabel:"
 ENCODER_TEMPERATURE = 0.05  # cosine similarities -> label probabilities (encoders)
-
-
-class RequestError(ValueError):
-    """A request the server refuses (400), with the offending field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(message)
-        self.field = field_name
 
 
 def usage(out: RunOutput, seqs: list[int], plan: Plan) -> dict:
@@ -54,14 +48,19 @@ class Engine:
         self.session, self.cfg = session, cfg
         self.causal = session.causal
         self.max_len = session.max_len
+        # shared by the request checks (worker threads) and the model thread
+        self.tokenizer = SerialTokenizer(session.tokenizer)
+        self.check = Checker(self.tokenizer, self.causal, self.max_len, cfg.limits)
         self.att = None
-        if cfg.attach and session.cache is not None:
+        # a detached server (``--no-cache``) is a plain-model baseline: it reads no answers from
+        # the DB and writes nothing into it
+        self.db = session.cache.db if cfg.attach and session.cache is not None else None
+        if self.db is not None:
             att = session.cache.attach(
                 session.model, cfg.policy, learn=cfg.learn, device_map_bytes=cfg.device_map_bytes
             )
             self.att = att.__enter__()
         self.prefix = session.prefix_tier(cfg.prefix_bytes) if self.causal else None
-        cache = session.cache
         self.folder = None
         if cfg.prefix_dir is not None:  # the exact tiers of an earlier run, checked for this model
             self.folder = TierFolder(
@@ -69,9 +68,9 @@ class Engine:
             )
             if self.prefix is not None:
                 self.prefix.load(self.folder)
-        if cache is not None:
-            self.memo = ResultMemo.load(cache.db)
-        elif self.folder is not None:
+        if self.db is not None:
+            self.memo = ResultMemo.load(self.db)
+        elif self.folder is not None and session.cache is None:
             self.memo = ResultMemo.load_from(self.folder)
         else:
             self.memo = ResultMemo()
@@ -85,40 +84,15 @@ class Engine:
         if self.att is not None:
             self.att.__exit__(None, None, None)
             self.att = None
-        if self.session.cache is not None:
+        if self.db is not None:
             self.session.cache.save_usage()
             if self.cfg.memo:
-                self.memo.save(self.session.cache.db)
+                self.memo.save(self.db)
         if self.folder is not None:
             if self.prefix is not None:
                 self.prefix.save(self.folder)
             if self.session.cache is None and self.cfg.memo:
                 self.memo.save_to(self.folder)
-
-    # -- validation (in the request handler, so errors name the request's field) -----------------
-    def tokens(self, text: str, fld: str) -> list[int]:
-        if not text.strip():
-            raise RequestError(fld, f"{fld} is empty")
-        ids = list(self.session.tokenizer(text)["input_ids"])
-        if self.max_len and len(ids) > self.max_len:
-            raise RequestError(
-                fld, f"{fld} has {len(ids)} tokens; the model takes at most {self.max_len}"
-            )
-        return ids
-
-    def check_choices(self, prompt: str, choices: list[str], fld: str = "choices") -> None:
-        if not self.causal:
-            raise RequestError(
-                "model", "this endpoint scores continuations: it needs a decoder model"
-            )
-        if len(choices) < 1:
-            raise RequestError(fld, f"{fld} must hold at least one string")
-        self.tokens(prompt, "prompt")
-        plan = plan_rows(
-            [ChoiceRow(prompt, tuple(choices), 0)], self.session.tokenizer, True, self.max_len
-        )
-        if plan.skipped:
-            raise RequestError(fld, plan.skipped[0].split(": ", 1)[-1])
 
     # -- batches
     # ------------------------------------------------------------------------------------
@@ -126,7 +100,7 @@ class Engine:
         att = self.att if self.att is not None and not self.att.inert else None
         out = run(
             self.session.model,
-            self.session.tokenizer,
+            self.tokenizer,
             plan,
             batch_size=self.cfg.max_batch,
             attached=att,
@@ -139,17 +113,22 @@ class Engine:
             att.learn_pending()
         return out
 
+    # Each batch method returns one result per request, in request order: a dict, or the
+    # RequestError of that request alone (an input the planner skipped), never a neighbour's.
     @torch.no_grad()
-    def score(self, items: list[tuple[str, list[str]]]) -> list[dict]:
+    def score(self, items: list[tuple[str, list[str]]]) -> list[dict | RequestError]:
         plan = plan_rows(
             [ChoiceRow(p, tuple(c), 0) for p, c in items],
-            self.session.tokenizer,
+            self.tokenizer,
             True,
             self.max_len,
         )
         out = self._run(plan)
-        res = []
-        for r in plan.rows:
+        res: list[dict | RequestError] = []
+        for n, r in enumerate(plan.by_input(len(items))):
+            if r is None:
+                res.append(RequestError("choices", plan.error_of(n)))
+                continue
             lp = [sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in qs) for qs in r.queries]
             res.append(
                 {
@@ -161,43 +140,44 @@ class Engine:
             )
         return res
 
-    def rerank(self, items: list[tuple[str, list[str]]]) -> list[dict]:
+    def rerank(self, items: list[tuple[str, list[str]]]) -> list[dict | RequestError]:
         """Per request (query, documents): a relevance score per document."""
         if not self.causal:
             return [self._rerank_encoder(q, docs) for q, docs in items]
-        rows = [
-            ChoiceRow(RERANK_PROMPT.format(query=q, document=d), RERANK_CHOICES, 0)
-            for q, docs in items
-            for d in docs
-        ]
-        plan = plan_rows(rows, self.session.tokenizer, True, self.max_len)
+        rows = [rerank_row(q, d) for q, docs in items for d in docs]
+        plan = plan_rows(rows, self.tokenizer, True, self.max_len)
         out = self._run(plan)
-        res, k = [], 0
+        per_input = plan.by_input(len(rows))
+        res: list[dict | RequestError] = []
+        k = 0
         for _, docs in items:
-            mine = plan.rows[k : k + len(docs)]
+            mine, first = per_input[k : k + len(docs)], k
             k += len(docs)
+            bad = next((j for j, r in enumerate(mine) if r is None), None)
+            if bad is not None:
+                res.append(RequestError(f"documents[{bad}]", plan.error_of(first + bad)))
+                continue
             scores = [float(_softmax(choice_scores(r, out))[0]) for r in mine]
             res.append(
                 {"scores": scores, "usage": usage(out, [q for r in mine for q in r.seqs], plan)}
             )
         return res
 
-    def classify(self, items: list[tuple[str, list[str], str | None]]) -> list[dict]:
+    def classify(self, items: list[tuple[str, list[str], str | None]]) -> list[dict | RequestError]:
         """Per request (text, labels, template): the labels' probabilities."""
         if not self.causal:
             return [self._classify_encoder(t, labels) for t, labels, _ in items]
-        rows = [
-            ChoiceRow((tpl or CLASSIFY_TEMPLATE).format(text=t), tuple(" " + x for x in labels), 0)
-            for t, labels, tpl in items
-        ]
-        plan = plan_rows(rows, self.session.tokenizer, True, self.max_len)
+        rows = [classify_row(t, labels, tpl) for t, labels, tpl in items]
+        plan = plan_rows(rows, self.tokenizer, True, self.max_len)
         out = self._run(plan)
         return [
-            {
+            RequestError("input", plan.error_of(n))
+            if r is None
+            else {
                 "probs": [float(p) for p in _softmax(choice_scores(r, out))],
                 "usage": usage(out, r.seqs, plan),
             }
-            for r in plan.rows
+            for n, r in enumerate(plan.by_input(len(items)))
         ]
 
     @torch.no_grad()
@@ -222,7 +202,7 @@ class Engine:
                 }
                 for i, t in enumerate(texts)
             ]
-        model, pad = self.session.model, self.session.tokenizer.pad_token_id or 0
+        model, pad = self.session.model, self.tokenizer.pad_token_id or 0
         inputs = collate(texts, pad, True, next(model.parameters()).device)
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         vec = torch.nn.functional.normalize(
@@ -242,20 +222,36 @@ class Engine:
             for i, t in enumerate(texts)
         ]
 
-    def _vectors(self, texts: list[str]) -> tuple[np.ndarray, RunOutput, Plan]:
-        plan = plan_rows([TextRow(t) for t in texts], self.session.tokenizer, False, self.max_len)
+    def _vectors(
+        self, texts: list[str], fields: list[str]
+    ) -> tuple[np.ndarray, RunOutput, Plan] | RequestError:
+        plan = plan_rows([TextRow(t) for t in texts], self.tokenizer, False, self.max_len)
+        per_input = plan.by_input(len(texts))
+        bad = next((n for n, r in enumerate(per_input) if r is None), None)
+        if bad is not None:
+            return RequestError(fields[bad], plan.error_of(bad))
         out = self._run(plan)
-        return out.embeddings[[r.seqs[0] for r in plan.rows]], out, plan
+        return out.embeddings[[r.seqs[0] for r in per_input]], out, plan
 
-    def _rerank_encoder(self, query: str, docs: list[str]) -> dict:
-        vecs, out, plan = self._vectors([query, *docs])
+    def _rerank_encoder(self, query: str, docs: list[str]) -> dict | RequestError:
+        got = self._vectors(
+            [query, *docs], ["query", *(f"documents[{j}]" for j in range(len(docs)))]
+        )
+        if isinstance(got, RequestError):
+            return got
+        vecs, out, plan = got
         return {
             "scores": [float(vecs[0] @ v) for v in vecs[1:]],
             "usage": usage(out, list(range(len(plan.seqs))), plan),
         }
 
-    def _classify_encoder(self, text: str, labels: list[str]) -> dict:
-        vecs, out, plan = self._vectors([text, *labels])
+    def _classify_encoder(self, text: str, labels: list[str]) -> dict | RequestError:
+        got = self._vectors(
+            [text, *labels], ["input", *(f"labels[{j}]" for j in range(len(labels)))]
+        )
+        if isinstance(got, RequestError):
+            return got
+        vecs, out, plan = got
         sims = np.array([float(vecs[0] @ v) for v in vecs[1:]]) / ENCODER_TEMPERATURE
         return {
             "probs": [float(p) for p in _softmax(sims)],

@@ -33,14 +33,27 @@ class RowPlan:
     norms: list[float] = field(default_factory=list)  # per choice length normaliser
     answer: int | None = None
     label: int | None = None
+    index: int = -1  # the input row this plan came from (its position in what was planned)
 
 
 @dataclass
 class Plan:
     seqs: list[list[int]]
     rows: list[RowPlan]
-    skipped: list[str]
+    skipped: list[str]  # "row N: why", for logs
     causal: bool
+    errors: dict[int, str] = field(default_factory=dict)  # input row -> why it has no plan
+
+    def by_input(self, n_inputs: int) -> list[RowPlan | None]:
+        """Per input row, its plan, or None where it was skipped (``errors`` says why). Every
+        consumer assembles results by this, never by position in ``rows``: one skipped input
+        would shift every later result onto another input."""
+        out: list[RowPlan | None] = [None] * n_inputs
+        for r in self.rows:
+            if not 0 <= r.index < n_inputs:
+                raise ValueError(f"a row plan names input {r.index} of {n_inputs}")
+            out[r.index] = r
+        return out
 
     def need(self) -> list[int]:
         """Per sequence, how many trailing positions' logits are needed."""
@@ -67,6 +80,9 @@ class Plan:
         ]
         return Plan([self.seqs[q] for q in new], renumbered, [], self.causal)
 
+    def error_of(self, n: int) -> str:
+        return self.errors.get(n, "no plan for this input")
+
 
 def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> Plan:
     seqs: list[list[int]] = []
@@ -84,7 +100,9 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
 
     plans: list[RowPlan] = []
     skipped: list[str] = []
+    errors: dict[int, str] = {}
     for n, row in enumerate(rows):
+        before = len(plans)
         try:
             if isinstance(row, ChoiceRow):
                 if not causal:
@@ -106,9 +124,10 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                         )
                     )
                 else:
+                    for c in cs:  # all checked first: a skipped row adds no sequence to run
+                        check_len(len(p) + len(c), max_len)
                     ids, qs = [], []
                     for c in cs:
-                        check_len(len(p) + len(c), max_len)
                         s = seq_id(p + c)
                         ids.append(s)
                         # logits at position t predict token t+1: choice token j sits len(c)-j from
@@ -135,7 +154,10 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                 plans.append(RowPlan("pair", [seq_id(a), seq_id(b)], label=row.label))
         except ValueError as e:
             skipped.append(f"row {n}: {e}")
-    return Plan(seqs, plans, skipped, causal)
+            errors[n] = str(e)
+        for r in plans[before:]:
+            r.index = n
+    return Plan(seqs, plans, skipped, causal, errors)
 
 
 def check_len(n: int, max_len: int | None) -> None:

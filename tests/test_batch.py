@@ -86,3 +86,32 @@ def test_a_row_that_cannot_run_gets_an_error_not_a_failed_job(tiny_hf, tmp_path)
     want = predict_rows(s, data_mod.load(str(data)).rows, [0, 1, 2], None, 2)
     assert np.allclose(got[0]["scores"], want["scores"][0], atol=1e-5)
     assert want["error"][1] == got[1]["error"]
+
+
+@pytest.mark.real
+@pytest.mark.ray
+def test_batch_takes_the_default_model_by_name(tmp_path):
+    """The README's line with the default model: on 9cecc0c ``--model smollm2-135m`` crashed before
+    Ray started (the config was read from the GGUF package folder)."""
+    from test_cli import cli
+
+    out = tmp_path / "out.jsonl"
+    r = cli(
+        "batch",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        "sst2[0:4]",
+        "--out",
+        str(out),
+        "--actors",
+        "1",
+        "--batch-size",
+        "4",
+        "--json",
+        "--quiet",
+    )
+    res = json.loads(r.stdout)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["rows"] == 4 and res["errors"] == 0 and [g["idx"] for g in got] == [0, 1, 2, 3]
+    assert all(g["prediction"] >= 0 for g in got)

@@ -1,26 +1,24 @@
-"""Inserting entries under the byte cap: evict, compact the segments that lost entries, append,
-commit."""
+"""Inserting entries under the byte cap: evict, compact the segments that lost entries, append;
+staged as a new generation (``generation.stage``) that the caller publishes."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import eviction as eviction_policies
+from .generation import Generation, Snapshot, stage
 from .index import VectorIndex
 from .segments import EntryTable, MapStore, seg_name, seg_number, write_segment
 
-if TYPE_CHECKING:
-    from .database import Database
-
 
 def append_entries(
-    db: Database, blobs: list[bytes], lengths: list[int], feats: np.ndarray
-) -> list[int]:
-    """Evict, compact and append in one commit (the caller holds the write lock,
-    ``Database.writing``).
+    db: Snapshot, blobs: list[bytes], lengths: list[int], feats: np.ndarray
+) -> tuple[Generation | None, list[int]]:
+    """Evict, compact and append as one staged generation (the caller holds the write lock,
+    ``Database.writing``, and publishes it); None when nothing changes. The snapshot is not
+    modified.
 
     Segments that lose an entry are rewritten: their live entries move into the new segment with the
     new ones, so evicted bytes are reclaimed on disk at once."""
@@ -28,7 +26,8 @@ def append_entries(
     sizes = [len(b) for b in blobs]
     keep_new = list(range(len(blobs)))
     evicted = np.zeros(len(table), dtype=bool)
-    cap = db.max_bytes
+    cap = db.manifest["store"].get("max_bytes")
+    policy = db.manifest["store"].get("eviction", "lru")
     if cap is not None:
         fit, total = [], 0  # a batch that cannot fit even alone keeps its first entries that do
         for j in keep_new:
@@ -36,11 +35,9 @@ def append_entries(
                 fit.append(j)
                 total += sizes[j]
         keep_new = fit
-        evicted = eviction_policies.victims(
-            table, db.eviction, int(table.nbytes.sum()) + total - cap
-        )
+        evicted = eviction_policies.victims(table, policy, int(table.nbytes.sum()) + total - cap)
     if not keep_new and not evicted.any():
-        return []
+        return None, []
     # segments that lost an entry are rewritten: their live entries move into the new segment
     dirty = set(table.seg[evicted].tolist())
     moved = [i for i in range(len(table)) if not evicted[i] and int(table.seg[i]) in dirty]
@@ -75,10 +72,10 @@ def append_entries(
     all_feats = np.concatenate([db.features()[kept], new_feats])
     vectors = np.concatenate([db.vectors[kept], new_vectors]).astype(np.float32)
     new_uids = np.arange(uid0, uid0 + len(keep_new), dtype=np.int64)
-    index = db.index
-    if evicted.any() and not index.can_remove:
-        index = VectorIndex.build(vectors, new_table.uid, approximate=index.approximate)
+    if evicted.any() and not db.index.can_remove:
+        index = VectorIndex.build(vectors, new_table.uid, approximate=db.index.approximate)
     else:
+        index = db.index.copy()  # the live index changes only when the commit is published
         index.remove(table.uid[evicted])
         index.add(new_vectors, new_uids)
     m = dict(db.manifest)
@@ -89,7 +86,5 @@ def append_entries(
         next_uid=uid0 + len(keep_new),
         evictions=int(m.get("evictions", 0)) + int(evicted.sum()),
     )
-    db.store = MapStore(db.folder, db.store.layout, new_table, segments)
-    db.vectors, db.index = vectors, index
-    db.write_generation(m, all_feats, vectors, None, index)
-    return new_uids.tolist()
+    store = MapStore(db.folder, db.store.layout, new_table, segments)
+    return stage(db.folder, m, all_feats, vectors, None, index, store), new_uids.tolist()

@@ -20,14 +20,8 @@ import numpy as np
 from ..errors import UserError
 from . import eviction as eviction_policies
 from .compaction import append_entries
-from .files import (
-    MANIFEST,
-    atomic_write_json,
-    describe_files,
-    load_npy,
-    safe_name,
-    save_npy,
-)
+from .files import MANIFEST, atomic_write_json, load_npy, save_npy
+from .generation import Generation, Snapshot, stage
 from .index import EF_SEARCH, VectorIndex
 from .locks import opening, write_lock
 from .manifest import (
@@ -41,6 +35,7 @@ from .manifest import (
 from .projector import Projector
 from .segments import EntryTable, MapStore, StoreLayout, seg_number
 from .side_files import SideFiles
+from .staging import aside_of
 from .templates import Templates
 from .usage import UsageCounter
 
@@ -132,11 +127,19 @@ class Database(SideFiles):
         inserts."""
         folder = Path(folder)
         if not folder.exists():
+            aside = aside_of(folder)
+            if aside is not None:
+                raise UserError(
+                    f"cache DB '{folder}' does not exist: a replace (build/compress --force) was "
+                    f"interrupted and the previous DB is whole at '{aside}'; rename it back, or "
+                    "run the build again (it restores it first)"
+                )
             raise UserError(f"cache DB '{folder}' does not exist")
         for attempt in range(OPEN_RETRIES):
             try:
                 with opening(folder):
                     db = cls._read(folder)
+                    db.preload()  # side files taken while no writer may delete them
                 break
             except FileNotFoundError:  # a writer committed and removed an old generation meanwhile
                 if attempt == OPEN_RETRIES - 1:
@@ -229,6 +232,7 @@ class Database(SideFiles):
         ) == self.manifest.get("entries")
         if not same:
             fresh = Database._read(self.folder)
+            fresh.preload()
             keep = {
                 k: self.manifest["store"][k]
                 for k in ("max_bytes", "eviction")
@@ -236,6 +240,7 @@ class Database(SideFiles):
             }
             self.manifest, self.store, self.projector = fresh.manifest, fresh.store, fresh.projector
             self.index, self.vectors = fresh.index, fresh.vectors
+            self._templates, self._memo_blob = fresh._templates, fresh._memo_blob
             self.manifest["store"].update(keep)
 
     def commit_settings(self, lock_wait_s: float = 10.0, **fields: Any) -> None:
@@ -256,20 +261,39 @@ class Database(SideFiles):
         except UserError:
             return False
 
+    def snapshot(self) -> Snapshot:
+        """The live state a commit is computed from (``generation.py``)."""
+        return Snapshot(
+            self.folder,
+            self.manifest,
+            self.store,
+            self.projector,
+            self.index,
+            self.vectors,
+            self.features,
+        )
+
     def commit_entries(
         self, blobs: list[bytes], lengths: list[int], feats: np.ndarray, lock_wait_s: float = 10.0
     ) -> list[int]:
         """Append encoded entries, evicting (LRU/LFU) to stay within the byte cap; returns their
         uids."""
         with self.writing(lock_wait_s):
-            return append_entries(self, blobs, lengths, np.asarray(feats, dtype=np.float32))
+            feats = np.asarray(feats, dtype=np.float32)
+            gen, uids = append_entries(self.snapshot(), blobs, lengths, feats)
+            if gen is not None:
+                self.publish(gen)
+            return uids
 
     def commit_cap(self, max_bytes: int, lock_wait_s: float = 10.0) -> int:
         """Set the byte cap and evict (reclaiming disk) until the segments hold at most it."""
         with self.writing(lock_wait_s):
             self.manifest["store"]["max_bytes"] = int(max_bytes)
             before = len(self.store)
-            append_entries(self, [], [], np.zeros((0, self.projector.in_dim), np.float32))
+            empty = np.zeros((0, self.projector.in_dim), np.float32)
+            gen, _ = append_entries(self.snapshot(), [], [], empty)
+            if gen is not None:
+                self.publish(gen)
             return before - len(self.store)
 
     def write_generation(
@@ -280,37 +304,31 @@ class Database(SideFiles):
         projector: Projector | None,
         index: VectorIndex,
     ) -> None:
-        """Write a generation's small files under new names, commit the manifest, drop the old
-        files. Only while writing (``writing``) or into a folder being built (``create``)."""
+        """Stage a generation's small files under new names, then publish it. Only while writing
+        (``writing``) or into a folder being built (``create``)."""
         assert self._writing, "write_generation needs the write lock (Database.writing)"
-        gen = int(m.get("generation", -1)) + 1 if "files" in m else int(m.get("generation", 0))
-        old = m.get("names", {})
-        names = {"features": f"features-{gen}.npy", "vectors": f"vectors-{gen}.npy"}
-        save_npy(self.folder / names["features"], feats)
-        save_npy(self.folder / names["vectors"], vectors)
-        if projector is not None:
-            names["projector"] = f"projector-{gen}.safetensors"
-            projector.save(self.folder / names["projector"])
-            self.projector = projector
-        else:
-            names["projector"] = safe_name(old.get("projector"))
-        for kind in ("templates", "memo"):  # not rewritten: they do not depend on the entries
-            if kind in old:
-                names[kind] = safe_name(old[kind])
-        m["index"] = {"approximate": index.approximate, "ef_search": index.ef_search}
-        if index.approximate:
-            names["index"] = f"index-{gen}.faiss"
-            index.save(self.folder / names["index"])
-        m.update(
-            generation=gen, names=names, files=describe_files(self.folder, list(names.values()))
-        )
-        self.vectors, self.index = vectors, index
-        self._commit(m)
+        self.publish(stage(self.folder, m, feats, vectors, projector, index))
+
+    def publish(self, gen: Generation) -> None:
+        """Commit a staged generation (the manifest replaced atomically: the commit point), then
+        make it the live one and drop the files nothing references. If the commit fails, nothing
+        live has changed."""
+        assert self._writing, "publish needs the write lock (Database.writing)"
+        atomic_write_json(self.folder / MANIFEST, gen.manifest)
+        self.manifest = gen.manifest
+        if gen.store is not None:
+            self.store = gen.store
+        if gen.projector is not None:
+            self.projector = gen.projector
+        if gen.index is not None:
+            self.index = gen.index
+        if gen.vectors is not None:
+            self.vectors = gen.vectors
+        remove_unreferenced(self.folder, gen.manifest)
 
     def _commit(self, m: dict) -> None:
-        atomic_write_json(self.folder / MANIFEST, m)  # the commit point
-        self.manifest = m
-        remove_unreferenced(self.folder, m)
+        """Commit a manifest that references only files already committed or staged."""
+        self.publish(Generation(m))
 
     @classmethod
     def create(

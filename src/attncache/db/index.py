@@ -60,6 +60,19 @@ class VectorIndex:
             index.add(vectors, np.arange(n) if ids is None else ids)
         return index
 
+    def copy(self) -> VectorIndex:
+        """An independent copy (a commit edits a copy: the live index changes only once the
+        commit is published)."""
+        twin = VectorIndex.__new__(VectorIndex)
+        twin.dim, twin.approximate, twin.ef_search = self.dim, self.approximate, self.ef_search
+        if faiss is None:
+            twin._index = _NumpyFlat(self.dim)
+            twin._index.add_with_ids(self._index._x.copy(), self._index._ids.copy())
+        else:
+            twin._index = faiss.clone_index(self._index)
+        twin._inner = None
+        return twin
+
     @property
     def can_remove(self) -> bool:
         return not self.approximate

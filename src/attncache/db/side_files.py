@@ -1,19 +1,23 @@
 """The files of a DB generation that do not depend on its entries: template maps and the result
-memo. Each is read lazily, checked, and committed as a new generation on its own (the entries,
-index and projector files carry over unchanged)."""
+memo. Both are taken while the DB is opened, under the readers' lock (``preload``): the templates
+memory-mapped, the memo's bytes read, so a writer that commits a new generation and deletes the old
+files afterwards cannot pull them from under a reader. Each is committed as a new generation on its
+own (the entries, index and projector files carry over unchanged)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from ..errors import UserError
-from .files import atomic_write, describe_files, file_digest, load_npy, safe_name, save_npy
+from .files import atomic_write, load_npy, safe_name, save_npy
+from .generation import stage_side_file
 from .manifest import generation_files
 from .templates import Templates
 
@@ -29,6 +33,14 @@ class SideFiles:
     manifest: dict
     causal: bool
     _templates: tuple[str, Templates] | None = None
+    _memo_blob: tuple[str, bytes] | None = None  # (file name, its bytes), read at open
+
+    def preload(self) -> None:
+        """Take this generation's side files now (called inside ``opening``)."""
+        self.templates  # noqa: B018 - maps the file while it is certain to exist
+        name = self.manifest.get("names", {}).get("memo")
+        if name is not None:
+            self._memo_blob = (name, (self.folder / safe_name(name)).read_bytes())
 
     def writing(self, lock_wait_s: float = 10.0) -> AbstractContextManager: ...  # Database's
 
@@ -57,13 +69,16 @@ class SideFiles:
         name = self.manifest.get("names", {}).get("memo")
         if name is None:
             return None
-        path = self.folder / safe_name(name)
-        if file_digest(path) != self.manifest["files"][name]["sha256"]:  # small: checked in full
+        if self._memo_blob is not None and self._memo_blob[0] == name:
+            blob = self._memo_blob[1]
+        else:  # a writer's own newer generation (it holds the write lock: the file stays)
+            blob = (self.folder / safe_name(name)).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != self.manifest["files"][name]["sha256"]:
             raise UserError(
                 f"{self.folder}: {name} does not match its checksum (damaged); not using it. "
                 f"Run 'attncache verify {self.folder}'"
             )
-        return {k: v.numpy() for k, v in load_file(str(path)).items()}
+        return {k: v.numpy() for k, v in load(blob).items()}
 
     def commit_memo(
         self, merge: Callable[[dict | None], dict[str, np.ndarray]], lock_wait_s: float = 10.0
@@ -118,13 +133,4 @@ class SideFiles:
     ) -> None:
         """Commit ``m`` as a new generation whose ``kind`` file (one that does not depend on the
         entries: templates, memo) is written by ``write`` under a new name, or dropped (None)."""
-        gen = int(m.get("generation", 0)) + 1
-        names = dict(generation_files(m))
-        names.pop(kind, None)
-        if write is not None:
-            names[kind] = f"{kind}-{gen}.{ext}"
-            write(self.folder / names[kind])
-        m.update(
-            generation=gen, names=names, files=describe_files(self.folder, list(names.values()))
-        )
-        self._commit(m)
+        self._commit(stage_side_file(self.folder, m, kind, ext, write).manifest)

@@ -1,0 +1,166 @@
+"""Commits never corrupt a live process, side files never vanish under a reader, rebuilds are
+atomic."""
+
+import errno
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_reliability import synthetic
+from tiny import TinyTokenizer, random_seqs, tiny_model
+
+import attncache.db.files as files_mod
+from attncache import AttnCache, UserError
+from attncache.db.templates import Templates
+from attncache.tiers.memo import Answer, ResultMemo
+
+staging_mod = importlib.import_module("attncache.db.staging")  # the package exports a function
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "db"
+    AttnCache.build(
+        tiny_model("llama"), TinyTokenizer(), random_seqs(6, seed=4), path, progress=False
+    )
+    return path
+
+
+def full_disk_once(monkeypatch, which: int) -> None:
+    """The ``which``-th fsync from now fails with ENOSPC, once."""
+    real, calls = files_mod.os.fsync, {"n": 0}
+
+    def failing(fd):
+        calls["n"] += 1
+        if calls["n"] == which:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(files_mod.os, "fsync", failing)
+
+
+@pytest.mark.parametrize("which", [1, 2, 3, 4])
+def test_a_failed_insert_leaves_the_live_object_whole(db, monkeypatch, which):
+    """ENOSPC at each write of an insert (segment, features, vectors, manifest), then the next
+    insert on the *same* object succeeds and ``verify`` is clean. On 9cecc0c the failed insert had
+    already swapped its store and index into the live object: the next one raised IndexError."""
+    cache = AttnCache.open(db)
+    before = json.loads((db / "manifest.json").read_text())
+    maps, feats = synthetic(cache, 2, seed=3)
+    full_disk_once(monkeypatch, which)
+    with pytest.raises(UserError, match="no space left"):
+        cache.insert(maps, feats)
+    assert json.loads((db / "manifest.json").read_text()) == before
+    assert len(cache.store) == len(cache.db.index) == len(cache.db.vectors) == 6
+    hits = cache.lookup(feats, [7, 7], threshold=float("inf"))
+    assert all(h is not None and h.entry < 6 for h in hits)  # only committed entries
+    cache.insert(maps, feats)
+    assert len(cache.store) == len(cache.db.index) == 8
+    assert AttnCache.verify(db) == [] and len(AttnCache.open(db).store) == 8
+
+
+WRITER = """
+import sys, numpy as np
+from attncache import AttnCache
+from attncache.db.templates import Templates
+from attncache.tiers.memo import Answer, ResultMemo
+db = AttnCache.open(sys.argv[1]).db
+for k in range(2):  # two commits: the files the reader opened are deleted
+    memo = ResultMemo()
+    memo.put([9, 9, k], "float32-cpu", Answer({(1, 2): -0.5}, 3))
+    memo.save(db)
+    db.commit_templates(Templates([(0, 0)], np.full((1, 8, 8), 0.25, np.float32), True))
+"""
+
+
+def test_side_files_stay_readable_while_another_process_commits(db):
+    """A reader opens a DB with a memo and templates; another process commits new ones twice
+    (deleting the files the reader saw); the reader still reads its own generation's. On 9cecc0c
+    both were read lazily, after the readers' lock was released: FileNotFoundError."""
+    cache = AttnCache.open(db)
+    memo = ResultMemo()
+    memo.put([1, 2, 3], "float32-cpu", Answer({(1, 5): -0.25}, 7))
+    memo.save(cache.db)
+    cache.db.commit_templates(Templates([(0, 1)], np.full((1, 8, 8), 0.5, np.float32), True))
+    names = json.loads((db / "manifest.json").read_text())["names"]
+    reader = AttnCache.open(db)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run(
+        [sys.executable, "-c", WRITER, str(db)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert not (db / names["memo"]).exists() and not (db / names["templates"]).exists()
+    got = ResultMemo.load(reader.db)
+    assert got.get([1, 2, 3], "float32-cpu", [(1, 5)]).argmax == 7
+    assert reader.db.templates.heads == [(0, 1)]
+    assert float(np.asarray(reader.db.templates.maps).max()) == 0.5
+    assert AttnCache.open(db).db.templates.heads == [(0, 0)]  # a new open sees the new ones
+
+
+def test_a_failed_swap_keeps_the_old_db(db, monkeypatch):
+    """``build --force`` (and compress, through the same staging): on 9cecc0c the old DB was
+    deleted before the new one was renamed in, so a failure between lost both."""
+    before = json.loads((db / "manifest.json").read_text())
+
+    real = os.replace
+
+    def failing(src, dst):  # only the swap of the finished build fails
+        if ".building-" in str(src) and os.path.isdir(src):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(staging_mod.os, "replace", failing)
+    with pytest.raises(UserError, match="old one is unchanged"):
+        AttnCache.build(
+            tiny_model("llama"),
+            TinyTokenizer(),
+            random_seqs(4, seed=9),
+            db,
+            progress=False,
+            force=True,
+        )
+    monkeypatch.undo()
+    assert json.loads((db / "manifest.json").read_text()) == before
+    assert AttnCache.verify(db) == [] and len(AttnCache.open(db).store) == 6
+    assert not list(db.parent.glob(".db.*"))  # no staging or aside folder left
+
+
+def test_a_crash_between_the_renames_loses_nothing(db, monkeypatch):
+    """Killed after the old DB moved aside and before the new one moved in: the old one is whole
+    beside the path; open says where, and the next build puts it back first."""
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # stands for the process dying here
+
+    monkeypatch.setattr(staging_mod, "_swap_in", killed)
+    monkeypatch.setattr(
+        staging_mod.os,
+        "rename",
+        lambda a, b, real=os.rename: real(a, b) if "replaced" in str(b) else None,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        AttnCache.build(
+            tiny_model("llama"),
+            TinyTokenizer(),
+            random_seqs(4, seed=9),
+            db,
+            progress=False,
+            force=True,
+        )
+    monkeypatch.undo()
+    assert not db.exists()
+    with pytest.raises(UserError, match="interrupted"):
+        AttnCache.open(db)
+    AttnCache.build(
+        tiny_model("llama"), TinyTokenizer(), random_seqs(5, seed=9), db, progress=False, force=True
+    )
+    assert len(AttnCache.open(db).store) == 5 and AttnCache.verify(db) == []
+    assert not list(db.parent.glob(".db.replaced-*"))

@@ -164,3 +164,39 @@ def test_a_crash_between_the_renames_loses_nothing(db, monkeypatch):
     )
     assert len(AttnCache.open(db).store) == 5 and AttnCache.verify(db) == []
     assert not list(db.parent.glob(".db.replaced-*"))
+
+
+def test_a_damaged_entry_is_never_replayed(tmp_path):
+    """Only ``verify`` checked crc32s on 9cecc0c: a fetch trusted the bytes. Now each entry is
+    checked on its first use in a process; a damaged one is skipped (a miss, or the next
+    candidate), with one warning, and a good one is checked once."""
+    from test_replay import forward
+
+    from attncache.db.segments import seg_name
+
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    seqs = random_seqs(6, lo=10, hi=10, seed=21)
+    path = tmp_path / "db"
+    AttnCache.build(model, tok, seqs, path, progress=False)
+    cache = AttnCache.open(path)
+    t = cache.store.table
+    assert len({int(x) for x in t.seg}) == 1
+    victim = 2
+    start = int(t.offset[victim]) + int(t.nbytes[victim]) - 16  # inside its maps, past the header
+    with open(path / seg_name(int(t.seg[victim])), "r+b") as f:
+        f.seek(start)
+        byte = f.read(1)
+        f.seek(start)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    cache = AttnCache.open(path)
+    attached = cache.attach(model, policy="all", threshold=float("inf"))
+    with pytest.warns(UserWarning, match="checksum"), attached as att:
+        forward(model, seqs, True)
+        hits = list(att.last_hits)
+    assert all(h is not None and h.entry != victim for h in hits)
+    assert hits[0].entry == 0 and cache.store.damaged >= 1
+    assert len(cache.store.checked) == 5  # every intact entry checked once, remembered
+    with cache.attach(model, policy="all", threshold=float("inf")) as att:
+        forward(model, seqs, True)
+    assert len(cache.store.checked) == 5
+    assert any(f"entry {victim}" in p and "corrupted" in p for p in AttnCache.verify(path))

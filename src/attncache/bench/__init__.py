@@ -100,6 +100,13 @@ def bench(
             cfg.bound,
         )
     )
+    if s.cache is not None:
+        # each entry's crc32 is checked on its first use in a process (a damaged one is never
+        # replayed): that one-time cost, against one workload pass at the best batch size
+        spent = s.cache.store.check_seconds
+        res["entry_check_seconds"] = spent
+        if res.get("workload_seconds"):
+            res["entry_check_fraction_of_pass"] = spent / res["workload_seconds"]
     if cfg.per_item and pol is not None:
         res.update(time_items(s, plan.seqs, pol, threshold, cfg.repeats, cfg.warmup, cfg.eager))
     res["machine"] = machine()

@@ -86,5 +86,5 @@ def append_entries(
         next_uid=uid0 + len(keep_new),
         evictions=int(m.get("evictions", 0)) + int(evicted.sum()),
     )
-    store = MapStore(db.folder, db.store.layout, new_table, segments)
+    store = MapStore(db.folder, db.store.layout, new_table, segments, db.store.checked)
     return stage(db.folder, m, all_feats, vectors, None, index, store), new_uids.tolist()

@@ -10,6 +10,7 @@ usage.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +166,18 @@ class MapStore:
     """Zero-copy reads of entries' maps from the memory-mapped segments."""
 
     def __init__(
-        self, folder: Path, layout: StoreLayout, table: EntryTable, segments: dict[str, int]
+        self,
+        folder: Path,
+        layout: StoreLayout,
+        table: EntryTable,
+        segments: dict[str, int],
+        checked: set[tuple[int, int, int]] | None = None,
     ):
+        # (segment, offset, crc) of entries whose bytes this process found intact; a later
+        # generation's store takes it over (``checked``), so each entry is checked once
+        self.checked: set[tuple[int, int, int]] = checked if checked is not None else set()
+        self.check_seconds = 0.0  # time spent on first-use checks, for ``bench``
+        self.damaged = 0
         self.folder = Path(folder)
         self.layout = layout
         self.table = table
@@ -246,6 +257,22 @@ class MapStore:
 
     def check(self, entry: int) -> bool:
         return zlib.crc32(self.raw(entry)) == int(self.table.crc[entry])
+
+    def intact(self, entry: int) -> bool:
+        """Whether an entry's bytes match their crc32, checked on its first use in this process
+        and remembered: a hit on damaged bytes is never replayed (``lookup`` skips it)."""
+        t = self.table
+        key = (int(t.seg[entry]), int(t.offset[entry]), int(t.crc[entry]))
+        if key in self.checked:
+            return True
+        t0 = time.perf_counter()
+        ok = self.check(entry)
+        self.check_seconds += time.perf_counter() - t0
+        if ok:
+            self.checked.add(key)
+        else:
+            self.damaged += 1
+        return ok
 
     @property
     def nbytes(self) -> int:

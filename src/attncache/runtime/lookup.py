@@ -7,6 +7,7 @@ compatible one is the candidate, and it hits iff its predicted distance is withi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,11 +59,28 @@ def nearest(
             if uid < 0 or length <= 0:
                 break
             if compatible(db, int(row), length):
-                if d <= threshold:
-                    hit = Hit(int(row), int(length), float(d))
+                if d > threshold:
+                    break
+                if not db.store.intact(int(row)):
+                    _warn_damaged(db)
+                    continue  # damaged bytes are never replayed: the next candidate, or a miss
+                hit = Hit(int(row), int(length), float(d))
                 break
         hits.append(hit)
     return hits
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_damaged(db: Database) -> None:
+    if str(db.folder) not in _WARNED:
+        _WARNED.add(str(db.folder))
+        warnings.warn(
+            f"{db.folder}: an entry's bytes do not match their checksum; it is skipped (never "
+            f"replayed). Run 'attncache verify {db.folder}'",
+            stacklevel=3,
+        )
 
 
 class Lookup:

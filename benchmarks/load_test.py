@@ -16,40 +16,16 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from server_process import free_port, start_server
 
 from attncache import data as data_mod
 from attncache.bench import machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(db: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "attncache", "serve", "--db", db, "--port", str(port), *extra]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if p.poll() is not None:
-            raise SystemExit(f"server exited: {p.stderr.read()[-2000:]}")
-    p.kill()
-    raise SystemExit("server did not come up in 300 s")
 
 
 async def hammer(
@@ -133,7 +109,8 @@ def main() -> None:
         port = free_port()
         copy = Path(tempfile.mkdtemp(prefix="load-test-")) / "db"
         shutil.copytree(a.db, copy, ignore=shutil.ignore_patterns(".lock", ".readers"))
-        p = start(str(copy), port, ["--max-batch", str(a.max_batch), "--no-memo", *extra])
+        args = ["--db", str(copy), "--max-batch", str(a.max_batch), "--no-memo", *extra]
+        p = start_server(args, port, copy.parent / "server.log")
         try:
             asyncio.run(hammer(port, bodies[:16], path, a.concurrency, a.time_limit))  # warm-up
             res[name] = asyncio.run(hammer(port, bodies, path, a.concurrency, a.time_limit))

@@ -36,7 +36,7 @@ import torch
 
 from attncache import models
 from attncache.bench import machine
-from attncache.tasks import Plan, predictions, run
+from attncache.tasks import Plan, RunOptions, Tiers, predictions, run
 from attncache.tiers.schedule import prefix_groups, shared_prefix
 from attncache.workflows import Session
 
@@ -185,12 +185,21 @@ def main() -> None:
         b = min(got, key=lambda x: got[x][0])
         return got[b][0], b, got[b][1]
 
-    secs, b, exact = best_of(lambda b: predictions(plan, run(model, tok, plan, b, progress=False)))
+    secs, b, exact = best_of(
+        lambda b: predictions(plan, run(model, tok, plan, RunOptions(batch_size=b, progress=False)))
+    )
     rows.append({"engine": "hf fp32 sdpa", "batch_size": b, "seconds": secs, "agreement": 1.0})
     if "attncache" in engines:
         secs, b, got = best_of(
             lambda b: predictions(
-                plan, run(model, tok, plan, b, progress=False, prefix=s.prefix_tier(2 << 30))
+                plan,
+                run(
+                    model,
+                    tok,
+                    plan,
+                    RunOptions(batch_size=b, progress=False),
+                    tiers=Tiers(prefix=s.prefix_tier(2 << 30)),
+                ),
             )
         )
         rows.append(

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attncache.bench import interleaved, machine
 from attncache.inputs import collate
-from attncache.tasks import predictions, run
+from attncache.tasks import RunOptions, predictions, run
 from attncache.workflows import Session
 
 
@@ -60,9 +60,11 @@ def main() -> None:
         models["compile"] = torch.compile(copy.deepcopy(base), dynamic=True)
         t0 = time.perf_counter()
         for b in sizes:
-            run(models["compile"], tok, plan, b, progress=False)
+            run(models["compile"], tok, plan, RunOptions(batch_size=b, progress=False))
         print(f"compile warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-    exact = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
+    exact = predictions(
+        plan, run(base, tok, plan, RunOptions(batch_size=max(sizes), progress=False))
+    )
 
     def timed(name: str, b: int, medium: bool = False, math: bool = False):
         def fn(_i: int) -> dict:
@@ -70,7 +72,11 @@ def main() -> None:
             kernel = sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
             try:
                 with kernel:
-                    return {"e2e": run(models[name], tok, plan, b, progress=False).seconds}
+                    return {
+                        "e2e": run(
+                            models[name], tok, plan, RunOptions(batch_size=b, progress=False)
+                        ).seconds
+                    }
             finally:
                 torch.set_float32_matmul_precision("highest")
 
@@ -92,14 +98,18 @@ def main() -> None:
 
     agree = {}
     for name, model in models.items():
-        got = predictions(plan, run(model, tok, plan, max(sizes), progress=False))
+        got = predictions(
+            plan, run(model, tok, plan, RunOptions(batch_size=max(sizes), progress=False))
+        )
         agree[name] = agreement(got)
     torch.set_float32_matmul_precision("medium")
-    got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
+    got = predictions(plan, run(base, tok, plan, RunOptions(batch_size=max(sizes), progress=False)))
     torch.set_float32_matmul_precision("highest")
     agree["matmul-medium"] = agreement(got)
     with sdpa_kernel(SDPBackend.MATH):
-        got = predictions(plan, run(base, tok, plan, max(sizes), progress=False))
+        got = predictions(
+            plan, run(base, tok, plan, RunOptions(batch_size=max(sizes), progress=False))
+        )
     agree["sdpa-math"] = agreement(got)
     agree["fp32-unsorted"] = 1.0
     best = {}

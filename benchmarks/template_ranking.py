@@ -19,7 +19,7 @@ import numpy as np
 
 from attncache.build.calibrate import choice_targets
 from attncache.build.templates import Target, mean_maps, rank, select
-from attncache.tasks import choice_scores, run
+from attncache.tasks import RunOptions, choice_scores, run
 from attncache.workflows import Session
 from attncache.workflows.sweep import points, policy_curves
 
@@ -35,8 +35,8 @@ def main() -> None:
     s = Session.open(a.db)
     c = s.cache
     rp, tp = s.plan(a.rank, quiet=True), s.plan(a.test, quiet=True)
-    ex_r = run(s.model, s.tokenizer, rp, 8, progress=False)
-    ex_t = run(s.model, s.tokenizer, tp, 8, progress=False)
+    ex_r = run(s.model, s.tokenizer, rp, RunOptions(batch_size=8, progress=False))
+    ex_t = run(s.model, s.tokenizer, tp, RunOptions(batch_size=8, progress=False))
     means = mean_maps(c.store)
     layers = c.store.layout.layers
     H = c.shape.n_heads

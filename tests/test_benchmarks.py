@@ -229,3 +229,15 @@ def test_summarize_runs_on_what_exists(tmp_path):
     )
     r = run("benchmarks/summarize.py", tmp_path)
     assert "| all |" in r.stdout
+
+
+def test_soak_short(tiny_db, tmp_path):
+    """The soak, short: two SIGKILLs and a clean stop under 4 clients; its own checks (no 500,
+    well-formed, exact answers, DB verifies, committed entries kept, prefix folder loads) hold."""
+    out = tmp_path / "soak.json"
+    run("benchmarks/soak.py", "--db", tiny_db, "--seconds", "9", "--out", out)
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["problems"] == [], res["problems"]
+    assert res["restarts_survived"] == 2 and res["requests_served"] > 20
+    assert res["max_abs_diff_vs_exact"] <= 1e-4
+    assert not any(code.startswith("5") for code in res["status_codes"])

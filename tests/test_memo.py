@@ -9,7 +9,7 @@ from test_replay import forward
 from tiny import TinyTokenizer, random_seqs, tiny_model
 
 from attncache import AttnCache
-from attncache.tasks import Plan, Query, RowPlan, run
+from attncache.tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
 from attncache.tiers.memo import Answer, ResultMemo
 
 FP32 = "float32-cpu"
@@ -51,9 +51,21 @@ def test_a_second_run_is_answered_from_the_memo_with_the_same_outputs(tmp_path):
     model = tiny_model("llama")
     seqs = random_seqs(6, seed=31)
     memo = ResultMemo()
-    first = run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    first = run(
+        model,
+        TinyTokenizer(),
+        plan_of(seqs),
+        RunOptions(batch_size=4, progress=False),
+        tiers=Tiers(memo=memo),
+    )
     assert not any(first.memo_hit) and len(memo) == 6
-    second = run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    second = run(
+        model,
+        TinyTokenizer(),
+        plan_of(seqs),
+        RunOptions(batch_size=4, progress=False),
+        tiers=Tiers(memo=memo),
+    )
     assert (
         all(second.memo_hit) and second.logprobs == first.logprobs and second.argmax == first.argmax
     )
@@ -78,7 +90,13 @@ def test_a_damaged_memo_is_refused_not_used(tmp_path):
     db = tmp_path / "db"
     AttnCache.build(model, TinyTokenizer(), seqs, db, progress=False)
     memo = ResultMemo()
-    run(model, TinyTokenizer(), plan_of(seqs), 4, progress=False, memo=memo)
+    run(
+        model,
+        TinyTokenizer(),
+        plan_of(seqs),
+        RunOptions(batch_size=4, progress=False),
+        tiers=Tiers(memo=memo),
+    )
     memo.save(AttnCache.open(db).db)
     name = json.loads((db / "manifest.json").read_text())["names"]["memo"]
     data = bytearray((db / name).read_bytes())
@@ -103,10 +121,8 @@ def test_answers_that_replayed_maps_are_never_memoised(built):
             model,
             TinyTokenizer(),
             plan_of(seqs[:3] + new),
-            8,
-            attached=att,
-            progress=False,
-            memo=memo,
+            RunOptions(batch_size=8, progress=False),
+            tiers=Tiers(attached=att, memo=memo),
         )
     assert out.replayed[:3] == [True] * 3 and out.replayed[3:] == [False] * 2
     assert len(memo) == 2 and all(memo.get(s, FP32) is not None for s in new)

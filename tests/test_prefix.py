@@ -349,14 +349,20 @@ def test_batches_are_sized_by_the_tokens_the_tier_runs():
 
 def test_workload_without_shared_prefixes_skips_the_tier():
     """A workload in which nothing is shared never builds a K/V cache: the plain model runs."""
-    from attncache.tasks import Plan, Query, RowPlan, run
+    from attncache.tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
 
     model = tiny_model("llama")
     seqs = random_seqs(6, lo=9, hi=12, seed=90)
     plan = Plan(seqs, [RowPlan("text", [i], [[Query(i, 1, 3)]], [1.0]) for i in range(6)], [], True)
     runner = PrefixTier(model, min_prefix=4)
     with TokenCounter(model) as counter:
-        run(model, TinyTok(), plan, 4, progress=False, prefix=runner)
+        run(
+            model,
+            TinyTok(),
+            plan,
+            RunOptions(batch_size=4, progress=False),
+            tiers=Tiers(prefix=runner),
+        )
     assert runner.stats.items == 0 and runner.tree.bytes == 0  # the tier was not even asked
     assert counter.tokens == sum(len(s) for s in seqs)
 
@@ -369,7 +375,7 @@ def test_workload_sharing_few_of_its_tokens_runs_plain():
     """Long endings sharing a short prompt run without the tier (it would cost more than the few
     tokens it saves); the same endings on a long shared prompt run with it. Answers are exact
     either way."""
-    from attncache.tasks import Plan, Query, RowPlan, run
+    from attncache.tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
     from attncache.tasks.run import MIN_SAVED_SHARE
 
     model = tiny_model("llama")
@@ -381,8 +387,16 @@ def test_workload_sharing_few_of_its_tokens_runs_plain():
         assert (share >= MIN_SAVED_SHARE) == used
         rows = [RowPlan("text", [i], [[Query(i, 1, 3)]], [1.0]) for i in range(len(seqs))]
         runner = PrefixTier(model, min_prefix=4)
-        got = run(model, TinyTok(), Plan(seqs, rows, [], True), 6, progress=False, prefix=runner)
-        ref = run(model, TinyTok(), Plan(seqs, rows, [], True), 6, progress=False)
+        got = run(
+            model,
+            TinyTok(),
+            Plan(seqs, rows, [], True),
+            RunOptions(batch_size=6, progress=False),
+            tiers=Tiers(prefix=runner),
+        )
+        ref = run(
+            model, TinyTok(), Plan(seqs, rows, [], True), RunOptions(batch_size=6, progress=False)
+        )
         assert (runner.stats.items_with_prefix > 0) == used
         assert got.logprobs.keys() == ref.logprobs.keys() and got.argmax == ref.argmax
         for k, v in ref.logprobs.items():

@@ -93,7 +93,7 @@ def predict_rows(
     """Per row: index, prediction or embedding, scores, cache hit, and ``error`` (empty, or why
     the row could not be planned: too long, an empty choice; such a row gets no prediction and
     never fails the job)."""
-    from .tasks import choice_scores, plan_rows, run
+    from .tasks import RunOptions, Tiers, choice_scores, plan_rows, run
 
     plan = plan_rows(rows, s.tokenizer, s.causal, s.max_len)
     if attached is not None and attached.inert:
@@ -102,11 +102,8 @@ def predict_rows(
         s.model,
         s.tokenizer,
         plan,
-        batch_size,
-        attached=attached,
-        progress=False,
-        prefix=prefix,
-        memo=memo,
+        RunOptions(batch_size=batch_size, progress=False),
+        tiers=Tiers(attached=attached, prefix=prefix, memo=memo),
     )
     cols: dict = {k: [] for k in ("idx", "prediction", "scores", "embedding", "cache_hit", "error")}
     for n, (i, r) in enumerate(zip(idx, plan.by_input(len(rows)), strict=True)):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..runtime import Policy, PreloadedMaps, RecordedHits, RecordingHits, read_maps
-from ..tasks import Plan, run
+from ..tasks import Plan, RunOptions, Tiers, run
 from ..workflows import Session
 from .harness import interleaved
 
@@ -48,7 +48,9 @@ def time_workload(
 
     def plain(batch: int):
         def fn(_i: int) -> dict:
-            return {"e2e": run(model, tok, plan, batch, progress=False).seconds}
+            return {
+                "e2e": run(model, tok, plan, RunOptions(batch_size=batch, progress=False)).seconds
+            }
 
         return fn
 
@@ -67,7 +69,13 @@ def time_workload(
             if preloaded is not None:
                 ctx.maps = PreloadedMaps(s.cache.db, preloaded)
             with ctx as att:
-                out = run(model, tok, plan, batch, attached=att, progress=False, prefix=tier)
+                out = run(
+                    model,
+                    tok,
+                    plan,
+                    RunOptions(batch_size=batch, progress=False),
+                    tiers=Tiers(attached=att, prefix=tier),
+                )
             if tier is not None:
                 reports["prefix"] = tier.report()
             return {"e2e": out.seconds}

@@ -13,7 +13,7 @@ from .. import models
 from ..data import ChoiceRow, TextRow
 from ..db.tier_store import TierFolder
 from ..inputs import collate
-from ..tasks import Plan, RunOutput, choice_scores, plan_rows, run
+from ..tasks import Plan, RunOptions, RunOutput, Tiers, choice_scores, plan_rows, run
 from ..tiers.memo import ResultMemo
 from ..workflows import Session
 from .checks import (
@@ -102,12 +102,10 @@ class Engine:
             self.session.model,
             self.tokenizer,
             plan,
-            batch_size=self.cfg.max_batch,
-            attached=att,
-            progress=False,
-            prefix=self.prefix,
-            memo=self.memo if self.cfg.memo else None,
-            lookahead=False,  # the next request is unknown: keep what is computed
+            RunOptions(batch_size=self.cfg.max_batch, progress=False, lookahead=False),
+            tiers=Tiers(
+                attached=att, prefix=self.prefix, memo=self.memo if self.cfg.memo else None
+            ),
         )
         if att is not None and att.learning:
             att.learn_pending()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from .. import models
 from ..inputs import collate, length_batches
 from ..progress import Stage
+from ..tiers import PrefixTier
 from ..tiers.memo import Answer, ResultMemo
 from ..tiers.schedule import prefix_batches, prefix_groups, shared_prefix
 from .plan import Plan, Query
@@ -78,29 +80,49 @@ def _wanted(plan: Plan) -> dict[int, list[Query]]:
     return wanted
 
 
+@dataclass
+class RunOptions:
+    """How ``run`` schedules a plan."""
+
+    batch_size: int = 8  # inputs per forward for the plain model (the prefix tier sizes by tokens)
+    progress: bool = True
+    desc: str = "forward"
+    # the plan is the whole workload: the prefix tier keeps only K/V a later input shares (a
+    # server, which cannot see the next request, passes False and keeps what it computes)
+    lookahead: bool = True
+    keep_prefixes: bool = False  # keep every group's shared prefix too (a tree saved for later)
+    seq_ids: list[int] | None = None  # only these sequences (the others keep what ``into`` holds)
+    into: RunOutput | None = None
+
+
+@dataclass
+class Tiers:
+    """What ``run`` reuses: an attached map cache, the prefix tier, the memo (None: not used)."""
+
+    attached: Any = None  # runtime.Attachment
+    prefix: PrefixTier | None = None
+    memo: ResultMemo | None = None
+
+
+NO_TIERS = Tiers()
+
+
 @torch.no_grad()
 def run(
     model: nn.Module,
     tokenizer,
     plan: Plan,
-    batch_size: int = 8,
-    attached=None,
-    progress: bool = True,
-    desc: str = "forward",
-    prefix=None,
-    seq_ids: list[int] | None = None,
-    into: RunOutput | None = None,
-    memo: ResultMemo | None = None,
-    lookahead: bool = True,
-    keep_prefixes: bool = False,
+    opts: RunOptions | None = None,
+    tiers: Tiers = NO_TIERS,
 ) -> RunOutput:
-    """Forward every planned sequence once and collect what the rows need.
-
-    ``seq_ids``: only these sequences (the others keep what ``into`` holds, or nothing). ``memo``:
-    answer sequences seen before from it and add the exact answers of this run. ``lookahead``: the
-    plan is the whole workload, so the prefix tier keeps only K/V a later input shares (a server,
-    which cannot see the next request, passes False and keeps what it computes).
-    ``keep_prefixes``: keep every group's shared prefix too (a tree saved for a later run)."""
+    """Forward every planned sequence once and collect what the rows need, through ``tiers``:
+    answer sequences seen before from the memo (and add this run's exact answers), shared
+    prefixes through the prefix tier, the rest through the model with maps attached."""
+    opts = opts or RunOptions()
+    attached, prefix, memo = tiers.attached, tiers.prefix, tiers.memo
+    batch_size, progress, desc = opts.batch_size, opts.progress, opts.desc
+    lookahead, keep_prefixes = opts.lookahead, opts.keep_prefixes
+    seq_ids, into = opts.seq_ids, opts.into
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if attached is not None and attached.inert:
         attached = None  # a policy that reuses nothing: the plain model

@@ -19,7 +19,7 @@ from ..build.templates import greedy_order, mean_maps, select
 from ..db import Templates
 from ..errors import UserError
 from ..runtime import Policy
-from ..tasks import Plan, RunOutput, compare, run
+from ..tasks import Plan, RunOptions, RunOutput, compare, run
 from .search import Search
 from .session import Session
 
@@ -91,7 +91,16 @@ def exact_on_decoder(
     if not s.causal:
         raise UserError(refusal)
     plan = s.plan(data, limit, quiet=not progress)
-    return s, plan, run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    return (
+        s,
+        plan,
+        run(
+            s.model,
+            s.tokenizer,
+            plan,
+            RunOptions(batch_size=batch_size, progress=progress, desc="exact"),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -226,11 +235,7 @@ def calibrate(
         device,
         dtype,
     )
-    return calibrate_plan(
-        s,
-        plan,
-        exact,
-        data,
+    opts = CalibrationOptions(
         max_loss,
         conf,
         batch_size,
@@ -240,31 +245,40 @@ def calibrate(
         templates,
         rank_share,
         max_template_share,
-        t0,
         max_minutes,
         exhaustive,
     )
+    return calibrate_plan(s, plan, exact, data, opts, t0)
+
+
+@dataclass
+class CalibrationOptions:
+    """How ``calibrate_plan`` searches and what it promises."""
+
+    max_loss: float  # the bound on the share of changed answers
+    confidence: float = 0.95
+    batch_size: int = 8
+    progress: bool = True
+    write: bool = True  # store the chosen setting in the DB
+    heads: bool = True  # per-head retrieval candidates too
+    templates: bool = True  # template-head candidates (rank heads on the first rows)
+    rank_share: float = 0.25  # rows that rank heads for templates
+    max_template_share: float = 0.6
+    max_minutes: float | None = None  # the search's time cap
+    exhaustive: bool = False  # every candidate at every threshold (slow; for checking the search)
 
 
 def calibrate_plan(
-    s: Session,
-    plan: Plan,
-    exact: RunOutput,
-    data: str,
-    max_loss: float,
-    conf: float,
-    batch_size: int,
-    progress: bool,
-    write: bool,
-    heads: bool,
-    templates: bool,
-    rank_share: float,
-    max_template_share: float,
-    t0: float,
-    max_minutes: float | None = None,
-    exhaustive: bool = False,
+    s: Session, plan: Plan, exact: RunOutput, data: str, opts: CalibrationOptions, t0: float
 ) -> CalibrationResult:
     """``calibrate`` on a planned and exactly run DATA (build calibrates its default this way)."""
+    max_loss, conf, batch_size, progress = (
+        opts.max_loss,
+        opts.confidence,
+        opts.batch_size,
+        opts.progress,
+    )
+    templates, rank_share = opts.templates, opts.rank_share
     n_rank = int(round(rank_share * len(plan.rows))) if templates else 0
     if templates and (n_rank < 8 or len(plan.rows) - n_rank < 20):
         raise UserError(
@@ -281,11 +295,11 @@ def calibrate_plan(
     verify = Plan(plan.seqs, [plan.rows[r] for r in verify_rows], plan.skipped, plan.causal)
     if allowed_changes(len(verify_rows), max_loss, conf) < 0:  # not even 0 changes would do
         templates = False  # nothing can pass: rank no heads, run no candidate
-    deadline = t0 + 60 * max_minutes if max_minutes is not None else None
+    deadline = t0 + 60 * opts.max_minutes if opts.max_minutes is not None else None
     tmpl_info: dict = {}
     if templates:
         t, tmpl_info = fit_templates(
-            s, plan, exact, list(range(n_rank)), max_template_share, progress
+            s, plan, exact, list(range(n_rank)), opts.max_template_share, progress
         )
         s.cache.use_templates(t)
     search = Search(
@@ -298,9 +312,9 @@ def calibrate_plan(
         batch_size,
         progress,
         deadline,
-        exhaustive,
+        opts.exhaustive,
     )
-    specs = candidate_policies(s, heads) if search.c_max >= 0 else []
+    specs = candidate_policies(s, opts.heads) if search.c_max >= 0 else []
     k_ok, k_base = 0, None
     if templates:
         total = s.cache.shape.n_layers * s.cache.shape.n_heads
@@ -360,7 +374,7 @@ def calibrate_plan(
         device=s.device,
         dtype=s.dtype,
     )
-    if write:
+    if opts.write:
         kept = (
             s.cache.templates.first(n_fixed) if n_fixed else None
         )  # the chosen heads, in rank order

@@ -15,10 +15,10 @@ from ..build import BuildConfig
 from ..build.calibrate import rows_for
 from ..cache import AttnCache
 from ..errors import UserError
-from ..tasks import Comparison, compare, plan_rows, require_rows, run
+from ..tasks import Comparison, RunOptions, Tiers, compare, plan_rows, require_rows, run
 from ..tiers import DEFAULT_PREFIX_BYTES
 from ..tiers.memo import ResultMemo
-from .calibrate import calibrate_plan
+from .calibrate import CalibrationOptions, calibrate_plan
 from .session import Session, input_limit, warn_skipped
 
 CONFIDENCE = 0.95  # of the build's calibration bound
@@ -79,29 +79,28 @@ def build(
         if sub.rows:
             session = Session(cache, model, tok, max_tokens)
             exact = run(
-                model, tok, sub, cfg.batch_size if cfg else 8, progress=progress, desc="exact"
+                model,
+                tok,
+                sub,
+                RunOptions(
+                    batch_size=cfg.batch_size if cfg else 8, progress=progress, desc="exact"
+                ),
             )
             choices = sum(r.kind in ("choice1", "choiceN") and len(r.queries) > 1 for r in sub.rows)
             # rows that rank heads for templates come out of what the bound can spare
             spare = len(sub.rows) - 2 * rows_for(max_loss, CONFIDENCE)
             rank_share = min(0.25, max(0.0, spare / len(sub.rows)))
             templates = choices == len(sub.rows) and rank_share * len(sub.rows) >= 8
-            calibrate_plan(
-                session,
-                sub,
-                exact,
-                f"{len(sub.rows)} rows of {data} held out of the build",
+            opts = CalibrationOptions(
                 max_loss,
                 CONFIDENCE,
                 cfg.batch_size if cfg else 8,
                 progress,
-                True,
-                True,
-                templates,
-                rank_share,
-                0.6,
-                t0,
+                templates=templates,
+                rank_share=rank_share,
             )
+            held_data = f"{len(sub.rows)} rows of {data} held out of the build"
+            calibrate_plan(session, sub, exact, held_data, opts, t0)
             return AttnCache.open(out)
     if calibrate_share > 0:
         need = 2 * rows_for(max_loss, CONFIDENCE)
@@ -198,7 +197,12 @@ def evaluate(
     folder = s.tier_folder(prefix_dir, prefix_bytes)
     kept = s.kept_prefix(folder)  # read once, for every policy
     plan = s.plan(data, limit, strict, quiet=not progress)
-    exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    exact = run(
+        s.model,
+        s.tokenizer,
+        plan,
+        RunOptions(batch_size=batch_size, progress=progress, desc="exact"),
+    )
     stored = None
     if memo and s.cache is not None:
         stored = ResultMemo.load(s.cache.db)
@@ -227,13 +231,13 @@ def evaluate(
                 s.model,
                 s.tokenizer,
                 plan,
-                batch_size,
-                attached=att,
-                progress=progress,
-                desc=f"cached ({name})",
-                prefix=prefix,
-                memo=answers,
-                keep_prefixes=folder is not None,
+                RunOptions(
+                    batch_size=batch_size,
+                    progress=progress,
+                    desc=f"cached ({name})",
+                    keep_prefixes=folder is not None,
+                ),
+                tiers=Tiers(attached=att, prefix=prefix, memo=answers),
             )
         if answers is not None and answers.dirty:  # this pass answered something new
             learned_answers.merge(answers)

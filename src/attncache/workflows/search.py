@@ -31,7 +31,7 @@ from ..inputs import length_batches
 from ..progress import Stage
 from ..runtime import Policy, nearest
 from ..runtime.features import features
-from ..tasks import Plan, RunOutput, mix, row_prediction, run
+from ..tasks import Plan, RunOptions, RunOutput, Tiers, mix, row_prediction, run
 from .session import Session
 
 CHUNKS = 8  # a pass is checked against the bound this many times
@@ -178,11 +178,8 @@ class Search:
             model,
             tokenizer,
             self.plan,
-            self.batch_size,
-            attached=att,
-            progress=False,
-            seq_ids=seq_ids,
-            into=into,
+            RunOptions(batch_size=self.batch_size, progress=False, seq_ids=seq_ids, into=into),
+            tiers=Tiers(attached=att),
         )
 
     def _pending(self, policy: Policy, base: RunOutput):

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..build.calibrate import QUANTILES, SweepPoint, binom_upper
 from ..runtime import Policy
-from ..tasks import Plan, RunOutput, compare, mix, run
+from ..tasks import Plan, RunOptions, RunOutput, Tiers, compare, mix, run
 from .session import Session
 
 
@@ -30,10 +30,8 @@ def run_policy(
             s.model,
             s.tokenizer,
             plan,
-            batch_size,
-            attached=att,
-            progress=progress,
-            desc=f"cached ({policy.name})",
+            RunOptions(batch_size=batch_size, progress=progress, desc=f"cached ({policy.name})"),
+            tiers=Tiers(attached=att),
         )
 
 
@@ -150,7 +148,12 @@ def sweep(
     s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
     specs = [s.cache.policy(p) for p in policies]
     plan = s.plan(data, limit, quiet=not progress)
-    exact = run(s.model, s.tokenizer, plan, batch_size, progress=progress, desc="exact")
+    exact = run(
+        s.model,
+        s.tokenizer,
+        plan,
+        RunOptions(batch_size=batch_size, progress=progress, desc="exact"),
+    )
     curves = policy_curves(s, plan, exact, specs, batch_size, progress)
     ts = thresholds_for(curves, s.cache.threshold)
     return SweepResult(

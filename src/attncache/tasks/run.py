@@ -48,6 +48,7 @@ class RunOutput:
     memo_hit: list[bool] = field(default_factory=list)
     prefix_tokens: list[int] = field(default_factory=list)
     replayed: list[bool] = field(default_factory=list)
+    greedy: dict[tuple[int, int], int] = field(default_factory=dict)  # (seq, from_end) -> token
 
     @classmethod
     def empty(cls, n: int) -> RunOutput:
@@ -93,6 +94,9 @@ class RunOptions:
     keep_prefixes: bool = False  # keep every group's shared prefix too (a tree saved for later)
     seq_ids: list[int] | None = None  # only these sequences (the others keep what ``into`` holds)
     into: RunOutput | None = None
+    # also keep the greedy token at every queried position (``RunOutput.greedy``: lm-eval's
+    # is_greedy); the memo does not store those, so it is not consulted then
+    greedy: bool = False
 
 
 @dataclass
@@ -123,6 +127,8 @@ def run(
     batch_size, progress, desc = opts.batch_size, opts.progress, opts.desc
     lookahead, keep_prefixes = opts.lookahead, opts.keep_prefixes
     seq_ids, into = opts.seq_ids, opts.into
+    if opts.greedy:
+        memo = None  # memo answers hold no per-position greedy tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if attached is not None and attached.inert:
         attached = None  # a policy that reuses nothing: the plain model
@@ -207,6 +213,8 @@ def run(
                         out.logprobs[(i, q.from_end, q.token)] = float(
                             lp[j, keep - q.from_end, q.token]
                         )
+                        if opts.greedy:
+                            out.greedy[(i, q.from_end)] = int(lp[j, keep - q.from_end].argmax())
                 else:
                     if out.embeddings is None:
                         out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)

@@ -1,0 +1,1 @@
+"""Backends for the harnesses users already run (lm-evaluation-harness)."""

@@ -1,0 +1,145 @@
+"""``lm-eval --model attncache``: lm-evaluation-harness's HF backend with its log-likelihoods run
+through attncache's exact tiers.
+
+The backend is ``HFLM`` with one method replaced: ``_loglikelihood_tokens``. Everything lm-eval
+decides stays lm-eval's: tokenization (``TemplateLM`` encodes context + continuation whole and
+splits at the context's length), left truncation to ``max_length``, rolling windows
+(``loglikelihood_rolling`` calls the method below per window), ``generate_until`` (the plain
+model's ``generate``). What changes is how the forwards run: every request of a call becomes one
+sequence of a plan, and ``tasks.run`` computes shared prefixes once (a few-shot header, a context
+and its choices in one packed row) in forwards sized like a plain batch. Exact: the same numbers
+as ``--model hf`` to float32 rounding.
+
+Model args as HFLM names them where they overlap (``pretrained`` takes every name attncache
+takes: ``smollm2-135m``, an HF folder, a ``.gguf``; ``batch_size``, ``device``, ``dtype``), plus
+``db``/``policy`` (approximate map reuse, only when asked) and ``prefix_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import models
+from ..tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
+from ..tiers import DEFAULT_PREFIX_BYTES
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as e:  # pragma: no cover - the optional extra
+    raise ImportError(
+        "the lm-eval backend needs lm-evaluation-harness: pip install 'attncache[lm-eval]'"
+    ) from e
+
+log = logging.getLogger("attncache.lm_eval")
+
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+def plan_requests(requests: list[Request], max_length: int) -> Plan:
+    """One sequence per request, as HFLM forms it: (context + continuation), left-truncated to
+    ``max_length + 1`` tokens, without its last token; one query per continuation token (the
+    logits at position t predict token t + 1). Identical sequences are planned once."""
+    seqs: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+    rows: list[RowPlan] = []
+    for n, (_, context, continuation) in enumerate(requests):
+        if not context or not continuation or len(continuation) > max_length:
+            raise ValueError(
+                f"request {n}: a context and a continuation of 1..{max_length} tokens are needed"
+            )
+        ids = (list(context) + list(continuation))[-(max_length + 1) :][:-1]
+        key = tuple(ids)
+        if key not in index:
+            index[key] = len(seqs)
+            seqs.append(ids)
+        s = index[key]
+        size = len(continuation)
+        queries = [Query(s, size - j, int(tok)) for j, tok in enumerate(continuation)]
+        rows.append(RowPlan("choiceN", [s], [queries], [1.0], index=n))
+    return Plan(seqs, rows, [], True)
+
+
+def _device_of(device: str | None) -> str:
+    """lm-eval's device strings ('cuda:0', its default, even without a GPU) as attncache's: like
+    HFLM, without a GPU it runs on the CPU."""
+    import torch
+
+    name = (device or "cpu").split(":")[0]
+    if name == "cuda" and not torch.cuda.is_available():
+        log.warning("attncache: no CUDA device visible; running on the CPU")
+        return "cpu"
+    return name
+
+
+@register_model("attncache")
+class AttnCacheLM(HFLM):
+    def __init__(
+        self,
+        pretrained: str = models.DEFAULT_MODEL,
+        batch_size: int | str = 8,
+        device: str = "cpu",
+        dtype: str = "float32",
+        db: str | None = None,
+        policy: str | None = None,
+        prefix_bytes: int | str | None = DEFAULT_PREFIX_BYTES,
+        **kwargs,
+    ):
+        from ..workflows import Session
+
+        device, dtype = _device_of(device), "float32" if dtype in (None, "auto") else str(dtype)
+        if policy is not None and db is None:
+            raise ValueError("policy= reuses approximate maps: it needs db=")
+        self.session = Session.open(db, pretrained, device=device, dtype=dtype)
+        if str(batch_size).startswith("auto"):
+            batch_size = 8  # the tiers size forwards by tokens; 'auto' probing does not apply
+        super().__init__(
+            pretrained=self.session.model,
+            tokenizer=self.session.tokenizer,
+            batch_size=int(batch_size),
+            **kwargs,
+        )
+        cap = None if prefix_bytes in (None, "none", "None", 0, "0") else int(prefix_bytes)
+        self.prefix = self.session.prefix_tier(cap)
+        self.att = None
+        if db is not None and policy is not None:
+            self.att = self.session.cache.attach(self.session.model, policy).__enter__()
+            log.warning(
+                "attncache: approximate map reuse (policy %s); the DB's bound: %s",
+                policy,
+                self.session.cache.info().default_reuse,
+            )
+        log.info(
+            "attncache: log-likelihoods through the exact tiers (prefix tier %s); "
+            "generate_until runs the plain model's generate",
+            "on" if self.prefix is not None else "off",
+        )
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[Request],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        if not requests:
+            return []
+        plan = plan_requests(requests, self.max_length)
+        opts = RunOptions(
+            batch_size=int(self.batch_size),
+            progress=not disable_tqdm,
+            desc="attncache loglikelihood",
+            greedy=True,
+        )
+        out = run(
+            self.model, self.tokenizer, plan, opts, Tiers(attached=self.att, prefix=self.prefix)
+        )
+        answers: list[tuple[float, bool]] = []
+        for (request, _, _), row in zip(requests, plan.rows, strict=True):
+            queries = row.queries[0]
+            logprob = sum(out.logprobs[(q.seq, q.from_end, q.token)] for q in queries)
+            greedy = all(out.greedy[(q.seq, q.from_end)] == q.token for q in queries)
+            answer = (float(logprob), bool(greedy))
+            if request is not None:  # rolling windows come without their strings
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+            answers.append(answer)
+        return answers

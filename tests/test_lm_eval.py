@@ -1,0 +1,140 @@
+"""The lm-eval backend against lm-eval's own HF backend on a tiny model: the same per-request
+log-likelihoods (1e-4) and is_greedy, for shared few-shot contexts, multi-token continuations,
+one-token continuations and rolling windows, with the prefix tier doing the reuse."""
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from attncache.integrations.lm_eval import AttnCacheLM  # noqa: E402
+
+SHOTS = "".join(f"Q: what is {a} plus {b}?\nA: {a + b}\n\n" for a, b in [(1, 2), (3, 4), (2, 2)])
+QUESTIONS = [f"{SHOTS}Q: what is {a} plus {b}?\nA:" for a, b in [(5, 1), (2, 7), (4, 4)]]
+CHOICES = [" 6", " 9", " 8", " seven", " a number"]
+
+
+def requests(kind, args):
+    return [Instance(kind, {}, a, idx=i) for i, a in enumerate(args)]
+
+
+@pytest.fixture(scope="module")
+def backends(tiny_hf):
+    folder = tiny_hf("llama")
+    # the tiny character tokenizer has no BOS/EOS: both backends condition empty contexts on "\n"
+    ours = AttnCacheLM(pretrained=folder, batch_size=4, prefix_token_id=97)
+    theirs = HFLM(
+        pretrained=folder, batch_size=4, device="cpu", dtype="float32", prefix_token_id=97
+    )
+    return ours, theirs
+
+
+def test_loglikelihoods_equal_the_hf_backend(backends):
+    ours, theirs = backends
+    args = [(q, c) for q in QUESTIONS for c in CHOICES] + [("", " hello"), ("A: ", "6")]
+    got = ours.loglikelihood(requests("loglikelihood", args))
+    want = theirs.loglikelihood(requests("loglikelihood", args))
+    assert len(got) == len(want) == len(args)
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, want, strict=True):
+        assert abs(lp - lp_ref) < 1e-4 and greedy == greedy_ref
+    assert ours.prefix.stats.tokens_reused > 0  # the shared few-shot header was computed once
+
+
+def test_rolling_loglikelihoods_equal_the_hf_backend(backends):
+    ours, theirs = backends
+    text = [(SHOTS * 3,), ("a short line",)]
+    got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", text))
+    want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", text))
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_generate_until_runs_the_plain_model(backends):
+    ours, theirs = backends
+    for b in backends:  # generation stops at EOS: give the tiny tokenizer one
+        b.tokenizer.eos_token = "\n"
+    args = [(QUESTIONS[0], {"until": ["\n"], "max_gen_toks": 4, "do_sample": False})]
+    assert ours.generate_until(requests("generate_until", args)) == theirs.generate_until(
+        requests("generate_until", args)
+    )
+
+
+def per_sample(results: dict, task: str) -> dict[int, dict]:
+    return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("sampler", ["first_n", None])
+def test_smollm2_on_a_local_arc_task_equals_the_hf_backend(tmp_path, monkeypatch, sampler):
+    """SmolLM2 on ARC-Easy 5-shot as lm-eval renders it (a local JSON task, offline), shots from
+    ``first_n`` (one prompt for every question) and from lm-eval's default per-document sampler:
+    every per-sample log-likelihood within 1e-4 of ``--model hf``, is_greedy and every metric
+    identical."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from attncache import models
+    from attncache.integrations.lm_eval_tasks import write_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = write_task("arc_easy", tmp_path / "tasks", shots=5, limit=8, sampler=sampler)
+    kw = {
+        "tasks": [task],
+        "log_samples": True,
+        "task_manager": TaskManager(include_path=str(tmp_path / "tasks")),
+    }
+    ours = simple_evaluate(model=AttnCacheLM(pretrained="smollm2-135m", batch_size=8), **kw)
+    hf = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={models.hf_folder('smollm2-135m')},dtype=float32",
+        device="cpu",
+        batch_size=8,
+        **kw,
+    )
+    a, b = per_sample(ours, task), per_sample(hf, task)
+    assert a.keys() == b.keys() and len(a) == 8
+    for k in a:
+        for x, y in zip(a[k]["resps"], b[k]["resps"], strict=True):
+            assert abs(float(x[0][0]) - float(y[0][0])) < 1e-4 and x[0][1] == y[0][1]
+        assert a[k]["acc"] == b[k]["acc"] and a[k]["acc_norm"] == b[k]["acc_norm"]
+    assert ours["results"][task] == hf["results"][task]
+
+
+def test_the_cli_registers_the_backend_and_hands_on_every_argument(tiny_hf, tmp_path):
+    """``attncache lm-eval ...`` is lm-eval's own CLI with ``--model attncache`` registered (lm-eval
+    0.4.13 loads no plugins), offline on a local task."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from attncache.integrations.lm_eval_tasks import write_task
+
+    task = write_task("arc_easy", tmp_path / "tasks", shots=1, limit=3, pool=2)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = [
+        "run",
+        "--model",
+        "attncache",
+        "--model_args",
+        f"pretrained={tiny_hf('llama')},prefix_token_id=97",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--tasks",
+        task,
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "attncache", "lm-eval", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = next((tmp_path / "out").rglob("results_*.json"))
+    assert set(json.loads(out.read_text())["results"][task]) >= {"acc,none", "acc_norm,none"}

@@ -241,3 +241,28 @@ def test_soak_short(tiny_db, tmp_path):
     assert res["restarts_survived"] == 2 and res["requests_served"] > 20
     assert res["max_abs_diff_vs_exact"] <= 1e-4
     assert not any(code.startswith("5") for code in res["status_codes"])
+
+
+def test_lm_eval_speed(tiny_hf, tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "lm_eval.json"
+    run(
+        "benchmarks/lm_eval_speed.py",
+        "--model",
+        tiny_hf("llama"),
+        "--shots",
+        "1",
+        "--limit",
+        "3",
+        "--hf-batch-sizes",
+        "2,4",
+        "--repeats",
+        "1",
+        "--prefix-token-id",
+        "97",
+        "--out",
+        out,
+    )
+    res = json.loads(out.read_text())
+    assert res["hf_best"] in ("hf b2", "hf b4") and res["speedup_vs_hf_best"] > 0
+    assert res["agreement_requests"] == 1.0 and res["metrics_identical"]

@@ -21,6 +21,18 @@ from attncache.tiers.memo import Answer, ResultMemo
 staging_mod = importlib.import_module("attncache.db.staging")  # the package exports a function
 
 
+def rebuild(db, n: int) -> None:
+    """``build --force`` over ``db`` with ``n`` new entries."""
+    AttnCache.build(
+        tiny_model("llama"),
+        TinyTokenizer(),
+        random_seqs(n, seed=9),
+        db,
+        progress=False,
+        force=True,
+    )
+
+
 @pytest.fixture
 def db(tmp_path):
     path = tmp_path / "db"
@@ -119,14 +131,7 @@ def test_a_failed_swap_keeps_the_old_db(db, monkeypatch):
 
     monkeypatch.setattr(staging_mod.os, "replace", failing)
     with pytest.raises(UserError, match="old one is unchanged"):
-        AttnCache.build(
-            tiny_model("llama"),
-            TinyTokenizer(),
-            random_seqs(4, seed=9),
-            db,
-            progress=False,
-            force=True,
-        )
+        rebuild(db, 4)
     monkeypatch.undo()
     assert json.loads((db / "manifest.json").read_text()) == before
     assert AttnCache.verify(db) == [] and len(AttnCache.open(db).store) == 6
@@ -147,21 +152,12 @@ def test_a_crash_between_the_renames_loses_nothing(db, monkeypatch):
         lambda a, b, real=os.rename: real(a, b) if "replaced" in str(b) else None,
     )
     with pytest.raises(KeyboardInterrupt):
-        AttnCache.build(
-            tiny_model("llama"),
-            TinyTokenizer(),
-            random_seqs(4, seed=9),
-            db,
-            progress=False,
-            force=True,
-        )
+        rebuild(db, 4)
     monkeypatch.undo()
     assert not db.exists()
     with pytest.raises(UserError, match="interrupted"):
         AttnCache.open(db)
-    AttnCache.build(
-        tiny_model("llama"), TinyTokenizer(), random_seqs(5, seed=9), db, progress=False, force=True
-    )
+    rebuild(db, 5)
     assert len(AttnCache.open(db).store) == 5 and AttnCache.verify(db) == []
     assert not list(db.parent.glob(".db.replaced-*"))
 

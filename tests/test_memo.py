@@ -51,21 +51,10 @@ def test_a_second_run_is_answered_from_the_memo_with_the_same_outputs(tmp_path):
     model = tiny_model("llama")
     seqs = random_seqs(6, seed=31)
     memo = ResultMemo()
-    first = run(
-        model,
-        TinyTokenizer(),
-        plan_of(seqs),
-        RunOptions(batch_size=4, progress=False),
-        tiers=Tiers(memo=memo),
-    )
+    opts, tiers = RunOptions(batch_size=4, progress=False), Tiers(memo=memo)
+    first = run(model, TinyTokenizer(), plan_of(seqs), opts, tiers)
     assert not any(first.memo_hit) and len(memo) == 6
-    second = run(
-        model,
-        TinyTokenizer(),
-        plan_of(seqs),
-        RunOptions(batch_size=4, progress=False),
-        tiers=Tiers(memo=memo),
-    )
+    second = run(model, TinyTokenizer(), plan_of(seqs), opts, tiers)
     assert (
         all(second.memo_hit) and second.logprobs == first.logprobs and second.argmax == first.argmax
     )

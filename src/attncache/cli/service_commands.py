@@ -125,30 +125,19 @@ def register(sub, formatter) -> None:
         "baseline for load tests)",
     )
     limits = Limits()
-    sp.add_argument(
-        "--max-client-batch-size",
-        type=POSITIVE,
-        default=limits.max_client_batch_size,
-        help=f"strings in one request, 413 past it ({limits.max_client_batch_size})",
-    )
-    sp.add_argument(
-        "--max-request-tokens",
-        type=POSITIVE,
-        default=limits.max_request_tokens,
-        help=f"tokens one request runs, 413 past it ({limits.max_request_tokens})",
-    )
-    sp.add_argument(
-        "--max-input-chars",
-        type=POSITIVE,
-        default=limits.max_input_chars,
-        help=f"characters of one string, 413 past it ({limits.max_input_chars})",
-    )
-    sp.add_argument(
-        "--max-body-bytes",
-        type=size,
-        default=limits.max_body_bytes,
-        help="request body size, 413 past it (4M)",
-    )
+    for name, kind, what in (
+        ("max_client_batch_size", POSITIVE, "strings in one request"),
+        ("max_request_tokens", POSITIVE, "tokens one request runs"),
+        ("max_input_chars", POSITIVE, "characters of one string"),
+        ("max_body_bytes", size, "bytes of a request body"),
+    ):
+        default = getattr(limits, name)
+        sp.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{what}, 413 past it ({default})",
+        )
     sp.add_argument(
         "--learn", action="store_true", help="insert inputs that miss (one writer per DB)"
     )

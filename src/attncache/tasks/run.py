@@ -138,9 +138,10 @@ def run(
     todo = list(range(len(plan.seqs))) if seq_ids is None else list(seq_ids)
     device = next(model.parameters()).device
     t_start = time.perf_counter()
-    numerics = models.numerics(model)  # memo answers are kept per numerics (dtype, device, int8)
-    if memo is not None:
-        answered = {i for i in todo if _from_memo(memo, numerics, plan, i, wanted, out)}
+    # memo answers are kept per numerics (dtype, device, int8)
+    scope = _MemoScope(memo, models.numerics(model)) if memo is not None else None
+    if scope is not None:
+        answered = {i for i in todo if scope.read(plan, i, wanted, out)}
         for i in answered:
             out.memo_hit[i] = True
         todo = [i for i in todo if i not in answered]
@@ -219,56 +220,49 @@ def run(
                     if out.embeddings is None:
                         out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
                     out.embeddings[i] = pooled[j].cpu().numpy()
-                if memo is not None and not reused[j]:
-                    _to_memo(memo, numerics, plan, i, wanted, out)
+                if scope is not None and not reused[j]:
+                    scope.write(plan, i, wanted, out)
             bar.update(len(batch))
     out.seconds += seconds
     return out
 
 
-def _from_memo(
-    memo: ResultMemo,
-    numerics: str,
-    plan: Plan,
-    i: int,
-    wanted: dict[int, list[Query]],
-    out: RunOutput,
-) -> bool:
-    seq = plan.seqs[i]
-    if plan.causal:
-        keys = [(q.from_end, q.token) for q in wanted.get(i, [])]
-        got = memo.get(seq, numerics, keys)
-        if got is None or got.argmax < 0:
+@dataclass
+class _MemoScope:
+    """The memo as seen by one model's numerics: reads and writes a sequence's answers."""
+
+    memo: ResultMemo
+    numerics: str
+
+    def read(self, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput) -> bool:
+        seq = plan.seqs[i]
+        if plan.causal:
+            keys = [(q.from_end, q.token) for q in wanted.get(i, [])]
+            got = self.memo.get(seq, self.numerics, keys)
+            if got is None or got.argmax < 0:
+                return False
+            out.argmax[i] = got.argmax
+            for q in wanted.get(i, []):
+                out.logprobs[(i, q.from_end, q.token)] = got.logprobs[(q.from_end, q.token)]
+            return True
+        got = self.memo.get(seq, self.numerics, embedding=True)
+        if got is None:
             return False
-        out.argmax[i] = got.argmax
-        for q in wanted.get(i, []):
-            out.logprobs[(i, q.from_end, q.token)] = got.logprobs[(q.from_end, q.token)]
+        if out.embeddings is None:
+            out.embeddings = np.zeros((len(plan.seqs), got.embedding.shape[0]), np.float32)
+        out.embeddings[i] = got.embedding
         return True
-    got = memo.get(seq, numerics, embedding=True)
-    if got is None:
-        return False
-    if out.embeddings is None:
-        out.embeddings = np.zeros((len(plan.seqs), got.embedding.shape[0]), np.float32)
-    out.embeddings[i] = got.embedding
-    return True
 
-
-def _to_memo(
-    memo: ResultMemo,
-    numerics: str,
-    plan: Plan,
-    i: int,
-    wanted: dict[int, list[Query]],
-    out: RunOutput,
-) -> None:
-    seq = plan.seqs[i]
-    if plan.causal:
-        lp = {
-            (q.from_end, q.token): out.logprobs[(i, q.from_end, q.token)] for q in wanted.get(i, [])
-        }
-        memo.put(seq, numerics, Answer(lp, out.argmax[i]))
-    else:
-        memo.put(seq, numerics, Answer(embedding=out.embeddings[i].copy()))
+    def write(self, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput) -> None:
+        seq = plan.seqs[i]
+        if plan.causal:
+            lp = {
+                (q.from_end, q.token): out.logprobs[(i, q.from_end, q.token)]
+                for q in wanted.get(i, [])
+            }
+            self.memo.put(seq, self.numerics, Answer(lp, out.argmax[i]))
+        else:
+            self.memo.put(seq, self.numerics, Answer(embedding=out.embeddings[i].copy()))
 
 
 def mix(exact: RunOutput, cached: RunOutput, threshold: float) -> RunOutput:

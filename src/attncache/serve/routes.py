@@ -78,6 +78,18 @@ class Service:
         return got
 
 
+def model_of(body, svc: Service) -> str:
+    """The ``model`` a request named, echoed back only if it is text JSON can carry."""
+    name = getattr(body, "model", None)
+    if not name:
+        return svc.model_name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: the response could not be encoded
+        return svc.model_name
+    return name
+
+
 def texts_of(value) -> tuple[list[str], bool]:
     return ([value], False) if isinstance(value, str) else (list(value), True)
 
@@ -103,7 +115,7 @@ def add_embeddings(app: FastAPI, svc: Service) -> None:
         tiers = [r["usage"].get("attncache", {}) for r in results]
         return {
             "object": "list",
-            "model": body.model or svc.model_name,
+            "model": model_of(body, svc),
             "data": data,
             "usage": {
                 "prompt_tokens": n_tok,
@@ -138,7 +150,7 @@ def add_rerank(app: FastAPI, svc: Service) -> None:
             }
             for i in order
         ]
-        return {"model": body.model or svc.model_name, "results": results, "usage": res["usage"]}
+        return {"model": model_of(body, svc), "results": results, "usage": res["usage"]}
 
 
 def add_classify(app: FastAPI, svc: Service) -> None:
@@ -162,7 +174,7 @@ def add_classify(app: FastAPI, svc: Service) -> None:
         tokens = sum(d["usage"]["prompt_tokens"] for d in data)
         return {
             "object": "list",
-            "model": body.model or svc.model_name,
+            "model": model_of(body, svc),
             "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }

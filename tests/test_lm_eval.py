@@ -78,7 +78,7 @@ def test_smollm2_on_a_local_arc_task_equals_the_hf_backend(tmp_path, monkeypatch
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = write_task("arc_easy", tmp_path / "tasks", shots=5, limit=8, sampler=sampler)
+    (task,) = write_task("arc_easy", tmp_path / "tasks", shots=5, limit=8, sampler=sampler)
     kw = {
         "tasks": [task],
         "log_samples": True,
@@ -111,7 +111,7 @@ def test_the_cli_registers_the_backend_and_hands_on_every_argument(tiny_hf, tmp_
 
     from attncache.integrations.lm_eval_tasks import write_task
 
-    task = write_task("arc_easy", tmp_path / "tasks", shots=1, limit=3, pool=2)
+    (task,) = write_task("arc_easy", tmp_path / "tasks", shots=1, limit=3, pool=2)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     args = [
         "run",
@@ -138,3 +138,78 @@ def test_the_cli_registers_the_backend_and_hands_on_every_argument(tiny_hf, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     out = next((tmp_path / "out").rglob("results_*.json"))
     assert set(json.loads(out.read_text())["results"][task]) >= {"acc,none", "acc_norm,none"}
+
+
+def test_prompts_and_answers_are_kept_across_runs(tiny_hf, backends, tmp_path):
+    """``prefix_dir=``: a later run restores the kept few-shot K/V (its first call reuses them) and,
+    with ``memo`` (the default), answers the same requests without a forward; every answer,
+    is_greedy included, still equals the HF backend's."""
+    _, theirs = backends
+    args = [(q, c) for q in QUESTIONS for c in CHOICES]
+    want = theirs.loglikelihood(requests("loglikelihood", args))
+
+    def same(got):
+        assert [g for _, g in got] == [g for _, g in want]
+        return [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+
+    kw = {"pretrained": tiny_hf("llama"), "batch_size": 4, "prefix_token_id": 97}
+    first = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"))
+    assert same(first.loglikelihood(requests("loglikelihood", args)))
+    assert first.memo is not None and len(first.memo) > 0
+
+    again = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"))
+    assert same(again.loglikelihood(requests("loglikelihood", args)))
+    st = again.memo.stats  # every planned sequence (one per distinct context + continuation)
+    assert st.hits == st.lookups > 0 and st.inserts == 0
+
+    no_memo = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"), memo="false")
+    assert no_memo.memo is None
+    assert same(no_memo.loglikelihood(requests("loglikelihood", args)))
+    assert no_memo.prefix.stats.tokens_reused >= len(SHOTS)  # the header came from the folder
+
+
+def test_bad_model_args_are_one_clear_error(tiny_hf):
+    with pytest.raises(ValueError, match="memo= takes true or false"):
+        AttnCacheLM(pretrained=tiny_hf("llama"), memo="maybe")
+    with pytest.raises(ValueError, match="policy= .* needs db="):
+        AttnCacheLM(pretrained=tiny_hf("llama"), policy="default")
+
+
+def test_the_entry_point_names_the_backend():
+    """lm-eval releases that load ``lm_eval.models`` plugins find ``attncache`` with no import."""
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="lm_eval.models") if e.name == "attncache"]
+    assert ep.load() is AttnCacheLM
+
+
+@pytest.mark.parametrize(
+    "name,shots,sampler",
+    [("mmlu", 2, "first_n"), ("hellaswag", 2, None), ("arc_challenge", 3, None)],
+)
+def test_local_tasks_score_as_the_hf_backend(backends, tmp_path, monkeypatch, name, shots, sampler):
+    """Every local task form through lm-eval end to end on the tiny model: MMLU's one-token
+    letters (first_n shots per subject), HellaSwag's long endings and ARC with the default
+    per-document sampler: per-sample log-likelihoods within 1e-4, is_greedy and metrics equal."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from attncache.integrations.lm_eval_tasks import write_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ours, theirs = backends
+    tasks = write_task(name, tmp_path, shots=shots, limit=3, sampler=sampler, pool=6, subjects=2)
+    assert len(tasks) == (2 if name == "mmlu" else 1)
+    kw = {
+        "tasks": tasks,
+        "log_samples": True,
+        "task_manager": TaskManager(include_path=str(tmp_path)),
+    }
+    a, b = simple_evaluate(model=ours, **kw), simple_evaluate(model=theirs, **kw)
+    for task in tasks:
+        mine, ref = per_sample(a, task), per_sample(b, task)
+        assert mine.keys() == ref.keys() and len(mine) == 3
+        for k in mine:
+            for x, y in zip(mine[k]["resps"], ref[k]["resps"], strict=True):
+                assert abs(float(x[0][0]) - float(y[0][0])) < 1e-4 and x[0][1] == y[0][1]
+        assert a["results"][task] == b["results"][task]

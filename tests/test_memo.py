@@ -39,6 +39,21 @@ def test_arrays_round_trip_logprobs_and_embeddings():
     assert np.array_equal(again.get([3], FP32, embedding=True).embedding, np.arange(4))
 
 
+def test_greedy_tokens_round_trip_and_an_answer_without_them_misses_a_greedy_lookup():
+    """lm-eval's is_greedy needs the greedy token at every scored position: kept beside the
+    log-probs, and an answer stored without them is a miss for a lookup that needs them."""
+    memo = ResultMemo()
+    memo.put([1, 2], FP32, Answer({(1, 3): -1.25, (2, 4): -0.5}, 9, greedy={1: 3, 2: 7}))
+    memo.put([5], FP32, Answer({(1, 3): -2.0}, 4))
+    arrays = memo.to_arrays()
+    again = ResultMemo.from_arrays(arrays)
+    assert again.get([1, 2], FP32, [(1, 3), (2, 4)], greedy=True).greedy == {1: 3, 2: 7}
+    assert again.get([5], FP32, [(1, 3)], greedy=True) is None
+    assert again.get([5], FP32, [(1, 3)]).logprobs == {(1, 3): -2.0}
+    older = {k: v for k, v in arrays.items() if not k.startswith("greedy_")}  # before this field
+    assert ResultMemo.from_arrays(older).get([1, 2], FP32, [(1, 3)]).greedy == {}
+
+
 def plan_of(seqs):
     rows = [
         RowPlan("choice1", [i], [[Query(i, 1, 5)], [Query(i, 1, 9)]], [1.0, 1.0])

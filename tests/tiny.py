@@ -99,14 +99,64 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
-def save_tiny_hf(family: str, folder, max_positions: int = 512):
-    """A tiny random model with a character tokenizer as an ordinary HF folder: loadable by name (a
-    path) by the CLI, workflows and benchmark scripts, so they run end to end in seconds."""
+SENTENCEPIECE_TEXT = [
+    "Question: what is the answer?\nAnswer: A",
+    "Answer: B. the cat sat on the mat",
+    "A B C D the answer is",
+]
+
+
+def sentencepiece_tokenizer(append_eos: bool = False):
+    """A tokenizer that treats the start of every string as Llama's SentencePiece does: a '▁'
+    word-boundary piece is prepended (" A" alone is ['▁', '▁A']; "Answer: A" ends in '▁A'), a BOS
+    in front, optionally an EOS after. Trained here, offline, on a few lines (ids < 128)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace("▁", prepend_scheme="never", split=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCD .,:?\n▁")
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(SENTENCEPIECE_TEXT * 50, trainer)
+    single = "<s> $A </s>" if append_eos else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 2), ("</s>", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def save_tiny_hf(family: str, folder, max_positions: int = 512, tokenizer=None):
+    """A tiny random model with a character tokenizer (or ``tokenizer``) as an ordinary HF folder:
+    loadable by name (a path) by the CLI, workflows and benchmark scripts, so they run end to end
+    in seconds."""
     torch.manual_seed(0)
     cfg = CONFIGS[family]()
     cfg.max_position_embeddings = max_positions
     cls = AutoModel if family == "bert" else AutoModelForCausalLM
     model = cls.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
     model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    (tokenizer or char_tokenizer()).save_pretrained(folder)
     return folder

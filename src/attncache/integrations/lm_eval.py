@@ -12,7 +12,9 @@ as ``--model hf`` to float32 rounding.
 
 Model args as HFLM names them where they overlap (``pretrained`` takes every name attncache
 takes: ``smollm2-135m``, an HF folder, a ``.gguf``; ``batch_size``, ``device``, ``dtype``), plus
-``db``/``policy`` (approximate map reuse, only when asked) and ``prefix_bytes``.
+``db``/``policy`` (approximate map reuse, only when asked), ``prefix_bytes``, ``prefix_dir`` (the
+prefix tier's K/V kept between runs: a rerun's few-shot headers are not recomputed) and ``memo``
+(answers kept in the DB or ``prefix_dir``: a rerun of the same requests runs no forward).
 """
 
 from __future__ import annotations
@@ -83,8 +85,11 @@ class AttnCacheLM(HFLM):
         db: str | None = None,
         policy: str | None = None,
         prefix_bytes: int | str | None = DEFAULT_PREFIX_BYTES,
+        prefix_dir: str | None = None,
+        memo: bool | str = True,
         **kwargs,
     ):
+        from ..tiers.memo import ResultMemo
         from ..workflows import Session
 
         device, dtype = _device_of(device), "float32" if dtype in (None, "auto") else str(dtype)
@@ -101,6 +106,18 @@ class AttnCacheLM(HFLM):
         )
         cap = None if prefix_bytes in (None, "none", "None", 0, "0") else int(prefix_bytes)
         self.prefix = self.session.prefix_tier(cap)
+        self.folder = self.session.tier_folder(prefix_dir, cap)
+        kept = self.session.kept_prefix(self.folder)
+        if self.prefix is not None and kept is not None:
+            self.prefix.restore(kept)
+        self.memo: ResultMemo | None = None  # only where answers can be kept: a DB or prefix_dir
+        if _flag(memo, "memo") and (db is not None or self.folder is not None):
+            cache = self.session.cache
+            self.memo = (
+                ResultMemo.load(cache.db)
+                if cache is not None
+                else ResultMemo.load_from(self.folder)
+            )
         self.att = None
         if db is not None and policy is not None:
             self.att = self.session.cache.attach(self.session.model, policy).__enter__()
@@ -110,9 +127,10 @@ class AttnCacheLM(HFLM):
                 self.session.cache.info().default_reuse,
             )
         log.info(
-            "attncache: log-likelihoods through the exact tiers (prefix tier %s); "
+            "attncache: log-likelihoods through the exact tiers (prefix tier %s, memo %s); "
             "generate_until runs the plain model's generate",
             "on" if self.prefix is not None else "off",
+            f"{len(self.memo)} answers" if self.memo is not None else "off",
         )
 
     def _loglikelihood_tokens(
@@ -129,10 +147,11 @@ class AttnCacheLM(HFLM):
             progress=not disable_tqdm,
             desc="attncache loglikelihood",
             greedy=True,
+            keep_prefixes=self.folder is not None,
         )
-        out = run(
-            self.model, self.tokenizer, plan, opts, Tiers(attached=self.att, prefix=self.prefix)
-        )
+        tiers = Tiers(attached=self.att, prefix=self.prefix, memo=self.memo)
+        out = run(self.model, self.tokenizer, plan, opts, tiers)
+        self._keep()
         answers: list[tuple[float, bool]] = []
         for (request, _, _), row in zip(requests, plan.rows, strict=True):
             queries = row.queries[0]
@@ -143,3 +162,27 @@ class AttnCacheLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
             answers.append(answer)
         return answers
+
+    def _keep(self) -> None:
+        """Save what later runs reuse: the memo's new answers, the kept prompts' K/V."""
+        cache = self.session.cache
+        if self.memo is not None and self.memo.dirty:
+            if cache is not None:
+                if not self.memo.save(cache.db):
+                    log.warning("attncache: the DB is locked by a writer; new answers not kept")
+            elif self.folder is not None:
+                self.memo.save_to(self.folder)
+        if self.folder is not None and self.prefix is not None:
+            self.prefix.save(self.folder)
+
+
+def _flag(value: bool | str, name: str) -> bool:
+    """A model arg from lm-eval's ``--model_args`` string ('true', 'False', '0') as a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", "none"):
+        return False
+    raise ValueError(f"{name}= takes true or false, not {value!r}")

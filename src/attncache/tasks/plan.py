@@ -6,6 +6,8 @@ The unit of caching is one model input sequence:
   ranked by their next-token log-probability (``logits_to_keep=1``);
 - otherwise one prefill per prompt+choice; choices are ranked by the log-likelihood of their tokens
   divided by the choice's length in characters;
+- a choice's tokens are what follows the prompt in the encoding of prompt + choice, lm-eval's rule
+  (``tokenize.PairEncoder``), never the choice encoded alone;
 - encoders: mean-pooled, L2-normalised last hidden states; a pair row embeds both texts;
 - a text row on a decoder: the greedy next token (agreement only).
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from ..data import ChoiceRow, PairRow, Row, TextRow
 from ..errors import UserError
+from .tokenize import PairEncoder
 
 
 @dataclass
@@ -95,8 +98,10 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
             seqs.append(ids)
         return index[k]
 
-    def enc(text: str, special: bool = True) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    pairs = PairEncoder(tokenizer)  # choices split as lm-eval splits them
+
+    def whole(text: str) -> list[int]:  # a text row as the tokenizer encodes it (BERT's [SEP])
+        return list(tokenizer(text)["input_ids"])
 
     plans: list[RowPlan] = []
     skipped: list[str] = []
@@ -107,8 +112,9 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
             if isinstance(row, ChoiceRow):
                 if not causal:
                     raise ValueError("multiple-choice rows need a decoder model")
-                p = enc(row.prompt)
-                cs = [enc(c, special=False) for c in row.choices]
+                p, cs = pairs.choices(row.prompt, list(row.choices))
+                if not p:
+                    raise ValueError("the prompt encodes to no tokens")
                 if any(len(c) == 0 for c in cs):
                     raise ValueError("a choice encodes to no tokens")
                 if all(len(c) == 1 for c in cs):
@@ -143,13 +149,13 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                         )
                     )
             elif isinstance(row, TextRow):
-                ids = enc(row.text)
+                ids = whole(row.text)
                 check_len(len(ids), max_len)
                 plans.append(RowPlan("text" if causal else "embed", [seq_id(ids)]))
             elif isinstance(row, PairRow):
                 if causal:
                     raise ValueError("pair rows need an encoder model")
-                a, b = enc(row.text1), enc(row.text2)
+                a, b = whole(row.text1), whole(row.text2)
                 check_len(max(len(a), len(b)), max_len)
                 plans.append(RowPlan("pair", [seq_id(a), seq_id(b)], label=row.label))
         except ValueError as e:

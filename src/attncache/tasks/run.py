@@ -95,7 +95,7 @@ class RunOptions:
     seq_ids: list[int] | None = None  # only these sequences (the others keep what ``into`` holds)
     into: RunOutput | None = None
     # also keep the greedy token at every queried position (``RunOutput.greedy``: lm-eval's
-    # is_greedy); the memo does not store those, so it is not consulted then
+    # is_greedy); memo answers without them are then misses
     greedy: bool = False
 
 
@@ -127,8 +127,6 @@ def run(
     batch_size, progress, desc = opts.batch_size, opts.progress, opts.desc
     lookahead, keep_prefixes = opts.lookahead, opts.keep_prefixes
     seq_ids, into = opts.seq_ids, opts.into
-    if opts.greedy:
-        memo = None  # memo answers hold no per-position greedy tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if attached is not None and attached.inert:
         attached = None  # a policy that reuses nothing: the plain model
@@ -139,7 +137,7 @@ def run(
     device = next(model.parameters()).device
     t_start = time.perf_counter()
     # memo answers are kept per numerics (dtype, device, int8)
-    scope = _MemoScope(memo, models.numerics(model)) if memo is not None else None
+    scope = _MemoScope(memo, models.numerics(model), opts.greedy) if memo is not None else None
     if scope is not None:
         answered = {i for i in todo if scope.read(plan, i, wanted, out)}
         for i in answered:
@@ -233,17 +231,20 @@ class _MemoScope:
 
     memo: ResultMemo
     numerics: str
+    greedy: bool = False  # answers carry (and must carry) the greedy token per queried position
 
     def read(self, plan: Plan, i: int, wanted: dict[int, list[Query]], out: RunOutput) -> bool:
         seq = plan.seqs[i]
         if plan.causal:
             keys = [(q.from_end, q.token) for q in wanted.get(i, [])]
-            got = self.memo.get(seq, self.numerics, keys)
+            got = self.memo.get(seq, self.numerics, keys, greedy=self.greedy)
             if got is None or got.argmax < 0:
                 return False
             out.argmax[i] = got.argmax
             for q in wanted.get(i, []):
                 out.logprobs[(i, q.from_end, q.token)] = got.logprobs[(q.from_end, q.token)]
+                if self.greedy:
+                    out.greedy[(i, q.from_end)] = got.greedy[q.from_end]
             return True
         got = self.memo.get(seq, self.numerics, embedding=True)
         if got is None:
@@ -260,7 +261,9 @@ class _MemoScope:
                 (q.from_end, q.token): out.logprobs[(i, q.from_end, q.token)]
                 for q in wanted.get(i, [])
             }
-            self.memo.put(seq, self.numerics, Answer(lp, out.argmax[i]))
+            qs = wanted.get(i, []) if self.greedy else []
+            top = {q.from_end: out.greedy[(i, q.from_end)] for q in qs}
+            self.memo.put(seq, self.numerics, Answer(lp, out.argmax[i], greedy=top))
         else:
             self.memo.put(seq, self.numerics, Answer(embedding=out.embeddings[i].copy()))
 

@@ -41,6 +41,7 @@ class Answer:
     )  # (from_end, token) -> log p
     argmax: int = -1  # greedy next token after the sequence (decoders)
     embedding: np.ndarray | None = None  # encoders
+    greedy: dict[int, int] = field(default_factory=dict)  # from_end -> greedy token (is_greedy)
 
 
 @dataclass
@@ -70,9 +71,10 @@ class ResultMemo:
         numerics: str,
         wanted: Sequence[tuple[int, int]] = (),
         embedding: bool = False,
+        greedy: bool = False,
     ) -> Answer | None:
         """The answer ``numerics`` stored for ``seq`` if it covers every wanted (from_end, token)
-        (or the embedding)."""
+        (and, with ``greedy``, the greedy token at each of their positions; or the embedding)."""
         key = memo_key(seq, numerics)
         with self._lock:
             got = self._entries.get(key)
@@ -80,6 +82,7 @@ class ResultMemo:
                 got is not None
                 and all(w in got.logprobs for w in wanted)
                 and (not embedding or got.embedding is not None)
+                and (not greedy or all(f in got.greedy for f, _ in wanted))
             )
             if ok:
                 self._entries.move_to_end(key)
@@ -95,6 +98,7 @@ class ResultMemo:
                     {**old.logprobs, **answer.logprobs},
                     answer.argmax if answer.argmax >= 0 else old.argmax,
                     answer.embedding if answer.embedding is not None else old.embedding,
+                    {**old.greedy, **answer.greedy},
                 )
             self._entries[key] = answer
             while len(self._entries) > self.max_entries:
@@ -169,6 +173,7 @@ class ResultMemo:
         )
         counts = np.array([len(a.logprobs) for _, a in items], dtype=np.int64)
         flat = [(f, t, v) for _, a in items for (f, t), v in a.logprobs.items()]
+        tops = [(f, t) for _, a in items for f, t in a.greedy.items()]
         dims = {a.embedding.shape[0] for _, a in items if a.embedding is not None}
         dim = dims.pop() if dims else 0
         emb = np.zeros((len(items), dim), np.float32)
@@ -185,6 +190,9 @@ class ResultMemo:
             "logprob": np.array([v for _, _, v in flat], dtype=np.float32),
             "embedding": emb,
             "has_embedding": has_emb,
+            "greedy_counts": np.array([len(a.greedy) for _, a in items], dtype=np.int64),
+            "greedy_from_end": np.array([f for f, _ in tops], dtype=np.int64),
+            "greedy_token": np.array([t for _, t in tops], dtype=np.int64),
             "key_scheme": np.array([KEY_SCHEME], dtype=np.int64),
         }
 
@@ -198,6 +206,10 @@ class ResultMemo:
             return memo  # keys without their numerics: no answer of it can be trusted as exact
         keys, counts = arrays["keys"], arrays["counts"]
         starts = np.concatenate([[0], np.cumsum(counts)])
+        # memos written before greedy tokens were kept have none (older files: an empty table)
+        g_counts = arrays.get("greedy_counts", np.zeros(len(keys), np.int64))
+        g_starts = np.concatenate([[0], np.cumsum(g_counts)])
+        g_from, g_tok = arrays.get("greedy_from_end", []), arrays.get("greedy_token", [])
         for i in range(len(keys)):
             lo, hi = int(starts[i]), int(starts[i + 1])
             lp = {
@@ -210,5 +222,7 @@ class ResultMemo:
                 )
             }
             emb = arrays["embedding"][i].copy() if arrays["has_embedding"][i] else None
-            memo._entries[bytes(keys[i])] = Answer(lp, int(arrays["argmax"][i]), emb)
+            glo, ghi = int(g_starts[i]), int(g_starts[i + 1])
+            top = {int(f): int(t) for f, t in zip(g_from[glo:ghi], g_tok[glo:ghi], strict=True)}
+            memo._entries[bytes(keys[i])] = Answer(lp, int(arrays["argmax"][i]), emb, top)
         return memo

@@ -463,10 +463,10 @@ def test_an_in_row_prefix_enters_the_tree_only_when_a_later_input_needs_it(keep_
 
 
 def test_packed_mask_lets_a_suffix_see_its_prefix_and_itself_only():
-    from attncache.tiers.packing import Row, pack
+    from attncache.tiers.packing import Block, Row, pack
 
     suffixes = [[5, 6], [7], [8, 9, 9]]
-    rows = [Row(0, [1, 2, 3], [0, 1]), Row(4, [], [2])]
+    rows = [Row(0, [Block([1, 2, 3], [0, 1])]), Row(4, [Block([], [2])])]
     p = pack(rows, suffixes, [1, 1, 2], 4, 0, "cpu", torch.float32)
     seen = p.mask[:, 0] == 0  # [rows, W, P + W]
     width = 6  # row 0: 3 prefix tokens + 2 + 1
@@ -477,6 +477,49 @@ def test_packed_mask_lets_a_suffix_see_its_prefix_and_itself_only():
     assert seen[0, 5, 4:].tolist() == [True, True, True, False, False, True]  # prefix + itself
     assert seen[1, 3, :4].all() and seen[1, 5, 7:].tolist() == [True, True, True]
     assert p.at == {0: (0, [4]), 1: (0, [5]), 2: (1, [4, 5])}
+
+
+def test_a_block_behind_a_cached_prefix_sees_the_past_its_prefix_and_itself_only():
+    from attncache.tiers.packing import Block, Row, pack
+
+    suffixes = [[5], [6, 7], [8]]  # inputs 0, 1 share block prefix [1, 2]; input 2 alone
+    rows = [Row(3, [Block([1, 2], [0, 1]), Block([], [2])])]
+    p = pack(rows, suffixes, [1, 1, 1], 4, 0, "cpu", torch.float32)
+    seen = p.mask[0, 0] == 0  # [W, P + W]; W = 2 + 1 + 2 + 1
+    assert p.positions[0].tolist() == [3, 4, 5, 5, 6, 3]  # the block's prefix follows the past
+    past = [False, True, True, True]  # right-aligned: the row's 3 cached positions of 4
+    assert all(seen[q, :4].tolist() == past for q in range(6))
+    assert seen[0, 4:].tolist() == [True, False, False, False, False, False]
+    assert seen[1, 4:].tolist() == [True, True, False, False, False, False]
+    assert seen[4, 4:].tolist() == [True, True, False, True, True, False]  # prefix + itself
+    assert seen[5, 4:].tolist() == [False, False, False, False, False, True]  # itself only
+    assert p.prefix_at == {(0, 0): 0}
+
+
+def test_choices_of_questions_behind_one_cached_header_compute_each_question_once():
+    """A cached header, then per question its text, then its choices: each question's tokens run
+    once (a block), not once per choice, and every output equals the uncached model's."""
+    model = tiny_model("qwen2")
+    header = random_seqs(1, lo=24, hi=24, seed=300)[0]
+    questions = random_seqs(3, lo=10, hi=14, seed=301)
+    batch = [header + q + [40 + c] * (1 + c % 2) for q in questions for c in range(3)]
+    runner = PrefixTier(model, min_prefix=8)
+    runner.run([header + [9, 9]], 1, 0)  # the header enters the tree
+    before = runner.stats.tokens_run
+    got = runner.run(batch, 2, 0).logits
+    for r, g in zip(exact_logits(model, batch, 2), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    run = runner.stats.tokens_run - before
+    # per question its text but the last token once (the last token's logits are needed: it
+    # predicts the choice), per choice that token and its own
+    choices = sum(1 + (1 + c % 2) for c in range(3))
+    assert run == sum(len(q) - 1 + choices for q in questions)
+    # and a later batch finds each question in the tree (its block was kept)
+    later = [header + q + [50] for q in questions]
+    got = runner.run(later, 1, 0).logits
+    for r, g in zip(exact_logits(model, later, 1), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.tokens_run - before - run == len(later)
 
 
 def test_rows_of_very_different_widths_run_as_separate_forwards():
@@ -568,7 +611,8 @@ def test_an_input_that_reads_a_short_prefix_extends_the_tree_for_a_later_batch(k
 
 def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
     # The tree holds a prompt; the next batch's inputs share it and two more tokens. Computing
-    # those 2 tokens in each of 3 suffixes is cheaper than the 32-token prefix again.
+    # those 2 tokens once, in a block over the held prompt, is cheaper than the 32-token prefix
+    # again.
     model = tiny_model("qwen2")
     prompt = random_seqs(1, lo=30, hi=30, seed=62)[0]
     tails = random_seqs(3, lo=4, hi=7, seed=63)
@@ -578,5 +622,5 @@ def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
     got = runner.run(batch, 1, 0).logits
     for ref, g in zip(exact_logits(model, batch, 1), got, strict=True):
         assert (ref - g).abs().max() < 1e-4
-    assert runner.stats.tokens_reused == 3 * len(prompt)
-    assert runner.stats.tokens_run == len(prompt) + 1 + sum(len(t) + 2 for t in tails)
+    assert runner.stats.tokens_reused == 3 * len(prompt) + 2 * 2  # the 2 tokens, once
+    assert runner.stats.tokens_run == len(prompt) + 1 + 2 + sum(len(t) for t in tails)

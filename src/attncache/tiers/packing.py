@@ -1,14 +1,16 @@
 """How a batch of prefix/suffix rows becomes one forward's tensors (pure; no model, no tree).
 
-A row is one line of the batch. It attends to one prefix, either K/V the tree holds (``past``, in
-the cache region in front of the new tokens) or tokens computed in this very row (``prefix``, at
-the start of the row), followed by the suffixes of the inputs that share it. Every suffix attends
-to the prefix and to itself only (a block mask), with position ids restarting where the prefix
-ends, so one row answers several inputs and the prefix is computed or read once per row.
+A row is one line of the batch. It may attend to K/V the tree holds (``past``, in the cache region
+in front of the new tokens); its new tokens are blocks. A block is the tokens its inputs share
+beyond the past (``prefix``, computed once, in the row), then each input's own suffix. Every suffix
+attends to the past, its block's prefix and itself only (a block mask), with position ids
+restarting where the block's prefix ends, so one row answers several inputs and every shared token
+is computed or read once per row: a few-shot header from the tree, then per question its context,
+then its choices.
 
 Layout of row ``r``, past region ``P`` wide and new-token region ``W`` wide, both right-aligned::
 
-    [ 0 .. past_r | past K/V ][ pad .. | prefix | suffix 1 | suffix 2 | ... ]
+    [ 0 .. past_r | past K/V ][ pad .. | prefix | suffix 1 | suffix 2 | prefix | suffix 3 | ... ]
 """
 
 from __future__ import annotations
@@ -17,16 +19,33 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .schedule import prefix_groups, shared_prefix
+
+
+@dataclass
+class Block:
+    """Inputs of a row sharing ``prefix`` beyond the row's past; ``insert``: keep the prefix's K/V
+    in the tree (a later input shares it)."""
+
+    prefix: list[int]
+    items: list[int]
+    insert: bool = False
+
+    def width(self, suffixes: list[list[int]]) -> int:
+        return len(self.prefix) + sum(len(suffixes[i]) for i in self.items)
+
 
 @dataclass
 class Row:
     past: int  # tokens of cached prefix K/V this row attends to (0: none)
-    prefix: list[int]  # prefix tokens computed in this row ([] when the prefix is cached)
-    items: list[int] = field(default_factory=list)  # inputs whose suffixes share the row
-    insert: bool = False  # keep the in-row prefix's K/V in the tree (a later input shares it)
+    blocks: list[Block] = field(default_factory=list)
 
     def width(self, suffixes: list[list[int]]) -> int:
-        return len(self.prefix) + sum(len(suffixes[i]) for i in self.items)
+        return sum(b.width(suffixes) for b in self.blocks)
+
+    @property
+    def items(self) -> list[int]:
+        return [i for b in self.blocks for i in b.items]
 
 
 @dataclass
@@ -37,41 +56,100 @@ class Packed:
     at: dict[int, tuple[int, list[int]]]  # input -> (row, positions of its needed logits)
     keep: torch.Tensor  # every row's needed positions at once (``logits_to_keep`` for all rows)
     picks: dict[int, tuple[int, list[int]]]  # input -> (row, indices into ``keep``), oldest first
-    prefix_at: dict[int, int]  # row -> start of its in-row prefix in the new region
+    prefix_at: dict[tuple[int, int], int]  # (row, block) -> start of its prefix in the new region
     suffix_at: dict[int, int]  # input -> start of its suffix in its row's new region
+
+
+@dataclass
+class Group:
+    """Inputs sharing ``prefix``, not cached yet: one row, the prefix then every member's
+    suffix; ``insert``: keep the prefix's K/V."""
+
+    members: list[int]
+    prefix: list[int]
+    insert: bool
+
+
+@dataclass
+class RowPlan:
+    rows: list[Row]
+    sources: list[int | None]  # per row: an input whose cached prefix it reads (None: none)
+    suffixes: list[list[int]]  # per input: the tokens it computes alone
+    reused: list[int]  # per input: prefix tokens it did not compute (cached, or a block's)
 
 
 def plan_rows(
     reads: list[tuple[int, int] | None],
-    suffixes: list[list[int]],
-    groups: list[tuple[list[int], list[int], bool]],
+    seqs: list[list[int]],
+    groups: list[Group],
+    limits: list[int],
     cap: int,
-) -> tuple[list[Row], list[int | None]]:
-    """Rows of one suffix forward, and per row an input whose cached prefix it reads (None: the
-    row computes its own prefix).
+) -> RowPlan:
+    """Rows of one suffix forward for inputs reading a cached prefix or in an in-row group.
 
     ``reads``: per input, the cached prefix it reads (a key and its length; None: none).
     Inputs reading the same one share rows: the prefix K/V is read once per row instead of once
-    per input. They take as few rows as keep each within the prefix's length of suffix tokens (at
-    least ``cap``: a packed row's attention grows with its whole width), filled evenly, so the
-    rows of a forward pad little; ``cap`` 0: a row each. ``groups``: inputs sharing a prefix not
-    cached yet (members, the prefix tokens, whether to keep its K/V): a row each, the prefix
-    tokens then every member's suffix."""
+    per input; among them, those sharing more tokens (a question's choices behind a shared
+    header) form a block, those tokens computed once. They take as few rows as keep each within
+    the prefix's length of new tokens (at least ``cap``: a packed row's attention grows with its
+    whole width), filled evenly, so the rows of a forward pad little; ``cap`` 0: a row each.
+    ``limits``: per input, the most leading tokens it may share (its needed positions stay its
+    own). ``groups``: a row each."""
+    count = len(seqs)
+    suffixes: list[list[int]] = [[] for _ in range(count)]
+    reused = [0] * count
     readers: dict[tuple[int, int], list[int]] = {}
     for i, key in enumerate(reads):
         if key is not None:
             readers.setdefault(key, []).append(i)
+            suffixes[i] = seqs[i][key[1] :]
+            reused[i] = key[1]
     rows: list[Row] = []
     sources: list[int | None] = []
     for (_, length), items in readers.items():
         limit = max(cap, length) if cap else 0
-        for members in balanced_rows([len(suffixes[i]) for i in items], limit):
-            rows.append(Row(length, [], [items[j] for j in members]))
+        blocks = _blocks(items, length, seqs, suffixes, reused, limits, limit)
+        for members in balanced_rows([b.width(suffixes) for b in blocks], limit):
+            rows.append(Row(length, [blocks[j] for j in members]))
             sources.append(items[0])
-    for members, prefix, keep in groups:
-        rows.append(Row(0, list(prefix), list(members), insert=keep))
+    for g in groups:
+        for k, i in enumerate(g.members):
+            suffixes[i] = seqs[i][len(g.prefix) :]
+            reused[i] = len(g.prefix) if k else 0  # the first member computes it
+        rows.append(Row(0, [Block(list(g.prefix), list(g.members), g.insert)]))
         sources.append(None)
-    return rows, sources
+    return RowPlan(rows, sources, suffixes, reused)
+
+
+def _blocks(
+    items: list[int],
+    past: int,
+    seqs: list[list[int]],
+    suffixes: list[list[int]],
+    reused: list[int],
+    limits: list[int],
+    limit: int,
+) -> list[Block]:
+    """Inputs reading one cached prefix as blocks: those sharing tokens beyond it (at most their
+    ``limits``) one block each, when it fits a row (``limit``; 0: no packing, a block each);
+    updates their ``suffixes`` and ``reused`` in place."""
+    if not limit:
+        return [Block([], [i]) for i in items]
+    blocks: list[Block] = []
+    for g in prefix_groups([suffixes[i] for i in items], 1):
+        members = [items[j] for j in g]
+        extra = 0
+        if len(members) > 1:
+            extra = shared_prefix(suffixes, members)
+            extra = min(extra, *(limits[i] - past for i in members))
+        if extra < 1 or extra + sum(len(suffixes[i]) - extra for i in members) > limit:
+            blocks.extend(Block([], [i]) for i in members)
+            continue
+        blocks.append(Block(suffixes[members[0]][:extra], members))
+        for k, i in enumerate(members):
+            suffixes[i] = seqs[i][past + extra :]
+            reused[i] = past + (extra if k else 0)
+    return blocks
 
 
 def pack(
@@ -94,33 +172,34 @@ def pack(
     diag = torch.arange(width, device=cpu)
     allowed[:, diag, past_width + diag] = True  # padding attends to itself: no empty softmax row
     ends: dict[int, tuple[int, int]] = {}
-    prefix_at: dict[int, int] = {}
+    prefix_at: dict[tuple[int, int], int] = {}
     suffix_at: dict[int, int] = {}
     for r, row in enumerate(rows):
         start = width - row.width(suffixes)
-        p = row.past + len(row.prefix)  # where every suffix's positions start
-        if row.past:
-            seen = slice(past_width - row.past, past_width)
-        else:
-            seen = slice(past_width + start, past_width + start + len(row.prefix))
-        if row.prefix:
-            n = len(row.prefix)
-            prefix_at[r] = start
-            ids[r, start : start + n] = torch.tensor(row.prefix, device=cpu)
-            pos[r, start : start + n] = torch.arange(n, device=cpu)
-            allowed[r, start : start + n, seen] = _causal(n)
-            start += n
-        for i in row.items:
-            n = len(suffixes[i])
-            seg = slice(start, start + n)
-            ids[r, seg] = torch.tensor(suffixes[i], device=cpu)
-            pos[r, seg] = torch.arange(p, p + n, device=cpu)
-            allowed[r, seg, seen] = True
-            own = slice(past_width + start, past_width + start + n)
-            allowed[r, seg, own] = _causal(n)
-            ends[i] = (r, start + n)
-            suffix_at[i] = start
-            start += n
+        past = slice(past_width - row.past, past_width)  # empty when the row reads no K/V
+        for b, block in enumerate(row.blocks):
+            n = len(block.prefix)
+            shared = slice(past_width + start, past_width + start + n)
+            if n:
+                prefix_at[r, b] = start
+                ids[r, start : start + n] = torch.tensor(block.prefix, device=cpu)
+                pos[r, start : start + n] = torch.arange(row.past, row.past + n, device=cpu)
+                allowed[r, start : start + n, past] = True
+                allowed[r, start : start + n, shared] = _causal(n)
+                start += n
+            p = row.past + n  # where every suffix's positions start
+            for i in block.items:
+                n = len(suffixes[i])
+                seg = slice(start, start + n)
+                ids[r, seg] = torch.tensor(suffixes[i], device=cpu)
+                pos[r, seg] = torch.arange(p, p + n, device=cpu)
+                allowed[r, seg, past] = True
+                allowed[r, seg, shared] = True
+                own = slice(past_width + start, past_width + start + n)
+                allowed[r, seg, own] = _causal(n)
+                ends[i] = (r, start + n)
+                suffix_at[i] = start
+                start += n
     mask = torch.zeros(allowed.shape, dtype=dtype, device=cpu)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     wanted = sorted({e - k for i, (_, e) in ends.items() for k in range(needs[i], 0, -1)})

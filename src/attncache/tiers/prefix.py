@@ -13,8 +13,10 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
    in every suffix);
 3. every input whose prefix the tree holds runs its suffix over the cached K/V, in the fewest even
    rows per prefix; these rows and the one-row groups share a forward (or a few, when padding
-   would cost more than a forward), logits only at the positions each input needs; an input that
-   a later one shares more with adds its own K/V to the tree behind the prefix it read;
+   would cost more than a forward), logits only at the positions each input needs; readers of one
+   cached prefix that share more tokens among themselves (the choices of one question behind a
+   few-shot header) form a block: their common tokens run once, then each member's own tail; an
+   input that a later one shares more with adds its own K/V to the tree behind the prefix it read;
 4. the inputs without a usable prefix run together as usual, with the map cache (``maps``) applying
    to them, and insert their K/V when a later input may share it.
 
@@ -45,7 +47,7 @@ from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
 from .model_io import CACHE_KW, output_cache, plain_head, span_kv, stacked_cache
-from .packing import Packed, Row, pack, plan_rows, segment_rows, split_rows
+from .packing import Block, Group, Packed, Row, pack, plan_rows, segment_rows, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
 from .schedule import prefix_groups, shared_prefix
 
@@ -257,22 +259,10 @@ class PrefixTier:
             keep_kv = {i for i in fresh if insert is None or insert[i] > 0}
             self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
             if grouped or any(m is not None for m in matches):
-                keep_in_row = [insert is None or any(insert[i] > 0 for i in g) for g, _ in in_row]
-                # an input that read less of the tree than a later input shares with it keeps its
-                # own K/V, so the tree holds that longer prefix next time (one that matched only a
-                # header, say, and opens a group the next batch continues)
-                extend = {
-                    i
-                    for i, m in enumerate(matches)
-                    if m is not None and not self.idle and (insert is None or m.length < insert[i])
-                }
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
-                    got = self._run_rows(seqs, matches, in_row, keep_in_row, needs, pad_id, extend)
+                    got = self._run_rows(seqs, matches, in_row, needs, pad_id, insert, tokens)
                 for i, logits in got.items():
                     out[i] = torch.nn.functional.pad(logits, (0, 0, keep - len(logits), 0))
-                for g, p in in_row:
-                    for i in g[1:]:
-                        tokens[i] = p  # the first member computed the prefix, the rest reuse it
         finally:
             for m in matches:
                 if m is not None:
@@ -289,7 +279,7 @@ class PrefixTier:
         # Computed whole: simpler than resuming each from its partial match, and the common case
         # (a new few-shot prompt, a new question) has no partial match worth resuming.
         lengths = [len(p) for p in todo]
-        rows = [Row(0, [], r) for r in segment_rows(lengths, 2 * max(lengths))]
+        rows = [Row(0, [Block([], r)]) for r in segment_rows(lengths, 2 * max(lengths))]
         dtype = next(self.model.parameters()).dtype
         packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device, dtype)
         res = self._forward(packed, use_cache=True)
@@ -319,48 +309,57 @@ class PrefixTier:
         seqs: list[list[int]],
         matches: list[Match | None],
         in_row: list[tuple[list[int], int]],
-        keep_in_row: list[bool],
         needs: list[int],
         pad_id: int,
-        extend: set[int],
+        insert: list[int] | None,
+        tokens: list[int],
     ) -> dict[int, torch.Tensor]:
         """Every input with a prefix (cached, or computed in its group's row) in one forward, or
         a few when rows of very different widths would pad much; per input its last ``needs[i]``
-        logits ``[needs[i], V]``. Inputs in ``extend`` that read a cached prefix add their own
-        K/V to the tree behind it."""
-        lens = [m.length if m is not None else 0 for m in matches]
-        for g, p in in_row:
-            for i in g:
-                lens[i] = p
-        items = [i for i in range(len(seqs)) if matches[i] is not None] + [
-            i for g, _ in in_row for i in g
-        ]
-        suffixes = [s[p:] for s, p in zip(seqs, lens, strict=True)]
+        logits ``[needs[i], V]``; ``tokens[i]`` set to the prefix tokens it did not compute.
+
+        K/V worth keeping enter the tree (``insert``: per input, the leading tokens a later input
+        shares; None: unknown, keep what is computed): a block's prefix behind the K/V it read (a
+        question behind its header), and an input's own tokens behind what it shares (one that
+        read only a header opens a group the next batch continues)."""
+
+        def wanted(i: int, held: int) -> bool:
+            return not self.idle and (insert is None or insert[i] > held)
+
         reads = [(id(m.node), m.length) if m is not None else None for m in matches]
         groups = [
-            (g, seqs[g[0]][:p], keep) for (g, p), keep in zip(in_row, keep_in_row, strict=True)
+            Group(g, seqs[g[0]][:p], insert is None or any(insert[i] > 0 for i in g))
+            for g, p in in_row
         ]
-        rows, readers = plan_rows(reads, suffixes, groups, PACK_MIN_TOKENS if self.pack else 0)
-        sources = [matches[i] if i is not None else None for i in readers]
-        widths = [r.width(suffixes) for r in rows]
+        limits = [max(0, len(s) - n) for s, n in zip(seqs, needs, strict=True)]
+        plan = plan_rows(reads, seqs, groups, limits, PACK_MIN_TOKENS if self.pack else 0)
+        for row in plan.rows:
+            for block in row.blocks:
+                block.insert = block.insert or bool(
+                    row.past and block.prefix and any(wanted(i, row.past) for i in block.items)
+                )
+                for i in block.items:
+                    tokens[i] = plan.reused[i]
+        grow = {
+            i
+            for row in plan.rows
+            for block in row.blocks
+            if row.past
+            for i in block.items
+            if wanted(i, row.past + len(block.prefix))
+        }
+        widths = [r.width(plan.suffixes) for r in plan.rows]
         self.stats.add(
-            items_with_prefix=len(items),
-            tokens_reused=sum(lens[i] for i in items) - sum(len(r.prefix) for r in rows),
+            items_with_prefix=sum(len(r.items) for r in plan.rows),
+            tokens_reused=sum(plan.reused),
             tokens_run=sum(widths),
         )
+        sources = [matches[i] if i is not None else None for i in plan.sources]
         got: dict[int, torch.Tensor] = {}
         for chunk in split_rows(widths, FORWARD_TOKENS):
-            got.update(
-                self._forward_rows(
-                    [rows[r] for r in chunk],
-                    [sources[r] for r in chunk],
-                    seqs,
-                    suffixes,
-                    needs,
-                    pad_id,
-                    extend,
-                )
-            )
+            rows = [plan.rows[r] for r in chunk]
+            srcs = [sources[r] for r in chunk]
+            got.update(self._forward_rows(rows, srcs, seqs, plan.suffixes, needs, pad_id, grow))
         return got
 
     def _forward_rows(
@@ -371,10 +370,10 @@ class PrefixTier:
         suffixes: list[list[int]],
         needs: list[int],
         pad_id: int,
-        extend: set[int],
+        grow: set[int],
     ) -> dict[int, torch.Tensor]:
-        """One forward over ``rows``; inserts the in-row prefixes of rows marked ``insert`` and
-        the inputs in ``extend`` that read a cached prefix (behind that prefix)."""
+        """One forward over ``rows``; inserts the block prefixes marked ``insert`` (behind the
+        row's past), then the inputs in ``grow`` (behind what they share)."""
         past_width = max(r.past for r in rows)
         dtype = next(self.model.parameters()).dtype
         packed = pack(rows, suffixes, needs, past_width, pad_id, self.device, dtype)
@@ -385,9 +384,15 @@ class PrefixTier:
             )
             kvs = [m.kv() if m is not None else None for m in sources]
             kw[CACHE_KW] = stacked_cache(kvs, past_width, same, self.model.config)
-        insert_rows = [r for r in sorted(packed.prefix_at) if rows[r].insert]
-        grown = [(r, i) for r, row in enumerate(rows) if row.past for i in row.items if i in extend]
-        use_cache = bool(past_width or insert_rows)
+        blocks = [(r, b) for (r, b) in sorted(packed.prefix_at) if rows[r].blocks[b].insert]
+        grown = [
+            (r, len(block.prefix), i)
+            for r, row in enumerate(rows)
+            for block in row.blocks
+            for i in block.items
+            if i in grow
+        ]
+        use_cache = bool(past_width or blocks or grown)
         res = self._forward(packed, keep=packed.keep, use_cache=use_cache, **kw)
         if self.head is not None:  # the decoder's states, the head on the needed positions only
             order = list(packed.at.items())
@@ -400,15 +405,16 @@ class PrefixTier:
                 k += len(ps)
         else:  # logits at the union of every row's positions, then each input's picked
             got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
-        if insert_rows or grown:
+        if blocks or grown:
             t0 = time.perf_counter()
             cache = output_cache(res)
-            for r in insert_rows:
-                kv = span_kv(cache, r, past_width + packed.prefix_at[r], len(rows[r].prefix))
-                self.tree.insert(rows[r].prefix, kv)
-            for r, i in grown:
+            for r, b in blocks:  # before the inputs that extend them
+                block, past = rows[r].blocks[b], rows[r].past
+                kv = span_kv(cache, r, past_width + packed.prefix_at[r, b], len(block.prefix))
+                self.tree.insert(seqs[block.items[0]][: past + len(block.prefix)], kv, start=past)
+            for r, shared, i in grown:
                 kv = span_kv(cache, r, past_width + packed.suffix_at[i], len(suffixes[i]))
-                self.tree.insert(seqs[i], kv, start=rows[r].past)
+                self.tree.insert(seqs[i], kv, start=rows[r].past + shared)
             self.stats.add(insert_s=time.perf_counter() - t0)
         return got
 

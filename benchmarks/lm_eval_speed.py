@@ -31,7 +31,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from attncache import models  # noqa: E402
 from attncache.bench import machine  # noqa: E402
 from attncache.integrations.lm_eval import AttnCacheLM  # noqa: E402
-from attncache.integrations.lm_eval_tasks import write_task  # noqa: E402
+from attncache.integrations.lm_eval_tasks import TaskOptions, write_task  # noqa: E402
 
 
 def evaluate(lm, tasks: list[str], manager: TaskManager) -> tuple[float, dict]:
@@ -79,7 +79,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="lm-eval-tasks-"))
     sampler = None if a.sampler == "default" else a.sampler
     pool = max(a.pool, a.shots)
-    tasks = write_task(a.task, folder, a.shots, a.limit, sampler, pool, a.subjects)
+    tasks = write_task(a.task, folder, TaskOptions(a.shots, a.limit, sampler, pool, a.subjects))
     manager = TaskManager(include_path=str(folder))
     extra = {"prefix_token_id": a.prefix_token_id} if a.prefix_token_id is not None else {}
     ours = AttnCacheLM(pretrained=a.model, batch_size=a.batch_size, **extra)

@@ -1,45 +1,53 @@
 #!/usr/bin/env bash
-# The main job, from a fresh clone: set up, then score SST-2 the way users run a classifier, batched.
-#  1. SST-2 as a 4-shot instruction prompt (every input shares the prompt): the exact tiers alone (no
-#     map DB), accuracy and agreement on 200 rows, and the workload against plain SDPA at its best batch
-#     size;
-#  2. zero-shot SST-2 with a map DB built from sst2[0:436] (its default calibrated to a 2 % bound on
-#     changed answers when the build has rows enough for that, ~850; these 436 do not, so it reuses no
-#     approximate maps and says so), evaluated on the disjoint sst2[436:], with the DB's default and
-#     with the paper's all-layer reuse, each against the best SDPA batch size.
+# The main job, from a fresh clone: set up, then score ARC-Easy 5-shot with lm-evaluation-harness twice
+# on the default model (SmolLM2-135M, float32, CPU): `--model hf` (lm-eval's own backend, at batch 8) and
+# `--model attncache`, on the same local task (40 held-out questions, 160 log-likelihood requests, the
+# task's first 5 documents as shots for every question). Prints each backend's metrics and wall time
+# (each a whole lm-eval process: start, model load, scoring), their ratio, and how far apart the
+# per-request log-likelihoods are. JSON and per-sample logs in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-D=runs/demo  # its own folder: experiment DBs in runs/ are left alone
-mkdir -p "$D"
-BENCH=(--no-per-item --no-bound --limit 64 --batch-sizes 1,8,32 --pass-repeats 2 --json --quiet)
-echo "== 4-shot SST-2, exact tiers: eval on 200 rows, then timing on 64"
-attncache eval --model smollm2-135m --data "sst2:4shot[0:200]" --no-memo --json --quiet > "$D/fewshot_eval.json"
-attncache bench --model smollm2-135m --data "sst2:4shot[200:264]" "${BENCH[@]}" > "$D/fewshot_bench.json"
-echo "== zero-shot SST-2: build a map DB from sst2[0:436], eval on sst2[436:]"
-attncache build --data "sst2[0:436]" --out "$D/sst2.db" --force --quiet
-attncache eval --db "$D/sst2.db" --data "sst2[436:]" --policy default --policy all --no-memo --json --quiet \
-  > "$D/zeroshot_eval.json"
-for P in default all; do
-  attncache bench --db "$D/sst2.db" --data "sst2[436:500]" --policy $P "${BENCH[@]}" > "$D/zeroshot_bench_$P.json"
-done
-attncache inspect --db "$D/sst2.db" --json > "$D/inspect.json"
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+D=runs/demo  # its own folder: experiment runs in runs/ are left alone
+rm -rf "$D" && mkdir -p "$D"
+attncache lm-eval-task arc_easy "$D/tasks" --shots 5 --limit 40 > /dev/null 2>&1
+HF_FOLDER=$(python -c "from attncache import models; print(models.hf_folder('smollm2-135m'))")
+COMMON=(--include_path "$D/tasks" --tasks arc_easy_local --batch_size 8 --log_samples)
+timed() {  # name, then the lm-eval arguments: wall seconds into $D/NAME.seconds
+  local name=$1 t0
+  shift
+  echo "== lm-eval --model $name on ARC-Easy 5-shot (40 questions, 160 requests)"
+  t0=$(date +%s.%N)
+  attncache lm-eval run "$@" "${COMMON[@]}" --output_path "$D/$name" > "$D/$name.log" 2>&1 \
+    || { tail -20 "$D/$name.log" >&2; exit 1; }
+  python -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)" \
+    > "$D/$name.seconds"
+}
+timed hf --model hf --model_args "pretrained=$HF_FOLDER,dtype=float32" --device cpu
+timed attncache --model attncache --model_args pretrained=smollm2-135m
 python - "$D" <<'PY'
 import json, sys
 from pathlib import Path
+
 d = Path(sys.argv[1])
-load = lambda n: json.loads((d / n).read_text())
-rows = [("4-shot, exact tiers", load("fewshot_eval.json"), load("fewshot_bench.json"))]
-ev = {r["policy"]: r for r in load("zeroshot_eval.json")["results"]}
-rows += [(f"zero-shot, {p}", ev[p], load(f"zeroshot_bench_{p}.json")) for p in ("default", "all")]
-print(f"\n{'job':24s} {'accuracy exact -> cached':>26s} {'agreement':>9s} {'vs best SDPA':>13s} {'(SDPA b, ours b)':>16s}")
-for name, e, b in rows:
-    acc = f"{e['accuracy_baseline']:.3f} -> {e['accuracy_cached']:.3f}"
-    print(f"{name:24s} {acc:>26s} {e['agreement']:9.3f} {b['workload_speedup_vs_best_sdpa']:12.2f}x "
-          f"{'(' + str(b['best_sdpa_batch_size']) + ', ' + str(b['workload_batch_size']) + ')':>16s}")
-info = load("inspect.json")
-print(f"\nthe DB's default: {info['default_reuse']}")
-m = load("fewshot_bench.json")["machine"]
-print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}; JSON in {d}/")
+
+def run(name):
+    results = json.loads(next((d / name).rglob("results_*.json")).read_text())["results"]
+    samples = [json.loads(x) for x in next((d / name).rglob("samples_*.jsonl")).open()]
+    return results["arc_easy_local"], {s["doc_id"]: s for s in samples}, float((d / f"{name}.seconds").read_text())
+
+(hf, hf_s, hf_t), (ours, ours_s, ours_t) = run("hf"), run("attncache")
+assert hf_s.keys() == ours_s.keys(), "the two runs scored different documents"
+pairs = [(a[0], b[0]) for k in hf_s for a, b in zip(hf_s[k]["resps"], ours_s[k]["resps"], strict=True)]
+gap = max(abs(float(a[0]) - float(b[0])) for a, b in pairs)
+greedy = sum(a[1] == b[1] for a, b in pairs)
+print(f"\n{'backend':10s} {'acc':>6s} {'acc_norm':>9s} {'wall s':>8s}")
+for name, r, t in (("hf b8", hf, hf_t), ("attncache", ours, ours_t)):
+    print(f"{name:10s} {r['acc,none']:6.3f} {r['acc_norm,none']:9.3f} {t:8.1f}")
+same = all(hf[k] == ours[k] for k in ("acc,none", "acc_norm,none"))
+print(f"\n{hf_t / ours_t:.1f}x the wall time of lm-eval's HF backend; metrics identical: {same}; "
+      f"{len(pairs)} log-likelihoods, max |difference| {gap:.1e}, is_greedy equal on {greedy}/{len(pairs)}")
+print(f"JSON and per-sample logs in {d}/ (lm-eval's own output folders)")
 PY

@@ -74,11 +74,11 @@ def test_smollm2_on_a_local_arc_task_equals_the_hf_backend(tmp_path, monkeypatch
     from lm_eval.tasks import TaskManager
 
     from attncache import models
-    from attncache.integrations.lm_eval_tasks import write_task
+    from attncache.integrations.lm_eval_tasks import TaskOptions, write_task
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (task,) = write_task("arc_easy", tmp_path / "tasks", shots=5, limit=8, sampler=sampler)
+    (task,) = write_task("arc_easy", tmp_path / "tasks", TaskOptions(5, 8, sampler))
     kw = {
         "tasks": [task],
         "log_samples": True,
@@ -109,9 +109,9 @@ def test_the_cli_registers_the_backend_and_hands_on_every_argument(tiny_hf, tmp_
     import subprocess
     import sys
 
-    from attncache.integrations.lm_eval_tasks import write_task
+    from attncache.integrations.lm_eval_tasks import TaskOptions, write_task
 
-    (task,) = write_task("arc_easy", tmp_path / "tasks", shots=1, limit=3, pool=2)
+    (task,) = write_task("arc_easy", tmp_path / "tasks", TaskOptions(shots=1, limit=3, pool=2))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     args = [
         "run",
@@ -194,11 +194,11 @@ def test_local_tasks_score_as_the_hf_backend(backends, tmp_path, monkeypatch, na
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from attncache.integrations.lm_eval_tasks import write_task
+    from attncache.integrations.lm_eval_tasks import TaskOptions, write_task
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ours, theirs = backends
-    tasks = write_task(name, tmp_path, shots=shots, limit=3, sampler=sampler, pool=6, subjects=2)
+    tasks = write_task(name, tmp_path, TaskOptions(shots, 3, sampler, pool=6, subjects=2))
     assert len(tasks) == (2 if name == "mmlu" else 1)
     kw = {
         "tasks": tasks,
@@ -213,3 +213,21 @@ def test_local_tasks_score_as_the_hf_backend(backends, tmp_path, monkeypatch, na
             for x, y in zip(mine[k]["resps"], ref[k]["resps"], strict=True):
                 assert abs(float(x[0][0]) - float(y[0][0])) < 1e-4 and x[0][1] == y[0][1]
         assert a["results"][task] == b["results"][task]
+
+
+def test_the_task_command_writes_a_task_lm_eval_loads(tmp_path, capsys):
+    """``attncache lm-eval-task`` prints the names it wrote, and lm-eval's TaskManager finds them;
+    impossible shots are one clear error."""
+    from lm_eval.tasks import TaskManager
+
+    from attncache.cli import main
+
+    folder = tmp_path / "tasks"
+    argv = ["lm-eval-task", "arc_easy", str(folder), "--shots", "2", "--limit", "3"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.split() == ["arc_easy_local"]
+    assert "arc_easy_local" in TaskManager(include_path=str(folder)).all_tasks
+    assert main(["lm-eval-task", "mmlu", str(folder), "--shots", "6"]) == 2
+    assert "shots must be 0..5" in capsys.readouterr().err
+    assert main(["lm-eval-task", "arc_easy", str(folder), "--shots", "9", "--pool", "4"]) == 2
+    assert "pool (4) must hold at least 9" in capsys.readouterr().err

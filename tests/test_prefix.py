@@ -572,6 +572,27 @@ def test_wide_groups_prefixes_run_in_one_packed_forward_and_exact(monkeypatch):
     assert all(runner.tree.match(p, len(p)).length == len(p) for p in prompts)
 
 
+def test_prefixes_longer_than_the_side_by_side_width_run_one_per_row(monkeypatch):
+    """Past SIDE_BY_SIDE_TOKENS two prefixes in one row cost more attention than the padding they
+    save. 17 + 14 tokens fit a row only wider than the longest prompt (30): by default they share
+    one (2 rows), with the width lowered to 20 each prompt runs in a row of its own, exact."""
+    from attncache.tiers import prefix as prefix_module
+
+    monkeypatch.setattr(prefix_module, "IN_ROW_TOKENS", 0)
+    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)
+    model = tiny_model("qwen2")
+    prompts = [random_seqs(1, lo=n, hi=n, seed=90 + n)[0] for n in (30, 17, 14)]
+    batch = [p + [3 + k] * (1 + k) for p in prompts for k in range(3)]
+    for width, rows in ((prefix_module.SIDE_BY_SIDE_TOKENS, 2), (20, 3)):
+        monkeypatch.setattr(prefix_module, "SIDE_BY_SIDE_TOKENS", width)
+        runner = PrefixTier(model, min_prefix=8)
+        with TokenCounter(model) as counter:
+            got = runner.run(batch, 1, 0).logits
+        for r, g in zip(exact_logits(model, batch, 1), got, strict=True):
+            assert (r - g).abs().max() < 1e-4
+        assert counter.shapes[0][0] == rows  # the prefixes' forward
+
+
 def _distinct_prefixes(seqs):
     """Tokens a perfect prefix cache computes: one per distinct prefix of the inputs."""
     return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..errors import UserError
-from . import build_commands, db_commands, run_commands, service_commands
+from . import build_commands, db_commands, lm_eval_commands, run_commands, service_commands
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,41 +29,15 @@ def parser() -> argparse.ArgumentParser:
     run_commands.register(sub, formatter)
     service_commands.register(sub, formatter)
     db_commands.register(sub)
-    sub.add_parser(
-        "lm-eval",
-        help="lm-evaluation-harness with the 'attncache' backend registered: every further "
-        "argument is lm-eval's (e.g. attncache lm-eval run --model attncache --model_args "
-        "pretrained=smollm2-135m --tasks TASK)",
-    )
+    lm_eval_commands.register(sub)
     return p
-
-
-def run_lm_eval(args: list[str]) -> int:
-    """lm-eval's CLI, with ``--model attncache`` registered (lm-eval 0.4 loads no plugins)."""
-    try:
-        from lm_eval.__main__ import cli_evaluate
-
-        from ..integrations import lm_eval as _backend  # noqa: F401 - registers the backend
-    except ImportError:
-        raise UserError(
-            "the lm-eval backend needs lm-evaluation-harness: pip install 'attncache[lm-eval]'"
-        ) from None
-    saved = sys.argv
-    sys.argv = ["lm-eval", *args]
-    try:
-        cli_evaluate()
-    except SystemExit as e:  # lm-eval's CLI exits on its own errors and after --help
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    finally:
-        sys.argv = saved
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's own command line
         try:
-            return run_lm_eval(argv[1:])
+            return lm_eval_commands.run_lm_eval(argv[1:])
         except UserError as e:
             print(f"attncache: error: {e}", file=sys.stderr)
             return 2

@@ -1,6 +1,6 @@
 """lm-eval task folders over local copies of the built-in data (offline: ``dataset_path: json``).
 
-    names = write_task("arc_easy", "runs/tasks", shots=5, limit=40)
+    names = write_task("arc_easy", "runs/tasks", TaskOptions(shots=5, limit=40))
     lm-eval run --include_path runs/tasks --tasks arc_easy_local ...
 
 Each task is rendered as lm-eval's own task of that name renders it (its prompt, choices, target
@@ -168,24 +168,31 @@ def _mmlu(folder: Path, shots: int, limit: int | None, subjects: int | None) -> 
     return tasks
 
 
-def write_task(
-    name: str,
-    folder: str | Path,
-    shots: int = 5,
-    limit: int | None = None,
-    sampler: str | None = "first_n",
-    pool: int = 25,
-    subjects: int | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class TaskOptions:
+    """How a local task is cut: ``shots`` per question; ``limit`` test documents (per subject for
+    MMLU; all by default); ``sampler`` ``"first_n"`` (one prompt shared by every question) or
+    None (lm-eval's default: each question its own shots); ``pool`` the few-shot split's
+    documents; ``subjects`` MMLU's first N subjects (all 57 by default)."""
+
+    shots: int = 5
+    limit: int | None = None
+    sampler: str | None = "first_n"
+    pool: int = 25
+    subjects: int | None = None
+
+
+def write_task(name: str, folder: str | Path, options: TaskOptions | None = None) -> list[str]:
     """Write the local task(s) for ``name`` (YAML and JSONL splits) into ``folder``; returns the
-    task names to pass to ``--tasks``. ``limit``: test documents (per subject for MMLU);
-    ``subjects``: MMLU's first N subjects (all 57 by default)."""
+    task names to pass to ``--tasks``."""
+    o = options or TaskOptions()
+    shots, limit, sampler, pool = o.shots, o.limit, o.sampler, o.pool
     if name not in TASKS:
         raise UserError(f"no local lm-eval task for '{name}' (have: {', '.join(TASKS)})")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if name == "mmlu":
-        return _mmlu(folder, shots, limit, subjects)
+        return _mmlu(folder, shots, limit, o.subjects)
     if pool < shots:
         raise UserError(f"the few-shot pool ({pool}) must hold at least {shots} documents")
     spec = SPECS[name]

@@ -59,6 +59,10 @@ PACK_MIN_TOKENS = 32
 # a group whose prefix is not cached runs as one row (prefix, then every member's suffix) when the
 # row is at most this wide; a wider one computes its prefix first and packs rows over its K/V
 IN_ROW_TOKENS = 512
+# missing prefixes run side by side in rows up to this wide (or one per row, when longer): a row's
+# attention grows with the square of its width, so two long prefixes in one row cost more (~25 % at
+# 1200 tokens each, measured) than the padding they save
+SIDE_BY_SIDE_TOKENS = 1024
 # a forward's fixed cost in tokens of work (the weights are read once per forward): rows of very
 # different widths run as separate forwards when the padding saved is worth more than this
 FORWARD_TOKENS = 48
@@ -279,7 +283,9 @@ class PrefixTier:
         # Computed whole: simpler than resuming each from its partial match, and the common case
         # (a new few-shot prompt, a new question) has no partial match worth resuming.
         lengths = [len(p) for p in todo]
-        rows = [Row(0, [Block([], r)]) for r in segment_rows(lengths, 2 * max(lengths))]
+        longest = max(lengths)
+        widest = max(longest, min(2 * longest, SIDE_BY_SIDE_TOKENS))
+        rows = [Row(0, [Block([], r)]) for r in segment_rows(lengths, widest)]
         dtype = next(self.model.parameters()).dtype
         packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device, dtype)
         res = self._forward(packed, use_cache=True)

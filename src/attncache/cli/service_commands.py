@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .options import (
+    NON_NEGATIVE,
     POLICY_GRAMMAR,
     POSITIVE,
     add_data,
@@ -62,28 +63,34 @@ def run_serve(a) -> int:
 
 
 def run_batch(a) -> int:
+    from ..batch import BatchOptions
     from ..batch import run_batch as job
 
     if a.strict:
         raise UserError(
-            "--strict has no effect in batch: rows are validated on the driver, bad ones reported"
+            "--strict has no effect in batch: a bad row gets an error column, never fails the job"
         )
-    res = job(
-        db_or_model(a),
-        a.data,
-        a.out,
+    db = db_or_model(a)
+    if db is None:
+        refuse(a, ["no_memo"], "without a map DB (--db): the memo is kept in a DB")
+    options = BatchOptions(
         address=a.address,
         actors=a.actors,
         batch_size=a.batch_size,
-        model_name=a.model,
         policy=a.policy,
         limit=a.limit,
         max_tokens=a.max_tokens,
         progress=not a.quiet and not a.json,
         device=a.device,
         dtype=a.dtype,
+        memo=not a.no_memo,
+        prefix_bytes=prefix_bytes(a),
+        max_restarts=a.max_restarts,
+        parts=a.parts,
+        columns=a.columns,
+        fmt=a.format,
     )
-    emit(res, a.json)
+    emit(job(db, a.data, a.out, model_name=a.model, options=options), a.json)
     return 0
 
 
@@ -163,9 +170,34 @@ def register(sub, formatter) -> None:
     add_data(sp)
     add_output(sp)
     add_model(sp)
-    sp.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
+    sp.add_argument(
+        "--out",
+        required=True,
+        help="output folder: one part file per bucket of rows (rerun with the same --out resumes)",
+    )
+    sp.add_argument(
+        "--format",
+        choices=["jsonl", "parquet"],
+        help="the parts' format (default: parquet for an --out ending in .parquet, else jsonl)",
+    )
+    sp.add_argument(
+        "--columns", help="the file's column names for ours, e.g. prompt=question,choices=options"
+    )
+    sp.add_argument(
+        "--parts", type=POSITIVE, default=64, help="part files the rows are hashed into (64)"
+    )
     sp.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
-    sp.add_argument("--actors", type=POSITIVE, default=2)
-    sp.add_argument("--batch-size", type=POSITIVE, default=16)
+    sp.add_argument(
+        "--actors", type=POSITIVE, help="actors (default: one per GPU with --device cuda, else 2)"
+    )
+    sp.add_argument("--batch-size", type=POSITIVE, default=16, help="inputs per forward (16)")
     sp.add_argument("--policy", help="reuse policy (below; default: the DB's)")
+    sp.add_argument("--no-memo", action="store_true", help="neither read nor commit the memo")
+    sp.add_argument(
+        "--max-restarts",
+        type=NON_NEGATIVE,
+        default=2,
+        help="restarts of a failed actor (its call retried) before the job fails (2)",
+    )
+    add_prefix(sp)
     sp.set_defaults(fn=run_batch)

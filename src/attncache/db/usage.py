@@ -28,6 +28,20 @@ class UsageCounter:
                 seen[0] += 1
                 seen[1] = now
 
+    def take(self) -> dict[int, list[float]]:
+        """The counts seen so far, forgotten here: a worker hands them to the committing process."""
+        with self._lock:
+            seen, self._seen = self._seen, {}
+        return seen
+
+    def add(self, seen: dict[int, list[float]]) -> None:
+        """Counts another process saw (``take``), to be merged by this one's next commit."""
+        with self._lock:
+            for uid, (hits, last) in seen.items():
+                mine = self._seen.setdefault(int(uid), [0, 0.0])
+                mine[0] += int(hits)
+                mine[1] = max(mine[1], float(last))
+
     def __bool__(self) -> bool:
         with self._lock:
             return bool(self._seen)

@@ -61,6 +61,7 @@ class ResultMemo:
         self._lock = threading.Lock()
         self.stats = MemoStats()
         self.dirty = False  # holds answers the DB does not have yet
+        self._fresh: set[bytes] = set()  # keys put since the last ``take_fresh``
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,10 +102,21 @@ class ResultMemo:
                     {**old.greedy, **answer.greedy},
                 )
             self._entries[key] = answer
+            self._fresh.add(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
             self.dirty = True
         self.stats.add(inserts=1)
+
+    def take_fresh(self) -> ResultMemo:
+        """The answers put since the last call (still held here), as a memo of their own: what a
+        worker hands to the one process that commits them."""
+        twin = ResultMemo(self.max_entries)
+        with self._lock:
+            fresh, self._fresh = self._fresh, set()
+            twin._entries = OrderedDict((k, self._entries[k]) for k in fresh if k in self._entries)
+        twin.dirty = bool(twin._entries)
+        return twin
 
     def copy(self) -> ResultMemo:
         twin = ResultMemo(self.max_entries)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -123,13 +124,15 @@ def resume(a, work: Path) -> dict:
     data = work / "rows.jsonl"
     synthetic(data, a.rows)
     out = work / "out"
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(data), str(out), model, "2"])
+    cmd = [sys.executable, "-c", DRIVER, str(data), str(out), model, "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
     while proc.poll() is None and len(list(out.glob("part-*"))) < 8:
         time.sleep(0.5)
-    written_before = len(list(out.glob("part-*")))
-    proc.send_signal(signal.SIGKILL)  # the driver, mid-job
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # whatever of Ray outlived its group
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, check=False)
+    written_before = len(list(out.glob("part-*")))
     job = driver(str(data), str(out), model, 2)
     rows = [json.loads(x) for p in out.glob("part-*.jsonl") for x in p.read_text().splitlines()]
     seen = sorted(r["idx"] for r in rows)

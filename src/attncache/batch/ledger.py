@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..db.usage import UsageCounter
 from ..tiers.memo import ResultMemo
 
 
@@ -42,7 +43,7 @@ class LedgerTotals:
 class Ledger:
     def __init__(self) -> None:
         self.memo = ResultMemo()
-        self.usage: dict[int, list[float]] = {}
+        self.usage = UsageCounter()
         self.tokens_total = 0
         self.tokens_run = 0
         self.reports = 0
@@ -50,14 +51,12 @@ class Ledger:
     def add(self, report: WorkerReport) -> None:
         if report.memo is not None:
             self.memo.merge(ResultMemo.from_arrays(report.memo))
-        for uid, (hits, last) in report.usage.items():
-            mine = self.usage.setdefault(int(uid), [0, 0.0])
-            mine[0] += int(hits)
-            mine[1] = max(mine[1], float(last))
+        self.usage.add(report.usage)
         self.tokens_total += report.tokens_total
         self.tokens_run += report.tokens_run
         self.reports += 1
 
     def totals(self) -> LedgerTotals:
         memo = self.memo.to_arrays() if len(self.memo) else None
-        return LedgerTotals(memo, self.usage, self.tokens_total, self.tokens_run, self.reports)
+        usage = self.usage.take()
+        return LedgerTotals(memo, usage, self.tokens_total, self.tokens_run, self.reports)

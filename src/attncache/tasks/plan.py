@@ -144,7 +144,7 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                             "choiceN",
                             ids,
                             qs,
-                            [float(len(ch)) for ch in row.choices],
+                            [float(max(len(ch), 1)) for ch in row.choices],  # never 0
                             answer=row.answer,
                         )
                     )

@@ -202,7 +202,7 @@ def test_a_restarted_server_answers_a_repeated_prefix_from_disk(tmp_path):
     got = again.run([prompt + [9]], 1, 0)
     assert got.prefix_tokens == [30] and again.stats.tokens_run == 1  # only the new token ran
     ref, _ = forward(model, [prompt + [9]], True)
-    assert (ref[0, -1] - got.logits[0, -1]).abs().max() < 1e-4
+    assert (ref[0, -1] - got.logits[0][-1]).abs().max() < 1e-4
     # another model's folder is refused; a damaged file is refused, not used
     with pytest.raises(UserError, match="another model"):
         TierFolder(tmp_path / "tiers", fingerprint(tiny_model("llama", seed=9), tok)).read(

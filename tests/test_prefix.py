@@ -116,11 +116,6 @@ def test_composition_with_map_reuse(built):
         assert (r - g).abs().max() < 1e-4
 
 
-def test_sliding_window_models_are_excluded():
-    assert supports_prefix(tiny_model("llama"))
-    assert not supports_prefix(tiny_model("gemma3_text"))
-
-
 def test_tier_goes_idle_without_shared_prefixes():
     from attncache.tiers.prefix import IDLE_AFTER
 
@@ -153,7 +148,7 @@ def test_an_idle_tier_re_arms_when_the_traffic_starts_sharing():
     for t, o in zip(tails, outs, strict=True):
         with torch.no_grad():
             ref = model(torch.tensor([prompt + t])).logits[0, -1]
-        assert (ref - o.logits[0, -1]).abs().max() < 1e-4
+        assert (ref - o.logits[0][-1]).abs().max() < 1e-4
 
 
 class TokenCounter:
@@ -221,10 +216,10 @@ def test_several_prefix_groups_ragged_suffixes_padding_and_a_loner_in_one_batch(
     assert runner.stats.items_with_prefix == 5
 
 
-def test_inputs_shorter_than_keep_beside_prefix_matches_still_stack():
+def test_inputs_shorter_than_keep_beside_prefix_matches_come_back_whole():
     """Long continuations on a shared prompt set ``keep``; a fresh input shorter than ``keep``
-    (HellaSwag-style endings) runs apart from them: its logits are padded in front, and its last
-    positions equal the uncached model's."""
+    (HellaSwag-style endings) runs apart from them: it gets the logits of all its positions, the
+    others of their last ``keep``, each equal to the uncached model's."""
     model = tiny_model("llama")
     prompt = random_seqs(1, lo=20, hi=20, seed=81)[0]
     short = random_seqs(1, lo=6, hi=6, seed=82)[0]
@@ -232,11 +227,10 @@ def test_inputs_shorter_than_keep_beside_prefix_matches_still_stack():
     batch = [prompt + list(range(3, 12)), short, prompt + list(range(12, 21))]
     runner = PrefixTier(model, min_prefix=8)
     got = runner.run(batch, keep, 0).logits
-    assert got.shape[:2] == (3, keep)
+    assert [len(g) for g in got] == [keep, len(short), keep]
     ref = exact_logits(model, batch, keep)
-    for r, g, s in zip(ref, got, batch):
-        n = min(keep, len(s))
-        assert (r[-n:] - g[-n:]).abs().max() < 1e-4
+    for r, g in zip(ref, got, strict=True):
+        assert r.shape == g.shape and (r - g).abs().max() < 1e-4
     assert runner.stats.items_with_prefix == 2
 
 
@@ -467,8 +461,8 @@ def test_packed_mask_lets_a_suffix_see_its_prefix_and_itself_only():
 
     suffixes = [[5, 6], [7], [8, 9, 9]]
     rows = [Row(0, [Block([1, 2, 3], [0, 1])]), Row(4, [Block([], [2])])]
-    p = pack(rows, suffixes, [1, 1, 2], 4, 0, "cpu", torch.float32)
-    seen = p.mask[:, 0] == 0  # [rows, W, P + W]
+    p = pack(rows, suffixes, [1, 1, 2], 4, 0, "cpu")
+    seen = p.mask(torch.float32)[:, 0] == 0  # [rows, W, P + W]
     width = 6  # row 0: 3 prefix tokens + 2 + 1
     assert p.ids.shape == (2, width) and p.ids[1].tolist() == [0, 0, 0, 8, 9, 9]
     assert p.positions[0].tolist() == [0, 1, 2, 3, 4, 3]  # each suffix restarts after the prefix
@@ -484,8 +478,8 @@ def test_a_block_behind_a_cached_prefix_sees_the_past_its_prefix_and_itself_only
 
     suffixes = [[5], [6, 7], [8]]  # inputs 0, 1 share block prefix [1, 2]; input 2 alone
     rows = [Row(3, [Block([1, 2], [0, 1]), Block([], [2])])]
-    p = pack(rows, suffixes, [1, 1, 1], 4, 0, "cpu", torch.float32)
-    seen = p.mask[0, 0] == 0  # [W, P + W]; W = 2 + 1 + 2 + 1
+    p = pack(rows, suffixes, [1, 1, 1], 4, 0, "cpu")
+    seen = p.mask(torch.float32)[0, 0] == 0  # [W, P + W]; W = 2 + 1 + 2 + 1
     assert p.positions[0].tolist() == [3, 4, 5, 5, 6, 3]  # the block's prefix follows the past
     past = [False, True, True, True]  # right-aligned: the row's 3 cached positions of 4
     assert all(seen[q, :4].tolist() == past for q in range(6))
@@ -496,10 +490,12 @@ def test_a_block_behind_a_cached_prefix_sees_the_past_its_prefix_and_itself_only
     assert p.prefix_at == {(0, 0): 0}
 
 
-def test_choices_of_questions_behind_one_cached_header_compute_each_question_once():
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "mistral_sliding", "qwen2_sliding"])
+def test_choices_of_questions_behind_one_cached_header_compute_each_question_once(family):
     """A cached header, then per question its text, then its choices: each question's tokens run
-    once (a block), not once per choice, and every output equals the uncached model's."""
-    model = tiny_model("qwen2")
+    once (a block), not once per choice, and every output equals the uncached model's (sliding
+    windows of 5-6 tokens included: the header and each question are longer)."""
+    model = tiny_model(family)
     header = random_seqs(1, lo=24, hi=24, seed=300)[0]
     questions = random_seqs(3, lo=10, hi=14, seed=301)
     batch = [header + q + [40 + c] * (1 + c % 2) for q in questions for c in range(3)]
@@ -645,3 +641,77 @@ def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
         assert (ref - g).abs().max() < 1e-4
     assert runner.stats.tokens_reused == 3 * len(prompt) + 2 * 2  # the 2 tokens, once
     assert runner.stats.tokens_run == len(prompt) + 1 + 2 + sum(len(t) for t in tails)
+
+
+# --- sliding windows: every exact path against the uncached model, around the window's size
+
+
+SLIDING = ["gemma3_text", "mistral_sliding", "qwen2_sliding"]
+
+
+def test_mask_layout_names_each_familys_windows():
+    from attncache.tiers.model_io import MaskLayout, mask_layout
+
+    assert mask_layout(tiny_model("llama")) == MaskLayout()
+    assert mask_layout(tiny_model("mistral")) == MaskLayout()  # sliding_window=None
+    assert mask_layout(tiny_model("mistral_sliding")) == MaskLayout(5)  # every layer slides
+    assert mask_layout(tiny_model("qwen2_sliding")) == MaskLayout(5, True)
+    assert mask_layout(tiny_model("gemma3_text")) == MaskLayout(6, True)
+    chunked = tiny_model("llama")
+    chunked.config.layer_types = ["chunked_attention"] * 3  # a kind the tier cannot mask
+    assert mask_layout(chunked) is None and not supports_prefix(chunked)
+    with pytest.raises(Exception, match="cannot run"):
+        PrefixTier(chunked)
+
+
+def test_a_sliding_mask_hides_keys_a_window_or_more_before_the_query():
+    from attncache.tiers.packing import Block, Row, pack
+
+    suffixes = [[5, 6, 7], [8]]  # one row: 4 cached positions, block prefix [1, 2], two suffixes
+    rows = [Row(4, [Block([1, 2], [0, 1])])]
+    p = pack(rows, suffixes, [1, 1], 4, 0, "cpu")
+    full = p.mask(torch.float32)[0, 0] == 0
+    slid = p.mask(torch.float32, window=3)[0, 0] == 0
+    assert p.positions[0].tolist() == [4, 5, 6, 7, 8, 6]
+    assert p.key_positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 6]
+    # the last suffix token (position 8) sees positions 6, 7, 8 of its own line only
+    assert full[4].tolist() == [True] * 8 + [True, False]
+    assert slid[4].tolist() == [False] * 6 + [True, True, True, False]
+    # the second suffix (position 6) sees 4, 5 (the block prefix) and itself: not past 3
+    assert slid[5].tolist() == [False] * 4 + [True, True] + [False] * 3 + [True]
+    assert (slid <= full).all()  # a window only ever hides
+
+
+@pytest.mark.parametrize("family", SLIDING)
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("prompt_len", [4, 6, 23])  # shorter than, equal to, longer than windows
+def test_sliding_window_prefixes_are_exact(family, pack, prompt_len):
+    """A prompt shorter than, as long as and far longer than the window: its continuations in one
+    row (packed) or a row each, then in a later batch over the cached K/V, with ragged suffixes
+    that run past the window; every output equals the uncached model's (1e-4)."""
+    model = tiny_model(family)
+    prompt = random_seqs(1, lo=prompt_len, hi=prompt_len, seed=91)[0]
+    other = random_seqs(1, lo=12, hi=12, seed=92)[0]
+    conts = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12, 13, 14, 15], [12, 13]]
+    first = [prompt + c for c in conts] + [other]
+    later = [prompt + [20 + k] * (2 + 3 * k) for k in range(4)] + [other + [1, 2, 3, 4, 5, 6, 7]]
+    runner = PrefixTier(model, min_prefix=3, pack=pack)
+    got = list(runner.run(first, 2, 0).logits) + list(runner.run(later, 2, 0).logits)
+    for r, g in zip(exact_logits(model, first + later, 2), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.items_with_prefix == len(conts) + len(later)
+    assert runner.stats.tokens_reused > 0
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_missing_prefixes_side_by_side_are_exact(family):
+    """New prompts longer than the window computed side by side in one forward (each attending
+    to itself only), then their continuations over the cached K/V."""
+    model = tiny_model(family)
+    prompts = random_seqs(3, lo=15, hi=25, seed=95)
+    wide = [p + [7 + k] for p in prompts for k in range(2)]
+    runner = PrefixTier(model, min_prefix=4)
+    got = runner.run(wide, 1, 0, insert=[len(s) for s in wide]).logits
+    for r, g in zip(exact_logits(model, wide, 1), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.tokens_reused > 0

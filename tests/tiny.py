@@ -35,6 +35,16 @@ CONFIGS = {
         moe_intermediate_size=32,
         shared_expert_intermediate_size=32,
     ),
+    # every layer slides (Mistral's form: a window, no layer types): one windowed mask
+    "mistral_sliding": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=5),
+    # full and sliding layers (Qwen2's form: windows from max_window_layers on): a mask per type
+    "qwen2_sliding": lambda: Qwen2Config(
+        **COMMON,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=1,
+    ),
     "gemma3_text": lambda: Gemma3TextConfig(
         **COMMON,
         num_key_value_heads=1,
@@ -51,7 +61,8 @@ CONFIGS = {
         max_position_embeddings=256,
     ),
 }
-FAMILIES = list(CONFIGS)
+# the map-replay families; the "_sliding" variants are there for the prefix tier's windows
+FAMILIES = [f for f in CONFIGS if not f.endswith("_sliding")]
 
 
 class TinyTokenizer:

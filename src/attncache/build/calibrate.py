@@ -10,12 +10,11 @@ bounds the accuracy loss on data of the same distribution.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..stats import binom_upper
 from ..tasks import Comparison, Plan, RowPlan, RunOutput, choice_scores, row_prediction
 from .templates import Target
 
@@ -32,32 +31,6 @@ TEMPLATE_SHARES = (
     0.6,
 )  # of all (layer, head) maps
 QUANTILES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-@functools.lru_cache(maxsize=4096)
-def binom_upper(k: int, n: int, conf: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound on p after k successes in n trials."""
-    if n == 0 or k >= n:
-        return 1.0
-    alpha = 1.0 - conf
-    i = np.arange(k + 1)
-    log_coef = np.array(
-        [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in i]
-    )
-
-    def cdf(p: float) -> float:  # P(X <= k; n, p)
-        logs = log_coef + i * math.log(p) + (n - i) * math.log1p(-p)
-        top = logs.max()
-        return float(math.exp(top) * np.exp(logs - top).sum())
-
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if cdf(mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 @dataclass

@@ -72,8 +72,21 @@ def sizes_list(text: str) -> list[int]:
     return out
 
 
+def margin(text: str) -> str:
+    """--verify-margin: off, auto or a threshold >= 0."""
+    if text in ("off", "auto"):
+        return text
+    try:
+        if float(text) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected off, auto or a number >= 0, got '{text}'")
+
+
 def run_eval(a) -> int:
     from ..workflows import evaluate, sweep
+    from ..workflows.cheap import VerifyOptions
 
     progress = not a.quiet and not a.json
     if a.sweep:
@@ -111,6 +124,18 @@ def run_eval(a) -> int:
         print(json.dumps(res) if a.json else rows_table(res["points"], SWEEP_KEYS))
         return 0
     refuse(a, ["plot"], "without --sweep")
+    if a.verify_margin == "off":
+        refuse(
+            a,
+            ["cheap_dtype", "max_loss", "verify_rows", "verify_confidence"],
+            "without --verify-margin",
+        )
+    elif a.verify_margin != "auto":
+        refuse(
+            a,
+            ["max_loss", "verify_rows", "verify_confidence"],
+            "with a given --verify-margin (they calibrate 'auto')",
+        )
     if not a.learn:
         refuse(a, ["max_bytes", "eviction"], "without --learn (they bound what learning inserts)")
     db = db_or_model(a)
@@ -135,6 +160,19 @@ def run_eval(a) -> int:
         memo=not a.no_memo,
         device_map_bytes=a.device_map_bytes,
         prefix_dir=a.prefix_dir,
+        verify=VerifyOptions(  # flags not given keep VerifyOptions' defaults
+            **{
+                k: v
+                for k, v in {
+                    "margin": a.verify_margin,
+                    "dtype": a.cheap_dtype,
+                    "max_loss": a.max_loss,
+                    "calibrate_rows": a.verify_rows,
+                    "confidence": a.verify_confidence,
+                }.items()
+                if v is not None
+            }
+        ),
     )
     rows = [r.as_dict() for r in results]
     if a.json:
@@ -239,6 +277,7 @@ def register(sub, formatter) -> None:
         action="store_true",
         help="do not answer inputs seen in earlier runs from the DB's result memo",
     )
+    add_verify(sp)
     sp.set_defaults(fn=run_eval)
 
     sp = sub.add_parser(
@@ -289,3 +328,27 @@ def register(sub, formatter) -> None:
         "(eval --prefix-dir); the baseline is unchanged",
     )
     sp.set_defaults(fn=run_bench)
+
+
+def add_verify(sp) -> None:
+    """The cheap pass's flags (eval). Their defaults are None so a refusal can tell them apart
+    from flags the user gave; ``run_eval`` fills them in."""
+    sp.add_argument(
+        "--verify-margin",
+        type=margin,
+        default="off",
+        help="off (default), auto or X: run the exact tiers in --cheap-dtype and rerun in the "
+        "model's precision every row whose margin (best minus runner-up score) is under X; "
+        "auto calibrates X on the job's first --verify-rows rows to a --max-loss bound on "
+        "changed answers, and runs cheap only where the device has --cheap-dtype natively",
+    )
+    sp.add_argument(
+        "--cheap-dtype", choices=["bfloat16", "float16"], help="the cheap precision (bfloat16)"
+    )
+    sp.add_argument(
+        "--max-loss", type=number(float, 0.0), help="auto: bound on changed answers (0.02)"
+    )
+    sp.add_argument("--verify-rows", type=POSITIVE, help="auto: rows that calibrate (300)")
+    sp.add_argument(
+        "--verify-confidence", type=number(float, 0.0), help="auto: the bound's confidence (0.95)"
+    )

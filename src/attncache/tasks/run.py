@@ -188,7 +188,10 @@ def run(
                     logits = model(**collate(seqs, pad, True, device), logits_to_keep=keep).logits
                     hits = attached.last_hits if attached is not None else None
                     reused = list(attached.last_reused) if attached is not None else reused
-                lp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]
+                    logits = [  # left-padded: every item's last positions are the batch's
+                        logits[j, -min(need[i], len(plan.seqs[i])) :] for j, i in enumerate(batch)
+                    ]
+                scores = _log_probs(logits, [wanted.get(i, []) for i in batch], opts.greedy)
             else:
                 inputs = collate(seqs, pad, False, device)
                 hidden = model(**inputs).last_hidden_state
@@ -207,13 +210,12 @@ def run(
                     if out.hit[i]:
                         out.distance[i] = hits[j].distance
                 if plan.causal:
-                    out.argmax[i] = int(lp[j, -1].argmax())
-                    for q in wanted.get(i, []):
-                        out.logprobs[(i, q.from_end, q.token)] = float(
-                            lp[j, keep - q.from_end, q.token]
-                        )
-                        if opts.greedy:
-                            out.greedy[(i, q.from_end)] = int(lp[j, keep - q.from_end].argmax())
+                    out.argmax[i] = scores.argmax[j]
+                    for q, value in zip(wanted.get(i, []), scores.values[j], strict=True):
+                        out.logprobs[(i, q.from_end, q.token)] = value
+                    if opts.greedy:
+                        for q in wanted.get(i, []):
+                            out.greedy[(i, q.from_end)] = scores.greedy[j][q.from_end]
                 else:
                     if out.embeddings is None:
                         out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
@@ -222,6 +224,30 @@ def run(
                     scope.write(plan, i, wanted, out)
             bar.update(len(batch))
     out.seconds += seconds
+    return out
+
+
+@dataclass
+class _Picked:
+    values: list[list[float]]  # per item, the log-probability of each of its queries
+    argmax: list[int]  # per item, the greedy token after its last position
+    greedy: list[dict[int, int]]  # per item, from_end -> the greedy token there (if asked)
+
+
+def _log_probs(logits: list[torch.Tensor], queries: list[list[Query]], greedy: bool) -> _Picked:
+    """The queried log-probabilities from each item's logits ``[n, V]`` (its last ``n``
+    positions), normalised only where the item has logits, in float32 whatever the model's
+    dtype."""
+    out = _Picked([], [], [])
+    for x, qs in zip(logits, queries, strict=True):
+        x = x.float()
+        n = x.shape[0]
+        at = [n - q.from_end for q in qs]
+        lse = torch.logsumexp(x[at], dim=-1) if at else None
+        out.values.append((x[at, [q.token for q in qs]] - lse).tolist() if at else [])
+        out.argmax.append(int(x[-1].argmax()))
+        top = x.argmax(dim=-1).tolist() if greedy else []
+        out.greedy.append({n - k: t for k, t in enumerate(top)})
     return out
 
 

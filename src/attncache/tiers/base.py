@@ -1,7 +1,7 @@
 """What every exact tier shares: the typed result of a run and the protocol a tier implements.
 
-A tier takes a batch of token sequences and returns, per item, the logits of the last ``keep``
-positions, computing as little as it can while staying exact; it reports its own counters.
+A tier takes a batch of token sequences and returns, per item, the logits of its last positions
+(at most ``keep``), computing as little as it can while staying exact; it reports its own counters.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import torch
 
 
 class TierOutput(NamedTuple):
-    logits: torch.Tensor  # [B, keep, V]
+    # per item the logits of the positions its caller needs (its last ones), ``[n, V]``: with a
+    # large vocabulary, padding them to one ``[B, keep, V]`` tensor cost as much as a forward
+    logits: list[torch.Tensor]
     hits: list[Any]  # per item: the map-cache hit its lookup found (runtime.Hit), or None
     reused: list[bool]  # per item: whether it replayed any map (its answer is then approximate)
     prefix_tokens: list[int]  # per item: prefix tokens it took from the tree instead of computing

@@ -1,13 +1,17 @@
-"""What the prefix tier needs to know about a decoder: its cache keyword, whether its cache keeps
-every key, its output head, and a K/V cache made of stored prefixes."""
+"""What the prefix tier needs to know about a decoder: its cache keyword, how its layers attend
+(all earlier keys, or a sliding window of them) and so which masks it takes, its output head, and a
+K/V cache made of stored prefixes."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
+
+from .packing import Packed
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes
 CACHE_KW = (
@@ -17,18 +21,75 @@ CACHE_KW = (
 )
 
 
-def supports_prefix(model: nn.Module) -> bool:
-    """Whether every layer's cache keeps all keys (no sliding window), so prefixes can be reused."""
+# the layer types whose keys a prefix cache can hold exactly, and the mask each takes
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """How a decoder's layers attend, as the prefix tier must mask them.
+
+    ``window``: the sliding layers' window (a query at position ``q`` sees keys at positions
+    ``k`` with ``q - k < window``, transformers' rule); None when no layer slides. ``per_type``:
+    full and sliding layers both exist, so a custom mask goes in as ``{layer type: mask}``."""
+
+    window: int | None = None
+    per_type: bool = False
+
+
+def mask_layout(model: nn.Module) -> MaskLayout | None:
+    """The decoder's ``MaskLayout``; None where the tier cannot be exact: layer types other than
+    full and sliding attention (chunked, linear, ...), or full and sliding layers in a model
+    whose forward takes one mask for all of them."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return not any("sliding" in str(t) for t in types)
-    return (
-        not getattr(cfg, "sliding_window", None)
-        or getattr(cfg, "use_sliding_window", True) is False
-    )
+    window = getattr(cfg, "sliding_window", None)
+    types = set(getattr(cfg, "layer_types", None) or [])
+    if not types:  # no per-layer types: every layer slides when a window is set (Mistral)
+        slides = bool(window) and getattr(cfg, "use_sliding_window", True) is not False
+        return MaskLayout(window if slides else None)
+    if not types <= {FULL, SLIDING} or (SLIDING in types and not window):
+        return None
+    if types == {FULL}:
+        return MaskLayout()
+    if types == {SLIDING}:
+        return MaskLayout(window)
+    return MaskLayout(window, True) if _takes_mask_per_type(model) else None
+
+
+def _takes_mask_per_type(model: nn.Module) -> bool:
+    """Whether the decoder's forward accepts a ready ``{layer type: mask}`` (Gemma 2/3, Qwen2/3,
+    Cohere2, OLMo 3 do: their forward skips building masks when handed a dict). Read from its
+    source, as no attribute says so."""
+    decoder = getattr(model, "get_decoder", lambda: model)()
+    try:
+        source = inspect.getsource(type(decoder).forward)
+    except (OSError, TypeError):
+        return False
+    return "attention_mask, dict)" in source
+
+
+def supports_prefix(model: nn.Module) -> bool:
+    """Whether prefixes can be reused exactly: every layer attends to all earlier keys or to a
+    sliding window of them, and the tier can hand each layer type its mask."""
+    return mask_layout(model) is not None
+
+
+def attention_mask(packed: Packed, layout: MaskLayout, dtype: torch.dtype):
+    """The custom mask of one packed forward: one tensor, or a tensor per layer type."""
+    if layout.window is None:
+        return packed.mask(dtype)
+    sliding = packed.mask(dtype, layout.window)
+    if not layout.per_type:
+        return sliding
+    return {FULL: packed.mask(dtype), SLIDING: sliding}
+
+
+def empty_cache() -> DynamicCache:
+    """A cache whose every layer keeps all its keys. Given no cache, a model with sliding layers
+    makes one that keeps only a window of them, and the tree needs every position's K/V."""
+    return DynamicCache()
 
 
 def plain_head(model: nn.Module) -> nn.Module | None:
@@ -49,10 +110,11 @@ def output_cache(res):
     return getattr(res, "cache", None) if CACHE_KW == "cache" else res.past_key_values
 
 
-def stacked_cache(kvs: list[torch.Tensor | None], width: int, same: bool, config) -> DynamicCache:
+def stacked_cache(kvs: list[torch.Tensor | None], width: int, same: bool) -> DynamicCache:
     """Per row a prefix's K/V ``[n_layers, 2, H_kv, P, d]`` (None: the row has none) as one cache,
     right-aligned in ``width`` positions (zeros elsewhere: callers mask them). ``same``: every row
-    holds the same prefix, which is then an expanded view, not a copy."""
+    holds the same prefix, which is then an expanded view, not a copy. Every layer keeps every
+    position, sliding ones too (the masks apply their windows)."""
     count = len(kvs)
     if same:
         stacked = kvs[0].unsqueeze(2).expand(-1, -1, count, -1, -1, -1)
@@ -64,8 +126,7 @@ def stacked_cache(kvs: list[torch.Tensor | None], width: int, same: bool, config
             if kv is not None:
                 stacked[:, :, r, :, width - kv.shape[3] :] = kv
     return DynamicCache(
-        ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(len(stacked))],
-        config=config,
+        ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(len(stacked))]
     )
 
 

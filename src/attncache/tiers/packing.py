@@ -52,12 +52,25 @@ class Row:
 class Packed:
     ids: torch.Tensor  # [R, W]
     positions: torch.Tensor  # [R, W]
-    mask: torch.Tensor  # [R, 1, W, P + W] additive (0 or the dtype's min)
+    allowed: torch.Tensor  # [R, W, P + W] on the CPU: which keys each new token may attend to
+    key_positions: torch.Tensor  # [R, P + W] on the CPU: each key's position in its sequence
     at: dict[int, tuple[int, list[int]]]  # input -> (row, positions of its needed logits)
     keep: torch.Tensor  # every row's needed positions at once (``logits_to_keep`` for all rows)
     picks: dict[int, tuple[int, list[int]]]  # input -> (row, indices into ``keep``), oldest first
     prefix_at: dict[tuple[int, int], int]  # (row, block) -> start of its prefix in the new region
     suffix_at: dict[int, int]  # input -> start of its suffix in its row's new region
+
+    def mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+        """The additive mask ``[R, 1, W, P + W]`` (0 or the dtype's min) on the ids' device;
+        ``window``: a sliding layer's, which also hides keys ``window`` or more positions before
+        the query (padding still sees itself: position 0 to 0)."""
+        allowed = self.allowed
+        if window is not None:
+            gap = self.positions.cpu()[:, :, None] - self.key_positions[:, None, :]
+            allowed = allowed & (gap < window)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # the CPU
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask.unsqueeze(1).to(self.ids.device)
 
 
 @dataclass
@@ -159,7 +172,6 @@ def pack(
     past_width: int,
     pad_id: int,
     device,
-    dtype: torch.dtype,
 ) -> Packed:
     """Tensors for one forward over ``rows``; input ``i`` needs its last ``needs[i]`` logits (all
     inside its suffix: callers leave those positions out of the prefix)."""
@@ -169,6 +181,7 @@ def pack(
     ids = torch.full((count, width), pad_id, dtype=torch.long, device=cpu)
     pos = torch.zeros((count, width), dtype=torch.long, device=cpu)
     allowed = torch.zeros((count, width, past_width + width), dtype=torch.bool, device=cpu)
+    past_pos = torch.zeros((count, past_width), dtype=torch.long, device=cpu)
     diag = torch.arange(width, device=cpu)
     allowed[:, diag, past_width + diag] = True  # padding attends to itself: no empty softmax row
     ends: dict[int, tuple[int, int]] = {}
@@ -177,6 +190,7 @@ def pack(
     for r, row in enumerate(rows):
         start = width - row.width(suffixes)
         past = slice(past_width - row.past, past_width)  # empty when the row reads no K/V
+        past_pos[r, past] = torch.arange(row.past, device=cpu)
         for b, block in enumerate(row.blocks):
             n = len(block.prefix)
             shared = slice(past_width + start, past_width + start + n)
@@ -200,8 +214,6 @@ def pack(
                 ends[i] = (r, start + n)
                 suffix_at[i] = start
                 start += n
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=cpu)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     wanted = sorted({e - k for i, (_, e) in ends.items() for k in range(needs[i], 0, -1)})
     where = {p: j for j, p in enumerate(wanted)}
     at = {i: (r, [e - k for k in range(needs[i], 0, -1)]) for i, (r, e) in ends.items()}
@@ -209,7 +221,8 @@ def pack(
     return Packed(
         ids.to(device),
         pos.to(device),
-        mask.unsqueeze(1).to(device),
+        allowed,
+        torch.cat([past_pos, pos], dim=1),
         at,
         torch.tensor(wanted, device=device),
         picks,

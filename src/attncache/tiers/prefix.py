@@ -23,8 +23,12 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
 If the last 64 inputs shared not even ``min_prefix`` tokens with another (SST-2-like workloads),
 the tier goes idle: it stops building K/V caches and inserting, so it costs about nothing where it
 cannot help. It re-arms as soon as an input shares its first ``min_prefix`` tokens with one of the
-last 64 (a server whose traffic changes reuses again). Models with sliding-window layers keep only
-a window of K/V, so the tier is not used for them.
+last 64 (a server whose traffic changes reuses again).
+
+Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with windows) are exact too: the tree keeps every
+position's K/V for every layer, and each packed forward hands the sliding layers a mask that also
+hides keys a window or more before the query (``model_io.MaskLayout``), so a prefix longer than the
+window, a suffix past it and a block row all see what the uncached model sees.
 
 K/V depend on the numerics that computed them: the tree belongs to one ``models.numerics`` (a
 model moved to another dtype or device starts a new tree), and a kept tree is stored under its
@@ -46,7 +50,16 @@ from ..errors import UserError
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
-from .model_io import CACHE_KW, output_cache, plain_head, span_kv, stacked_cache
+from .model_io import (
+    CACHE_KW,
+    attention_mask,
+    empty_cache,
+    mask_layout,
+    output_cache,
+    plain_head,
+    span_kv,
+    stacked_cache,
+)
 from .packing import Block, Group, Packed, Row, pack, plan_rows, segment_rows, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
 from .schedule import prefix_groups, shared_prefix
@@ -111,6 +124,13 @@ class PrefixTier:
         self.stats = PrefixStats()
         self.device = next(model.parameters()).device
         self.head = plain_head(model)  # None: the model's own forward computes logits
+        layout = mask_layout(model)
+        if layout is None:
+            raise UserError(
+                f"the prefix tier cannot run {type(model).__name__} exactly: its layers attend "
+                "other than to all earlier keys or a sliding window of them"
+            )
+        self.layout = layout
 
     @property
     def empty(self) -> bool:
@@ -192,14 +212,14 @@ class PrefixTier:
         insert: list[int] | None = None,
         needs: list[int] | None = None,
     ) -> TierOutput:
-        """Logits ``[B, keep, V]`` and per item what happened. ``maps``: an attached map cache.
+        """Per item the logits of its last ``needs[i]`` positions ``[n, V]`` (fewer for an input
+        shorter than that), and what happened. ``maps``: an attached map cache.
 
         ``needs``: per item, how many of its last positions' logits the caller reads (default
-        ``keep`` for all); the rest of its last ``keep`` positions may come back as zeros, and
-        everything before its needed positions may be reused. ``insert``: per item, how many of its
-        leading tokens a later input shares (0: none), from a caller that sees the whole workload;
-        the tier keeps the K/V a later input can use. None: unknown, keep what is computed (until
-        the tier goes idle)."""
+        ``keep`` for all, at most ``keep``); everything before them may be reused. ``insert``:
+        per item, how many of its leading tokens a later input shares (0: none), from a caller
+        that sees the whole workload; the tier keeps the K/V a later input can use. None:
+        unknown, keep what is computed (until the tier goes idle)."""
         self._follow_model()
         self._watch_sharing(seqs)
         count = len(seqs)
@@ -261,17 +281,17 @@ class PrefixTier:
         try:
             fresh = [i for i, m in enumerate(matches) if m is None and i not in grouped]
             keep_kv = {i for i in fresh if insert is None or insert[i] > 0}
-            self._run_fresh(fresh, seqs, keep, pad_id, maps, out, hits, reused, keep_kv)
+            self._run_fresh(fresh, seqs, keep, pad_id, maps, needs, out, hits, reused, keep_kv)
             if grouped or any(m is not None for m in matches):
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
                     got = self._run_rows(seqs, matches, in_row, needs, pad_id, insert, tokens)
                 for i, logits in got.items():
-                    out[i] = torch.nn.functional.pad(logits, (0, 0, keep - len(logits), 0))
+                    out[i] = logits
         finally:
             for m in matches:
                 if m is not None:
                     self.tree.unlock(m.node)
-        return TierOutput(torch.stack(out), hits, reused, tokens)
+        return TierOutput(out, hits, reused, tokens)
 
     def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
         """Make the tree hold every prefix: compute the missing ones in one forward, packed side
@@ -286,8 +306,7 @@ class PrefixTier:
         longest = max(lengths)
         widest = max(longest, min(2 * longest, SIDE_BY_SIDE_TOKENS))
         rows = [Row(0, [Block([], r)]) for r in segment_rows(lengths, widest)]
-        dtype = next(self.model.parameters()).dtype
-        packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device, dtype)
+        packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device)
         res = self._forward(packed, use_cache=True)
         self.stats.add(tokens_run=sum(lengths))
         t0 = time.perf_counter()
@@ -300,12 +319,15 @@ class PrefixTier:
     def _forward(self, packed: Packed, keep: torch.Tensor | int = 1, **kw):
         """The decoder alone where the head is separable (the caller applies it where needed),
         else the model with logits at ``keep``."""
+        dtype = next(self.model.parameters()).dtype
         args = {
             "input_ids": packed.ids,
-            "attention_mask": packed.mask,
+            "attention_mask": attention_mask(packed, self.layout, dtype),
             "position_ids": packed.positions,
             **kw,
         }
+        if kw.get("use_cache") and CACHE_KW not in kw:
+            args[CACHE_KW] = empty_cache()
         if self.head is not None:
             return self.model.get_decoder()(**args)
         return self.model(**args, logits_to_keep=keep)
@@ -381,15 +403,14 @@ class PrefixTier:
         """One forward over ``rows``; inserts the block prefixes marked ``insert`` (behind the
         row's past), then the inputs in ``grow`` (behind what they share)."""
         past_width = max(r.past for r in rows)
-        dtype = next(self.model.parameters()).dtype
-        packed = pack(rows, suffixes, needs, past_width, pad_id, self.device, dtype)
+        packed = pack(rows, suffixes, needs, past_width, pad_id, self.device)
         kw = {}
         if past_width:
             same = all(m is not None for m in sources) and (
                 len({(id(m.node), m.length) for m in sources}) == 1
             )
             kvs = [m.kv() if m is not None else None for m in sources]
-            kw[CACHE_KW] = stacked_cache(kvs, past_width, same, self.model.config)
+            kw[CACHE_KW] = stacked_cache(kvs, past_width, same)
         blocks = [(r, b) for (r, b) in sorted(packed.prefix_at) if rows[r].blocks[b].insert]
         grown = [
             (r, len(block.prefix), i)
@@ -431,6 +452,7 @@ class PrefixTier:
         keep: int,
         pad_id: int,
         maps,
+        needs: list[int],
         out: list,
         hits: list,
         reused_out: list,
@@ -442,17 +464,14 @@ class PrefixTier:
             return
         inputs = collate([seqs[i] for i in idx], pad_id, True, self.device)
         build = not self.idle and bool(keep_kv)
-        res = self.model(**inputs, logits_to_keep=keep, use_cache=build)
+        cache = {CACHE_KW: empty_cache()} if build else {}
+        res = self.model(**inputs, logits_to_keep=keep, use_cache=build, **cache)
         self.stats.add(tokens_run=sum(len(seqs[i]) for i in idx))
         batch_hits = list(maps.last_hits) if maps is not None else [None] * len(idx)
         reused = list(maps.last_reused) if maps is not None else [False] * len(idx)
-        logits = res.logits
-        if logits.shape[1] < keep:  # every input here is shorter than ``keep`` (set by inputs
-            # that matched a prefix): pad in front, where no caller reads (it reads the last
-            # positions of each input), so all outputs of the batch stack
-            logits = torch.nn.functional.pad(logits, (0, 0, keep - logits.shape[1], 0))
         for j, i in enumerate(idx):
-            out[i] = logits[j]
+            # rows are left-padded: each input's last positions are the batch's last positions
+            out[i] = res.logits[j, -min(needs[i], len(seqs[i])) :]
             hits[i] = batch_hits[j]
             reused_out[i] = reused[j]
         if build:

@@ -19,6 +19,7 @@ from ..tasks import Comparison, RunOptions, Tiers, compare, plan_rows, require_r
 from ..tiers import DEFAULT_PREFIX_BYTES
 from ..tiers.memo import ResultMemo
 from .calibrate import CalibrationOptions, calibrate_plan
+from .cheap import VerifyOptions, verified_pass
 from .session import Session, input_limit, warn_skipped
 
 CONFIDENCE = 0.95  # of the build's calibration bound
@@ -146,6 +147,7 @@ class EvalResult:
     data: str
     device: str
     dtype: str
+    verify: dict | None = None  # the cheap pass (--verify-margin): gate, fallback share, times
 
     def as_dict(self) -> dict:
         out = self.comparison.as_dict()
@@ -174,6 +176,7 @@ def evaluate(
     memo: bool = True,
     device_map_bytes: int | None = None,
     prefix_dir: str | None = None,
+    verify: VerifyOptions | None = None,
 ) -> list[EvalResult]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
@@ -182,7 +185,8 @@ def evaluate(
     policy. ``db`` None: ``model_name`` with the exact tiers only. ``learn``: inputs that miss are
     recorded and inserted as the run goes (within the byte cap). ``prefix_dir``: the exact tiers
     start from what an earlier run kept there (checked for this model) and keep the shared
-    prompts' K/V (and, without a DB, the memo) for the next run."""
+    prompts' K/V (and, without a DB, the memo) for the next run. ``verify``: the cached pass runs
+    in a cheaper precision, rows under a margin rerun exactly (``workflows.cheap``)."""
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
     if learn and quantize:
@@ -193,6 +197,12 @@ def evaluate(
     s = Session.open(db, model_name, quantize, max_tokens, max_bytes, eviction, device, dtype)
     if s.cache is None and (policies or threshold is not None or learn):
         raise UserError("--policy, --threshold and --learn need a map DB (--db)")
+    verify = verify if verify is not None and verify.on else None
+    if verify is not None and (s.cache is not None or s.quantized):
+        raise UserError(
+            "--verify-margin runs the exact tiers in two precisions; it is not combined with "
+            "a map DB (--db) or --quantize"
+        )
     parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
     folder = s.tier_folder(prefix_dir, prefix_bytes)
     kept = s.kept_prefix(folder)  # read once, for every policy
@@ -226,19 +236,26 @@ def evaluate(
             else contextlib.nullcontext()
         )
         name = policy.name if policy is not None else "exact tiers"
+        opts = RunOptions(
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"cached ({name})",
+            keep_prefixes=folder is not None,
+        )
+        cheap = None
+        if verify is not None:
+            cheap = verified_pass(s, plan, opts, verify, Tiers(prefix=prefix, memo=answers))
         with ctx as att:
-            cached = run(
-                s.model,
-                s.tokenizer,
-                plan,
-                RunOptions(
-                    batch_size=batch_size,
-                    progress=progress,
-                    desc=f"cached ({name})",
-                    keep_prefixes=folder is not None,
-                ),
-                tiers=Tiers(attached=att, prefix=prefix, memo=answers),
-            )
+            if cheap is not None and cheap.out is not None:
+                cached = cheap.out
+            else:
+                cached = run(
+                    s.model,
+                    s.tokenizer,
+                    plan,
+                    opts,
+                    tiers=Tiers(attached=att, prefix=prefix, memo=answers),
+                )
         if answers is not None and answers.dirty:  # this pass answered something new
             learned_answers.merge(answers)
             learned_answers.dirty = True
@@ -276,6 +293,7 @@ def evaluate(
                 data=data,
                 device=s.device,
                 dtype=s.dtype,
+                verify=cheap.report.as_dict() if cheap is not None else None,
             )
         )
     if s.cache is not None:

@@ -118,8 +118,8 @@ class Session:
         return input_limit(self.model, self.tokenizer, self.max_tokens)
 
     def prefix_tier(self, max_bytes: int | None) -> PrefixTier | None:
-        """A fresh exact prefix tier, for decoders whose cache keeps every key (no sliding
-        windows)."""
+        """A fresh exact prefix tier, for decoders whose layers attend to all earlier keys or a
+        sliding window of them (``tiers.supports_prefix``)."""
         if max_bytes is None or not self.causal or not supports_prefix(self.model):
             return None
         return PrefixTier(self.model, max_bytes)
@@ -131,8 +131,9 @@ class Session:
             return None
         if self.prefix_tier(max_bytes) is None:
             raise UserError(
-                "--prefix-dir keeps the prefix tier's K/V: it needs a decoder whose cache keeps "
-                "every key (no sliding window) and the tier on (no --no-prefix-cache)"
+                "--prefix-dir keeps the prefix tier's K/V: it needs a decoder whose layers attend "
+                "to all earlier keys or a sliding window of them, and the tier on "
+                "(no --no-prefix-cache)"
             )
         return TierFolder(prefix_dir, models.fingerprint(self.model, self.tokenizer))
 

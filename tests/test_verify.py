@@ -1,0 +1,223 @@
+"""The cheap pass verified by margin: margins, the calibrated gate and its bound, the merged
+answers, and that nothing computed in the cheap precision is kept as an exact answer."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny import TinyTokenizer, tiny_model
+
+from attncache.data import ChoiceRow, TextRow
+from attncache.stats import binom_upper
+from attncache.tasks import RunOptions, RunOutput, Tiers, plan_rows, predictions, run
+from attncache.tasks.plan import Plan, Query, RowPlan
+from attncache.tasks.verify import (
+    Precision,
+    calibrate_gate,
+    cheap_copy,
+    native_speedup,
+    row_margin,
+    run_verified,
+    score_movement,
+)
+from attncache.tiers import PrefixTier
+from attncache.tiers.memo import ResultMemo
+
+
+def scored_plan(scores_a: list[list[float]], scores_b: list[list[float]]):
+    """A plan of one-token choice rows and two outputs giving their choices these scores."""
+    rows, a, b = [], RunOutput.empty(len(scores_a)), RunOutput.empty(len(scores_a))
+    for s, (sa, sb) in enumerate(zip(scores_a, scores_b, strict=True)):
+        rows.append(RowPlan("choice1", [s], [[Query(s, 1, t)] for t in range(len(sa))], [1.0] * 2))
+        for t, (x, y) in enumerate(zip(sa, sb, strict=True)):
+            a.logprobs[(s, 1, t)], b.logprobs[(s, 1, t)] = x, y
+    for i, r in enumerate(rows):
+        r.index = i
+    return Plan([[1]] * len(rows), rows, [], True), a, b
+
+
+def test_margin_is_best_minus_runner_up_and_text_rows_always_rerun():
+    plan, a, b = scored_plan([[-1.0, -1.5], [-3.0, -0.5]], [[-1.2, -1.4], [-3.0, -0.4]])
+    assert row_margin(plan.rows[0], a) == pytest.approx(0.5)
+    assert row_margin(plan.rows[1], a) == pytest.approx(2.5)
+    assert score_movement(plan.rows[0], a, b) == pytest.approx(0.2)
+    assert row_margin(RowPlan("text", [0]), a) == 0.0
+    assert math.isinf(score_movement(RowPlan("text", [0]), a, b))
+
+
+def test_gate_threshold_is_chosen_on_one_half_and_bounded_on_the_other():
+    """Rows alternate: even rows choose (twice their largest score movement), odd rows verify;
+    an odd row that changed above the threshold counts against the bound."""
+    n = 40
+    cheap_scores, exact_scores = [], []
+    for i in range(n):
+        margin = 0.01 * (i + 1)
+        exact_scores.append([0.0, -margin])
+        # even rows move 0.045 at most; row 1 (margin 0.02) flips under a tiny move; row 39
+        # (margin 0.4, far above the threshold 0.09) flips too: one change the gate missed
+        move = 0.045 if i % 2 == 0 else 0.0
+        cheap_scores.append([0.0 - move, -margin])
+    cheap_scores[1] = [-0.03, -0.02]
+    cheap_scores[39] = [-0.7, -0.4]
+    plan, cheap, exact = scored_plan(cheap_scores, exact_scores)
+    gate = calibrate_gate(plan, cheap, exact, max_loss=0.2)
+    assert gate.threshold == pytest.approx(0.09)
+    assert gate.choose_rows == gate.verify_rows == 20
+    assert gate.changed == 1  # row 39 (cheap margin 0.3: passed), not row 1 (0.01: reran)
+    assert gate.bound == pytest.approx(binom_upper(1, 20, 0.95))
+    # odd rows with a cheap margin under 0.09: rows 1, 3, 5, 7 (margins 0.01, 0.04, 0.06, 0.08)
+    assert gate.fallback_share == pytest.approx(4 / 20)
+    assert gate.holds == (gate.bound <= 0.2)
+
+
+def choice_rows(n: int) -> list[ChoiceRow]:
+    g = torch.Generator().manual_seed(5)
+    words = ["good", "bad", "fine", "dull", "great", "poor"]
+    rows = []
+    for i in range(n):
+        w = [words[int(j)] for j in torch.randint(0, len(words), (6,), generator=g)]
+        rows.append(ChoiceRow(f"Review: {' '.join(w)} #{i}\nSentiment:", [" yes", " no"], 0))
+    return rows + [ChoiceRow("Pick one:", [" alpha beta", " gamma"], 1), TextRow("hello there")]
+
+
+@pytest.fixture(scope="module")
+def models():
+    exact = tiny_model("llama")
+    return exact, cheap_copy(exact, torch.bfloat16)
+
+
+def test_run_verified_reruns_exactly_the_rows_under_the_threshold(models):
+    exact_model, cheap_model = models
+    tok = TinyTokenizer()
+    plan = plan_rows(choice_rows(24), tok, True, None)
+    opts = RunOptions(batch_size=8, progress=False)
+    exact = run(exact_model, tok, plan, opts)
+    cheap = run(cheap_model, tok, plan, opts)
+    margins = sorted(row_margin(r, cheap) for r in plan.rows)
+    threshold = margins[len(margins) // 2]  # about half the rows rerun
+    got = run_verified(
+        tok, plan, Precision(cheap_model, Tiers()), Precision(exact_model, Tiers()), threshold, opts
+    )
+    expected = [i for i, r in enumerate(plan.rows) if row_margin(r, cheap) < threshold]
+    assert got.reran == expected and 0 < len(expected) < len(plan.rows)
+    assert len(plan.rows) - 1 in got.reran  # the text row always reruns
+    for i, r in enumerate(plan.rows):
+        source = exact if i in expected else cheap
+        for qs in r.queries:
+            for q in qs:
+                key = (q.seq, q.from_end, q.token)
+                # (the rerun batches differently: float32 rounding of other padding)
+                assert got.out.logprobs[key] == pytest.approx(source.logprobs[key], abs=1e-5)
+    pe, pv = predictions(plan, exact), predictions(plan, got.out)
+    assert all(pe[i] == pv[i] for i in expected)
+    assert got.fallback_share == pytest.approx(len(expected) / len(plan.rows))
+    everything = run_verified(
+        tok, plan, Precision(cheap_model, Tiers()), Precision(exact_model, Tiers()), math.inf, opts
+    )
+    for key, value in exact.logprobs.items():  # threshold inf: the exact pass itself
+        assert everything.out.logprobs[key] == pytest.approx(value, abs=1e-5)
+
+
+def test_cheap_answers_never_reach_the_exact_memo_and_prefix_trees_stay_apart(models):
+    """One memo shared by both precisions: the cheap pass's answers go in under bfloat16 only,
+    so a later float32 run finds exactly the reran sequences (which are float32 answers)."""
+    exact_model, cheap_model = models
+    tok = TinyTokenizer()
+    plan = plan_rows(choice_rows(16), tok, True, None)
+    opts = RunOptions(batch_size=8, progress=False)
+    memo = ResultMemo()
+    cheap_tier, exact_tier = PrefixTier(cheap_model), PrefixTier(exact_model)
+    got = run_verified(
+        tok,
+        plan,
+        Precision(cheap_model, Tiers(prefix=cheap_tier, memo=memo)),
+        Precision(exact_model, Tiers(prefix=exact_tier, memo=memo)),
+        0.05,
+        opts,
+    )
+    assert got.reran and len(got.reran) < len(plan.rows)
+    assert cheap_tier.numerics.startswith("bfloat16") and exact_tier.numerics.startswith("float32")
+    later = run(exact_model, tok, plan, opts, Tiers(memo=memo))
+    reran_seqs = {q for i in got.reran for q in plan.rows[i].seqs}
+    assert {i for i, h in enumerate(later.memo_hit) if h} == reran_seqs
+    exact = run(exact_model, tok, plan, opts)
+    for key, value in later.logprobs.items():
+        assert value == pytest.approx(exact.logprobs[key], abs=1e-4)
+
+
+def test_the_probe_times_the_precision_once_per_process():
+    first = native_speedup(torch.bfloat16, "cpu")
+    assert first > 0 and native_speedup(torch.bfloat16, "cpu") == first  # cached
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tiny import save_tiny_hf
+
+    root = tmp_path_factory.mktemp("verify")
+    folder = save_tiny_hf("llama", root / "model")
+    rows = root / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": r.prompt, "choices": list(r.choices), "answer": r.answer}) + "\n"
+            for r in choice_rows(40)[:-1]
+        )
+    )
+    return folder, rows
+
+
+def test_eval_with_a_given_margin_reports_its_gate_and_agrees_where_it_reran(tiny_folder):
+    from attncache.workflows import evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    folder, rows = tiny_folder
+    everything = evaluate(
+        None, str(rows), model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("1e9"),
+    )[0]  # fmt: skip
+    assert everything.verify["used"] and everything.verify["fallback_share"] == 1.0
+    assert everything.comparison.agreement == 1.0  # every row reran exactly
+    none = evaluate(
+        None, str(rows), model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("0"),
+    )[0]  # fmt: skip
+    assert none.verify["fallback_share"] == 0.0 and none.verify["threshold"] == 0.0
+
+
+def test_auto_runs_exactly_when_the_gate_cannot_hold(tiny_folder, monkeypatch):
+    """20 calibration rows cannot bound 1e-4 (a bound needs ~30,000 rows): every row runs
+    exactly and the report says why; a device that emulates the precision likewise."""
+    from attncache.workflows import cheap, evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    folder, rows = tiny_folder
+    res = evaluate(
+        None, str(rows), model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("auto", max_loss=1e-4, calibrate_rows=20),
+    )[0]  # fmt: skip
+    assert not res.verify["used"] and "exceeds --max-loss" in res.verify["reason"]
+    assert res.verify["gate"]["verify_rows"] == 10 and res.comparison.agreement == 1.0
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 0.5)
+    res = evaluate(
+        None, str(rows), model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("auto"),
+    )[0]  # fmt: skip
+    assert not res.verify["used"] and "not faster on this device" in res.verify["reason"]
+
+
+def test_verify_flags_are_checked_in_one_line(tiny_folder):
+    from test_cli import assert_one_line_error, cli
+
+    folder, rows = tiny_folder
+    base = ["eval", "--model", str(folder), "--data", str(rows)]
+    assert_one_line_error(cli(*base, "--verify-margin", "soon", ok=False), "--verify-margin")
+    assert_one_line_error(
+        cli(*base, "--max-loss", "0.05", ok=False), "--max-loss has no effect without"
+    )
+    assert_one_line_error(
+        cli(*base, "--verify-margin", "0.5", "--verify-rows", "50", ok=False),
+        "--verify-rows has no effect with a given --verify-margin",
+    )
+    got = json.loads(cli(*base, "--verify-margin", "0.5", "--json", "--no-memo").stdout)
+    assert got["verify"]["used"] and 0.0 <= got["verify"]["fallback_share"] <= 1.0

@@ -41,22 +41,24 @@ def test_margin_is_best_minus_runner_up_and_text_rows_always_rerun():
     plan, a, b = scored_plan([[-1.0, -1.5], [-3.0, -0.5]], [[-1.2, -1.4], [-3.0, -0.4]])
     assert row_margin(plan.rows[0], a) == pytest.approx(0.5)
     assert row_margin(plan.rows[1], a) == pytest.approx(2.5)
-    assert score_movement(plan.rows[0], a, b) == pytest.approx(0.2)
+    # a's winner is choice 0: its gap to choice 1 is 0.5 in a, 0.2 in b
+    assert score_movement(plan.rows[0], a, b) == pytest.approx(0.3)
+    assert score_movement(plan.rows[1], a, b) == pytest.approx(0.1)  # -2.5 vs -2.6
     assert row_margin(RowPlan("text", [0]), a) == 0.0
     assert math.isinf(score_movement(RowPlan("text", [0]), a, b))
 
 
 def test_gate_threshold_is_chosen_on_one_half_and_bounded_on_the_other():
-    """Rows alternate: even rows choose (twice their largest score movement), odd rows verify;
-    an odd row that changed above the threshold counts against the bound."""
+    """Rows alternate: even rows choose (their largest gap movement), odd rows verify; an odd
+    row that changed above the threshold counts against the bound."""
     n = 40
     cheap_scores, exact_scores = [], []
     for i in range(n):
         margin = 0.01 * (i + 1)
         exact_scores.append([0.0, -margin])
-        # even rows move 0.045 at most; row 1 (margin 0.02) flips under a tiny move; row 39
+        # even rows' gaps move 0.09 at most; row 1 (margin 0.02) flips under a tiny move; row 39
         # (margin 0.4, far above the threshold 0.09) flips too: one change the gate missed
-        move = 0.045 if i % 2 == 0 else 0.0
+        move = 0.09 if i % 2 == 0 else 0.0
         cheap_scores.append([0.0 - move, -margin])
     cheap_scores[1] = [-0.03, -0.02]
     cheap_scores[39] = [-0.7, -0.4]
@@ -221,3 +223,30 @@ def test_verify_flags_are_checked_in_one_line(tiny_folder):
     )
     got = json.loads(cli(*base, "--verify-margin", "0.5", "--json", "--no-memo").stdout)
     assert got["verify"]["used"] and 0.0 <= got["verify"]["fallback_share"] <= 1.0
+
+
+@pytest.mark.parametrize("cheap_seconds, used", [(10.0, False), (0.1, True)])
+def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
+    tiny_folder, monkeypatch, cheap_seconds, used
+):
+    """The calibration rows' own times decide: a cheap pass slower than the exact one (plus
+    what would rerun) is not used; a fast one is, with a gate that holds."""
+    from attncache.workflows import cheap, evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    real_run = cheap.run
+
+    def timed_run(model, tok, plan, opts, tiers):
+        out = real_run(model, tok, plan, opts, tiers)
+        low = next(model.parameters()).dtype == torch.bfloat16
+        out.seconds = cheap_seconds if low else 1.0
+        return out
+
+    monkeypatch.setattr(cheap, "run", timed_run)
+    res = evaluate(
+        None, str(tiny_folder[1]), model_name=str(tiny_folder[0]), progress=False,
+        memo=False, verify=VerifyOptions("auto", max_loss=0.9, calibrate_rows=20),
+    )[0]  # fmt: skip
+    assert res.verify["gate"]["holds"]
+    assert res.verify["used"] == used
+    assert used or "would not pay" in res.verify["reason"]

@@ -1,13 +1,14 @@
 """The cheap pass, verified by margin: answer in a cheaper precision, recompute in the exact one
 every row the cheaper numbers might have decided differently.
 
-A row's decision can only change if some score it compares moved by at least half the gap
-between its best and runner-up choice (its *margin*, in the task's own scoring: the log-likelihood
-per character of ``choice_scores``). So a row whose cheap margin is above the largest such movement
-the cheap precision makes keeps its answer; the others rerun exactly. The movement is measured on
-held-out rows where both passes ran (``calibrate_gate``): the rows alternate, one half *chooses* the
-threshold (twice the largest per-choice score difference there), the other half *verifies* it, and
-the Clopper-Pearson upper bound on changed answers on the verifying half is the gate's bound.
+A row's decision changes only if the gap between its winner and some other choice moves by more
+than its *margin* (best minus runner-up, in the task's own scoring: ``choice_scores``, the
+log-likelihood per character of a continuation or the next token's log-probability). So a row
+whose cheap margin is above the largest gap movement the cheap precision makes keeps its answer;
+the others rerun exactly. The movement is measured on held-out rows where both passes ran
+(``calibrate_gate``): the rows alternate, one half *chooses* the threshold (the largest gap
+movement there), the other half *verifies* it, and the Clopper-Pearson upper bound on changed
+answers on the verifying half is the gate's bound.
 
 Nothing computed in the cheap precision is ever taken for an exact answer: the cheap pass's memo
 answers are keyed by its own numerics (``models.numerics``), its prefix K/V live in a tree of their
@@ -42,11 +43,15 @@ def row_margin(r: RowPlan, out: RunOutput) -> float:
 
 
 def score_movement(r: RowPlan, a: RunOutput, b: RunOutput) -> float:
-    """The largest difference between two passes' scores of one row's choices (inf for text
-    rows: their decision is a token, not a score)."""
+    """How far the second pass moved the gaps between the first pass's winner and every other
+    choice of a row (inf for text rows: their decision is a token, not a score). A row whose
+    margin in ``a`` exceeds it has the same winner in ``b``; the gaps move less than the scores
+    do, a prompt's rounding shifting every choice's score alike."""
     if r.kind not in ("choice1", "choiceN"):
         return math.inf
-    return max(abs(x - y) for x, y in zip(choice_scores(r, a), choice_scores(r, b), strict=True))
+    sa, sb = choice_scores(r, a), choice_scores(r, b)
+    w = int(np.argmax(sa))
+    return max(abs((sa[w] - x) - (sb[w] - y)) for x, y in zip(sa, sb, strict=True))
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def calibrate_gate(
     choose, verify = rows[0::2], rows[1::2]
     moved = [score_movement(plan.rows[i], cheap, exact) for i in choose]
     finite = [m for m in moved if math.isfinite(m)]
-    threshold = 2 * max(finite) if finite else math.inf
+    threshold = max(finite) if finite else math.inf
     pc, pe = predictions(plan, cheap), predictions(plan, exact)
     margin = {i: row_margin(plan.rows[i], cheap) for i in verify}
     passed = [i for i in verify if margin[i] >= threshold]

@@ -3,8 +3,9 @@
 ``--verify-margin X`` reruns in the model's own precision every row whose cheap margin is under X;
 ``auto`` first calibrates X on the job's first rows (both precisions over them; the bound is
 measured on the half that did not choose X) and runs cheap only where the device has the
-precision natively (``native_speedup``) and the bound holds; otherwise every row runs exactly and
-the report says why. ``off`` (the default) never runs a cheap pass.
+precision natively (``native_speedup``), the bound holds and the calibration rows say it pays
+(their cheap pass plus the share that would rerun, against their exact pass); otherwise every
+row runs exactly and the report says why. ``off`` (the default) never runs a cheap pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..tiers import PrefixTier
 from .session import Session
 
 MIN_PROBE_SPEEDUP = 1.2  # auto: the cheap precision's matmul must be this much faster
+PAYS = 0.9  # auto: the verified pass must be expected to take under this share of the exact one
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,16 @@ def verified_pass(
             report.reason = (
                 f"the gate's bound {gate.bound:.3f} on {gate.verify_rows} rows exceeds "
                 f"--max-loss {verify.max_loss:g}: every row ran exactly"
+            )
+            return CheapPass(None, report)
+        # what the calibration rows cost each way, the verified pass as its cheap pass plus the
+        # exact pass over the rows that rerun
+        expected = low.seconds + gate.fallback_share * high.seconds
+        if expected >= PAYS * high.seconds:
+            report.reason = (
+                f"the cheap pass would not pay: {low.seconds:.1f} s cheap + "
+                f"{gate.fallback_share:.0%} rerun of {high.seconds:.1f} s exact on the "
+                "calibration rows: every row ran exactly"
             )
             return CheapPass(None, report)
         threshold = gate.threshold

@@ -194,6 +194,7 @@ def test_auto_runs_exactly_when_the_gate_cannot_hold(tiny_folder, monkeypatch):
     from attncache.workflows.cheap import VerifyOptions
 
     folder, rows = tiny_folder
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
     res = evaluate(
         None, str(rows), model_name=str(folder), progress=False, memo=False,
         verify=VerifyOptions("auto", max_loss=1e-4, calibrate_rows=20),
@@ -243,6 +244,7 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
         return out
 
     monkeypatch.setattr(cheap, "run", timed_run)
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
     res = evaluate(
         None, str(tiny_folder[1]), model_name=str(tiny_folder[0]), progress=False,
         memo=False, verify=VerifyOptions("auto", max_loss=0.9, calibrate_rows=20),

@@ -252,3 +252,22 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
     assert res.verify["gate"]["holds"]
     assert res.verify["used"] == used
     assert used or "would not pay" in res.verify["reason"]
+
+
+def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):
+    """A row that cannot run (a choice of no text) is skipped; the verified pass answers the
+    other 12, and with every row rerun they agree with the exact pass."""
+    from attncache.workflows import evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    folder, rows = tiny_folder
+    lines = rows.read_text().splitlines()
+    bad = json.dumps({"prompt": "Pick:", "choices": ["", " b"], "answer": 0})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:5] + [bad] + lines[5:12]) + "\n")
+    res = evaluate(
+        None, str(mixed), model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("1e9"),
+    )[0]  # fmt: skip
+    assert res.comparison.n == 12 and res.verify["used"]
+    assert res.verify["fallback_share"] == 1.0 and res.comparison.agreement == 1.0

@@ -4,7 +4,13 @@ Engines (each skipped with a note when its package is missing; install with ``pi
 ctranslate2`` / ``pip install xllamacpp``, not project dependencies):
 
 - ``hf``: plain transformers fp32 SDPA at its best batch size (the baseline);
+- ``lmeval-hf``: lm-evaluation-harness's HF backend (``HFLM``, what ``lm-eval --model hf`` runs)
+  at its best ``batch_size``, fed the same (context, continuation) token ids through its
+  ``_loglikelihood_tokens``, so its own batching and one-token-continuation grouping apply;
 - ``attncache``: the exact tiers (memo off, prefix tier on) at their best batch size;
+- ``attncache-verified``: the cheap pass verified by margin (bfloat16 tiers, rows under the gate's
+  threshold rerun in float32 through float32 tiers), its gate calibrated on ``--calibrate`` rows
+  (disjoint from ``--data``; not timed), fallback share beside its time;
 - ``ct2-float32`` / ``ct2-int8``: CTranslate2, next-token logits from ``generate_batch``
   (``return_logits_vocab``) for single-token choices, ``score_batch`` for continuations;
 - ``ct2-static``: float32 and int8 with ``static_prompt`` = the prefix each group of rows shares
@@ -19,7 +25,8 @@ agreement of its answers with HF fp32. Every pass starts empty, as attncache's d
 fresh server and CTranslate2's static prompts a fresh generator per pass (each keeps state between
 calls). ``--engines ct2-static,llamacpp-on`` reruns only those two (llama.cpp with its cache on).
 
-    python benchmarks/peers.py --data "mmlu:5shot[0:30]" --out runs/exp/peers_mmlu5.json
+    python benchmarks/peers.py --data "mmlu:5shot[0:30]" --calibrate "mmlu:5shot[100:400]" \\
+        --out runs/exp/peers_mmlu5.json
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import torch
 from attncache import models
 from attncache.bench import machine
 from attncache.tasks import Plan, RunOptions, Tiers, predictions, run
+from attncache.tasks.verify import Precision, calibrate_gate, cheap_copy, run_verified
+from attncache.tiers import PrefixTier
 from attncache.tiers.schedule import prefix_groups, shared_prefix
 from attncache.workflows import Session
 
@@ -50,6 +59,16 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+ENGINES = [
+    "hf",
+    "lmeval-hf",
+    "attncache",
+    "attncache-verified",
+    "ct2-float32",
+    "ct2-int8",
+    "ct2-static",
+    "llamacpp",
+]
 MIN_STATIC = 16  # tokens a group of rows must share to get a static prompt
 
 
@@ -102,6 +121,69 @@ def ct2_static(plan: Plan, tok, generator) -> list[int]:
         got = ct2_predictions(sub, tok, generator, 1, static)
         preds.update(zip(members, got, strict=True))
     return [preds[i] for i in range(len(plan.rows))]
+
+
+def lm_eval_requests(plan: Plan) -> list[tuple[tuple[str, str], list[int], list[int]]]:
+    """One (context, continuation) request per choice of every choice row, in plan order."""
+    reqs = []
+    for r in plan.rows:
+        for qs in r.queries:
+            seq = plan.seqs[qs[0].seq]
+            far = max(q.from_end for q in qs)  # the first continuation token's logits position
+            cont = [q.token for q in sorted(qs, key=lambda q: -q.from_end)]
+            reqs.append((("", ""), list(seq[: len(seq) - far + 1]), cont))
+    return reqs
+
+
+def lm_eval_predictions(plan: Plan, lm, batch: int) -> list[int]:
+    lm.batch_size_per_gpu = batch
+    got = iter(lm._loglikelihood_tokens(lm_eval_requests(plan), disable_tqdm=True))
+    preds = []
+    for r in plan.rows:
+        scores = [next(got)[0] / norm for norm in r.norms]
+        preds.append(int(np.argmax(scores)))
+    return preds
+
+
+def verified_row(s: Session, plan: Plan, a, sizes: list[int], exact: list[int]) -> dict:
+    cheap_model = cheap_copy(s.model, torch.bfloat16)
+
+    def tiers(model) -> Tiers:  # a fresh prefix tree per pass, one per precision
+        return Tiers(prefix=PrefixTier(model))
+
+    calib = s.plan(a.calibrate, quiet=True)
+    opts = RunOptions(batch_size=8, progress=False)
+    gate = calibrate_gate(
+        calib,
+        run(cheap_model, s.tokenizer, calib, opts, tiers(cheap_model)),
+        run(s.model, s.tokenizer, calib, opts, tiers(s.model)),
+        a.max_loss,
+    )
+    best = None
+    for b in sizes:
+        times, v = [], None
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            v = run_verified(
+                s.tokenizer,
+                plan,
+                Precision(cheap_model, tiers(cheap_model)),
+                Precision(s.model, tiers(s.model)),
+                gate.threshold,
+                RunOptions(batch_size=b, progress=False),
+            )
+            times.append(time.perf_counter() - t0)
+        if best is None or statistics.median(times) < best[0]:
+            best = (statistics.median(times), b, v)
+    secs, b, v = best
+    return {
+        "engine": "attncache cheap pass (bf16) verified by margin",
+        "batch_size": b,
+        "seconds": secs,
+        "agreement": float(np.mean(np.array(predictions(plan, v.out)) == np.array(exact))),
+        "fallback_share": v.fallback_share,
+        "gate": gate.as_dict(),
+    }
 
 
 def llamacpp_rows(plan: Plan, a, exact: list[int], sizes: list[int]) -> list[dict]:
@@ -170,7 +252,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch-sizes", default="1,8,16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--engines", default="hf,attncache,ct2-float32,ct2-int8,ct2-static,llamacpp")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--calibrate", default=None, help="rows that calibrate the verified pass")
+    ap.add_argument("--max-loss", type=float, default=0.02)
     ap.add_argument("--llamacpp-top", type=int, default=200)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -189,6 +273,22 @@ def main() -> None:
         lambda b: predictions(plan, run(model, tok, plan, RunOptions(batch_size=b, progress=False)))
     )
     rows.append({"engine": "hf fp32 sdpa", "batch_size": b, "seconds": secs, "agreement": 1.0})
+    if "lmeval-hf" in engines:
+        if not all(r.kind in ("choice1", "choiceN") for r in plan.rows):
+            rows.append({"engine": "lm-eval hf", "skipped": "choice rows only"})
+        else:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+            secs, b, got = best_of(lambda b: lm_eval_predictions(plan, lm, b))
+            rows.append(
+                {
+                    "engine": "lm-eval 0.4.13 hf backend",
+                    "batch_size": b,
+                    "seconds": secs,
+                    "agreement": float(np.mean(np.array(got) == np.array(exact))),
+                }
+            )
     if "attncache" in engines:
         secs, b, got = best_of(
             lambda b: predictions(
@@ -210,6 +310,8 @@ def main() -> None:
                 "agreement": float(np.mean(np.array(got) == np.array(exact))),
             }
         )
+    if "attncache-verified" in engines and a.calibrate:
+        rows.append(verified_row(s, plan, a, sizes, exact))
     try:
         import ctranslate2
     except ImportError:

@@ -223,7 +223,7 @@ def test_eval_starts_from_the_prompts_an_earlier_run_kept(tmp_path):
     exact pass); the memo of rows answered before comes back too; a tier-less run is refused."""
     from tiny import save_tiny_hf
 
-    from attncache.workflows import evaluate
+    from attncache.workflows import EvalOptions, evaluate
 
     model_dir = save_tiny_hf("llama", tmp_path / "m")
     prompt = "Answer with yes or no, as in these examples. " * 2
@@ -236,17 +236,17 @@ def test_eval_starts_from_the_prompts_an_earlier_run_kept(tmp_path):
     new.write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
     kw = {"model_name": str(model_dir), "progress": False}
     tiers = tmp_path / "tiers"
-    cold = evaluate(None, str(new), memo=False, **kw)[0]
-    evaluate(None, str(old), prefix_dir=str(tiers), **kw)
+    cold = evaluate(None, str(new), EvalOptions(memo=False, **kw))[0]
+    evaluate(None, str(old), EvalOptions(prefix_dir=str(tiers), **kw))
     assert (tiers / "tiers.json").is_file()
-    warm = evaluate(None, str(new), memo=False, prefix_dir=str(tiers), **kw)[0]
+    warm = evaluate(None, str(new), EvalOptions(memo=False, prefix_dir=str(tiers), **kw))[0]
     for res in (cold, warm):
         assert res.comparison.agreement == 1.0
     assert warm.prefix_tokens_reused_fraction > cold.prefix_tokens_reused_fraction
-    again = evaluate(None, str(old), prefix_dir=str(tiers), **kw)[0]  # rows answered before
+    again = evaluate(None, str(old), EvalOptions(prefix_dir=str(tiers), **kw))[0]  # answered before
     assert again.memo_hit_rate == 1.0 and again.comparison.agreement == 1.0
     with pytest.raises(UserError, match="prefix-dir"):
-        evaluate(None, str(new), prefix_dir=str(tiers), prefix_bytes=None, **kw)
+        evaluate(None, str(new), EvalOptions(prefix_dir=str(tiers), prefix_bytes=None, **kw))
     # bench only reads a kept tree: an empty folder is refused, not created
     from attncache.bench import BenchConfig, bench
 

@@ -170,19 +170,19 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_eval_with_a_given_margin_reports_its_gate_and_agrees_where_it_reran(tiny_folder):
-    from attncache.workflows import evaluate
+    from attncache.workflows import EvalOptions, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
     folder, rows = tiny_folder
     everything = evaluate(
-        None, str(rows), model_name=str(folder), progress=False, memo=False,
-        verify=VerifyOptions("1e9"),
+        None, str(rows), EvalOptions(model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("1e9")),
     )[0]  # fmt: skip
     assert everything.verify["used"] and everything.verify["fallback_share"] == 1.0
     assert everything.comparison.agreement == 1.0  # every row reran exactly
     none = evaluate(
-        None, str(rows), model_name=str(folder), progress=False, memo=False,
-        verify=VerifyOptions("0"),
+        None, str(rows), EvalOptions(model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("0")),
     )[0]  # fmt: skip
     assert none.verify["fallback_share"] == 0.0 and none.verify["threshold"] == 0.0
 
@@ -190,21 +190,21 @@ def test_eval_with_a_given_margin_reports_its_gate_and_agrees_where_it_reran(tin
 def test_auto_runs_exactly_when_the_gate_cannot_hold(tiny_folder, monkeypatch):
     """20 calibration rows cannot bound 1e-4 (a bound needs ~30,000 rows): every row runs
     exactly and the report says why; a device that emulates the precision likewise."""
-    from attncache.workflows import cheap, evaluate
+    from attncache.workflows import EvalOptions, cheap, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
     folder, rows = tiny_folder
     monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
     res = evaluate(
-        None, str(rows), model_name=str(folder), progress=False, memo=False,
-        verify=VerifyOptions("auto", max_loss=1e-4, calibrate_rows=20),
+        None, str(rows), EvalOptions(model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("auto", max_loss=1e-4, calibrate_rows=20)),
     )[0]  # fmt: skip
     assert not res.verify["used"] and "exceeds --max-loss" in res.verify["reason"]
     assert res.verify["gate"]["verify_rows"] == 10 and res.comparison.agreement == 1.0
     monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 0.5)
     res = evaluate(
-        None, str(rows), model_name=str(folder), progress=False, memo=False,
-        verify=VerifyOptions("auto"),
+        None, str(rows), EvalOptions(model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("auto")),
     )[0]  # fmt: skip
     assert not res.verify["used"] and "not faster on this device" in res.verify["reason"]
 
@@ -232,7 +232,7 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
 ):
     """The calibration rows' own times decide: a cheap pass slower than the exact one (plus
     what would rerun) is not used; a fast one is, with a gate that holds."""
-    from attncache.workflows import cheap, evaluate
+    from attncache.workflows import EvalOptions, cheap, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
     real_run = cheap.run
@@ -246,8 +246,8 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
     monkeypatch.setattr(cheap, "run", timed_run)
     monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
     res = evaluate(
-        None, str(tiny_folder[1]), model_name=str(tiny_folder[0]), progress=False,
-        memo=False, verify=VerifyOptions("auto", max_loss=0.9, calibrate_rows=20),
+        None, str(tiny_folder[1]), EvalOptions(model_name=str(tiny_folder[0]), progress=False,
+        memo=False, verify=VerifyOptions("auto", max_loss=0.9, calibrate_rows=20)),
     )[0]  # fmt: skip
     assert res.verify["gate"]["holds"]
     assert res.verify["used"] == used
@@ -257,7 +257,7 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
 def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):
     """A row that cannot run (a choice of no text) is skipped; the verified pass answers the
     other 12, and with every row rerun they agree with the exact pass."""
-    from attncache.workflows import evaluate
+    from attncache.workflows import EvalOptions, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
     folder, rows = tiny_folder
@@ -266,8 +266,8 @@ def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_fol
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(lines[:5] + [bad] + lines[5:12]) + "\n")
     res = evaluate(
-        None, str(mixed), model_name=str(folder), progress=False, memo=False,
-        verify=VerifyOptions("1e9"),
+        None, str(mixed), EvalOptions(model_name=str(folder), progress=False, memo=False,
+        verify=VerifyOptions("1e9")),
     )[0]  # fmt: skip
     assert res.comparison.n == 12 and res.verify["used"]
     assert res.verify["fallback_share"] == 1.0 and res.comparison.agreement == 1.0

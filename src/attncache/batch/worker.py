@@ -50,15 +50,13 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, ledger) -> None:
         from ..tiers.memo import ResultMemo
-        from ..workflows import Session
+        from ..workflows import Session, SessionOptions
 
         self.spec = spec
         self.s = Session.open(
             spec.db,
             spec.model_name,
-            max_tokens=spec.max_tokens,
-            device=spec.device,
-            dtype=spec.dtype,
+            SessionOptions(max_tokens=spec.max_tokens, device=spec.device, dtype=spec.dtype),
         )
         self.ledger = ledger
         cache = self.s.cache

@@ -13,7 +13,7 @@ from .. import models
 from ..db.tier_store import INDEX
 from ..errors import UserError
 from ..tiers import DEFAULT_PREFIX_BYTES
-from ..workflows import Session
+from ..workflows import Session, SessionOptions
 from .harness import AttentionTimer, interleaved, machine
 from .items import time_items
 from .workload import BATCH_SIZES, time_workload
@@ -63,7 +63,11 @@ def bench(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     s = Session.open(
-        db, model_name, cfg.quantize, cfg.max_tokens, device=cfg.device, dtype=cfg.dtype
+        db,
+        model_name,
+        SessionOptions(
+            device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize, max_tokens=cfg.max_tokens
+        ),
     )
     plan = s.plan(data, limit or cfg.max_items, quiet=not progress)
     pol = s.cache.policy(policy) if s.cache is not None else None

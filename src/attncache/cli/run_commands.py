@@ -85,7 +85,7 @@ def margin(text: str) -> str:
 
 
 def run_eval(a) -> int:
-    from ..workflows import evaluate, sweep
+    from ..workflows import EvalOptions, SessionOptions, evaluate, sweep
     from ..workflows.cheap import VerifyOptions
 
     progress = not a.quiet and not a.json
@@ -139,41 +139,44 @@ def run_eval(a) -> int:
     if not a.learn:
         refuse(a, ["max_bytes", "eviction"], "without --learn (they bound what learning inserts)")
     db = db_or_model(a)
-    results = evaluate(
-        db,
-        a.data,
-        a.policy or (["default"] if db else None),
-        a.threshold,
-        a.limit,
-        a.batch_size,
-        progress=progress,
-        model_name=a.model,
-        strict=a.strict,
-        prefix_bytes=prefix_bytes(a),
-        quantize=a.quantize,
-        max_tokens=a.max_tokens,
-        learn=a.learn,
-        max_bytes=a.max_bytes,
-        eviction=a.eviction,
+    session = SessionOptions(
         device=a.device,
         dtype=a.dtype,
-        memo=not a.no_memo,
-        device_map_bytes=a.device_map_bytes,
-        prefix_dir=a.prefix_dir,
-        verify=VerifyOptions(  # flags not given keep VerifyOptions' defaults
-            **{
-                k: v
-                for k, v in {
-                    "margin": a.verify_margin,
-                    "dtype": a.cheap_dtype,
-                    "max_loss": a.max_loss,
-                    "calibrate_rows": a.verify_rows,
-                    "confidence": a.verify_confidence,
-                }.items()
-                if v is not None
-            }
-        ),
+        quantize=a.quantize,
+        max_tokens=a.max_tokens,
+        max_bytes=a.max_bytes,
+        eviction=a.eviction,
     )
+    verify = VerifyOptions(  # flags not given keep VerifyOptions' defaults
+        **{
+            k: v
+            for k, v in {
+                "margin": a.verify_margin,
+                "dtype": a.cheap_dtype,
+                "max_loss": a.max_loss,
+                "calibrate_rows": a.verify_rows,
+                "confidence": a.verify_confidence,
+            }.items()
+            if v is not None
+        }
+    )
+    options = EvalOptions(
+        model_name=a.model,
+        session=session,
+        policies=a.policy or (["default"] if db else None),
+        threshold=a.threshold,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        progress=progress,
+        strict=a.strict,
+        prefix_bytes=prefix_bytes(a),
+        prefix_dir=a.prefix_dir,
+        memo=not a.no_memo,
+        learn=a.learn,
+        device_map_bytes=a.device_map_bytes,
+        verify=verify,
+    )
+    results = evaluate(db, a.data, options)
     rows = [r.as_dict() for r in results]
     if a.json:
         print(json.dumps(rows[0] if len(rows) == 1 else {"results": rows}))

@@ -90,12 +90,12 @@ class AttnCacheLM(HFLM):
         **kwargs,
     ):
         from ..tiers.memo import ResultMemo
-        from ..workflows import Session
+        from ..workflows import Session, SessionOptions
 
         device, dtype = _device_of(device), "float32" if dtype in (None, "auto") else str(dtype)
         if policy is not None and db is None:
             raise ValueError("policy= reuses approximate maps: it needs db=")
-        self.session = Session.open(db, pretrained, device=device, dtype=dtype)
+        self.session = Session.open(db, pretrained, SessionOptions(device=device, dtype=dtype))
         if str(batch_size).startswith("auto"):
             batch_size = 8  # the tiers size forwards by tokens; 'auto' probing does not apply
         super().__init__(

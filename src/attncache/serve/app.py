@@ -12,7 +12,7 @@ import json
 import logging
 
 from ..errors import UserError
-from ..workflows import Session
+from ..workflows import Session, SessionOptions
 from .batcher import Batcher
 from .config import ServeConfig
 from .engine import Engine
@@ -156,5 +156,7 @@ def serve(
         import uvicorn
     except ImportError:
         raise UserError("serving needs the 'serve' extra: pip install 'attncache[serve]'") from None
-    session = Session.open(db, model_name, max_bytes=max_bytes, device=device, dtype=dtype)
+    session = Session.open(
+        db, model_name, SessionOptions(max_bytes=max_bytes, device=device, dtype=dtype)
+    )
     uvicorn.run(create_app(session, cfg), host=host, port=port, log_level="warning")

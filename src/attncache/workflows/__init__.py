@@ -1,14 +1,16 @@
 """The commands as Python functions: the CLI, bench, serve and batch are thin layers over these."""
 
 from .calibrate import CalibrationResult, calibrate, templates_only
-from .evaluate import EvalResult, build, evaluate
-from .session import Session, input_limit
+from .evaluate import EvalOptions, EvalResult, build, evaluate
+from .session import Session, SessionOptions, input_limit
 from .sweep import sweep
 
 __all__ = [
     "CalibrationResult",
+    "EvalOptions",
     "EvalResult",
     "Session",
+    "SessionOptions",
     "build",
     "calibrate",
     "evaluate",

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..runtime import Policy
 from ..tasks import Plan, RunOptions, RunOutput, compare, run
 from .search import Search
-from .session import Session
+from .session import Session, SessionOptions
 
 CANDIDATE_LAYER_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
 CANDIDATE_HEAD_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -87,7 +87,9 @@ def exact_on_decoder(
     dtype: str = "float32",
 ) -> tuple[Session, Plan, RunOutput]:
     """Open a decoder DB (``refusal`` otherwise), plan DATA and run it exactly."""
-    s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
+    s = Session.open(
+        db, model_name, SessionOptions(max_tokens=max_tokens, device=device, dtype=dtype)
+    )
     if not s.causal:
         raise UserError(refusal)
     plan = s.plan(data, limit, quiet=not progress)

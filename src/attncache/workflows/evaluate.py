@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ..tiers import DEFAULT_PREFIX_BYTES
 from ..tiers.memo import ResultMemo
 from .calibrate import CalibrationOptions, calibrate_plan
 from .cheap import VerifyOptions, verified_pass
-from .session import Session, input_limit, warn_skipped
+from .session import Session, SessionOptions, input_limit, warn_skipped
 
 CONFIDENCE = 0.95  # of the build's calibration bound
 
@@ -155,29 +155,27 @@ class EvalResult:
         return out
 
 
-def evaluate(
-    db: str | None,
-    data: str,
-    policies: list[str] | None = None,
-    threshold: float | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    model_name: str | None = None,
-    strict: bool = False,
-    prefix_bytes: int | None = DEFAULT_PREFIX_BYTES,
-    quantize: str | None = None,
-    max_tokens: int | None = None,
-    learn: bool = False,
-    max_bytes: int | None = None,
-    eviction: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    memo: bool = True,
-    device_map_bytes: int | None = None,
-    prefix_dir: str | None = None,
-    verify: VerifyOptions | None = None,
-) -> list[EvalResult]:
+@dataclass
+class EvalOptions:
+    """What ``evaluate`` runs beside DB and DATA (the CLI's ``eval`` flags)."""
+
+    model_name: str | None = None  # without a DB: the model; with one: the same weights
+    session: SessionOptions = field(default_factory=SessionOptions)
+    policies: list[str] | None = None  # one result per policy (the exact pass is shared)
+    threshold: float | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    progress: bool = True
+    strict: bool = False  # stop at the first bad row instead of skipping it
+    prefix_bytes: int | None = DEFAULT_PREFIX_BYTES  # None: the prefix tier off
+    prefix_dir: str | None = None
+    memo: bool = True
+    learn: bool = False
+    device_map_bytes: int | None = None
+    verify: VerifyOptions | None = None
+
+
+def evaluate(db: str | None, data: str, options: EvalOptions | None = None) -> list[EvalResult]:
     """Exact vs cached predictions on DATA, one result per policy (the exact pass is shared).
 
     The cached pass runs every tier: the result memo (answers of earlier runs, kept in the DB), the
@@ -187,14 +185,17 @@ def evaluate(
     start from what an earlier run kept there (checked for this model) and keep the shared
     prompts' K/V (and, without a DB, the memo) for the next run. ``verify``: the cached pass runs
     in a cheaper precision, rows under a margin rerun exactly (``workflows.cheap``)."""
+    o = options or EvalOptions()
+    policies, threshold, learn, verify = o.policies, o.threshold, o.learn, o.verify
+    batch_size, progress, memo, prefix_bytes = o.batch_size, o.progress, o.memo, o.prefix_bytes
     if threshold is not None and threshold < 0:
         raise UserError(f"--threshold must be >= 0, got {threshold}")
-    if learn and quantize:
+    if learn and o.session.quantize:
         raise UserError(
             "--learn records maps on the model the DB was built with; it cannot be "
             "combined with --quantize"
         )
-    s = Session.open(db, model_name, quantize, max_tokens, max_bytes, eviction, device, dtype)
+    s = Session.open(db, o.model_name, o.session)
     if s.cache is None and (policies or threshold is not None or learn):
         raise UserError("--policy, --threshold and --learn need a map DB (--db)")
     verify = verify if verify is not None and verify.on else None
@@ -204,9 +205,9 @@ def evaluate(
             "a map DB (--db) or --quantize"
         )
     parsed = [s.cache.policy(p) for p in policies or ["default"]] if s.cache else [None]
-    folder = s.tier_folder(prefix_dir, prefix_bytes)
+    folder = s.tier_folder(o.prefix_dir, prefix_bytes)
     kept = s.kept_prefix(folder)  # read once, for every policy
-    plan = s.plan(data, limit, strict, quiet=not progress)
+    plan = s.plan(data, o.limit, o.strict, quiet=not progress)
     exact = run(
         s.model,
         s.tokenizer,
@@ -230,7 +231,7 @@ def evaluate(
             s.cache.stats.reset()
         ctx = (
             s.cache.attach(
-                s.model, policy, threshold, learn=learn, device_map_bytes=device_map_bytes
+                s.model, policy, threshold, learn=learn, device_map_bytes=o.device_map_bytes
             )
             if s.cache
             else contextlib.nullcontext()

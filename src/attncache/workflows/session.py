@@ -55,6 +55,18 @@ def quantize_int8(model):
 
 
 @dataclass
+class SessionOptions:
+    """How ``Session.open`` loads the model and opens the DB."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    quantize: str | None = None  # "int8": torch's dynamic int8 linears (CPU, float32 only)
+    max_tokens: int | None = None  # rows with a longer input are skipped (reported)
+    max_bytes: int | None = None  # the DB's byte cap (None: as stored)
+    eviction: str | None = None  # the DB's eviction rule (None: as stored)
+
+
+@dataclass
 class Session:
     cache: AttnCache | None  # None: no map DB, the exact tiers only
     model: object
@@ -64,19 +76,13 @@ class Session:
 
     @classmethod
     def open(
-        cls,
-        db: str | None,
-        model_name: str | None = None,
-        quantize: str | None = None,
-        max_tokens: int | None = None,
-        max_bytes: int | None = None,
-        eviction: str | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
+        cls, db: str | None, model_name: str | None = None, options: SessionOptions | None = None
     ) -> Session:
-        """Open ``db`` and load its model (or ``model_name``, which must be the same weights) on
-        ``device`` in ``dtype``; ``quantize='int8'``: torch's dynamic int8 linears (CPU, fp32).
+        """Open ``db`` and load its model (or ``model_name``, which must be the same weights) as
+        ``options`` say (device, dtype, int8, the DB's byte cap and eviction, the token limit).
         ``db`` None: ``model_name`` alone, served by the exact tiers (no map reuse)."""
+        o = options or SessionOptions()
+        quantize, device, dtype = o.quantize, o.device, o.dtype
         if quantize is not None and quantize != "int8":
             raise UserError(f"--quantize: only 'int8' is supported, got '{quantize}'")
         if quantize and (dtype != "float32" or models.resolve_device(device) != "cpu"):
@@ -92,14 +98,14 @@ class Session:
             cache = None
             model, tok = models.load(model_name, dtype=dtype, device=device)
         else:
-            cache = AttnCache.open(db, max_bytes=max_bytes, eviction=eviction)
+            cache = AttnCache.open(db, max_bytes=o.max_bytes, eviction=o.eviction)
             name = model_name or cache.manifest["model"]["name"]
             model, tok = models.load(name, dtype=dtype, device=device)
             cache.check_model(model)  # on the weights the DB was built with
             cache.check_tokenizer(tok)
         if quantize == "int8":
             model = quantize_int8(model)
-        return cls(cache, model, tok, max_tokens, quantized=quantize == "int8")
+        return cls(cache, model, tok, o.max_tokens, quantized=quantize == "int8")
 
     @property
     def device(self) -> str:

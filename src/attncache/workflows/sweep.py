@@ -10,7 +10,7 @@ import numpy as np
 from ..build.calibrate import QUANTILES, SweepPoint, binom_upper
 from ..runtime import Policy
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, compare, mix, run
-from .session import Session
+from .session import Session, SessionOptions
 
 
 @dataclass
@@ -145,7 +145,9 @@ def sweep(
     dtype: str = "float32",
 ) -> SweepResult:
     """Every policy's pass at threshold infinity, mixed into a point per threshold."""
-    s = Session.open(db, model_name, max_tokens=max_tokens, device=device, dtype=dtype)
+    s = Session.open(
+        db, model_name, SessionOptions(max_tokens=max_tokens, device=device, dtype=dtype)
+    )
     specs = [s.cache.policy(p) for p in policies]
     plan = s.plan(data, limit, quiet=not progress)
     exact = run(

@@ -132,10 +132,40 @@ def test_plan_single_and_multi_token_choices():
     assert plan.skipped and "longer than" in plan.skipped[0]
     assert plan.seqs[0] == [1, 97, 98]  # the single-token row runs the prompt alone
     multi = plan.rows[1]
-    assert [plan.seqs[s] for s in multi.seqs] == [[1, 97, 98, 120, 121], [1, 97, 98, 122]]
-    # "xy": token x is predicted by the logits 3 from the end, y by 2 from the end
-    assert [(q.from_end, q.token) for q in multi.queries[0]] == [(3, 120), (2, 121)]
-    assert plan.need()[multi.seqs[0]] == 3
+    # a choice's last token predicts nothing and is not run: "xy" runs "ab" + "x"; "z" (one
+    # token) needs no sequence of its own
+    assert [plan.seqs[s] for s in multi.seqs] == [[1, 97, 98], [1, 97, 98, 120]]
+    prompt, xy = multi.seqs
+    # x and z follow the prompt alone, which the first row runs already: they read its logits;
+    # y is predicted by the last logits of "ab" + "x"
+    assert [(q.seq, q.from_end, q.token) for q in multi.queries[0]] == [
+        (prompt, 1, 120),
+        (xy, 1, 121),
+    ]
+    assert [(q.seq, q.from_end, q.token) for q in multi.queries[1]] == [(prompt, 1, 122)]
+    assert plan.need()[xy] == 1
+
+
+def test_each_position_is_asked_for_once():
+    """Choices' first tokens follow one prompt, so they read one position; later positions of a
+    choice stay in its own sequence, which then needs one trailing position less."""
+    rows = [D.ChoiceRow("ab", ("xy", "zw", "q"), 0), D.ChoiceRow("ab", ("xw", "v"), 1)]
+    plan = plan_rows(rows, CharTok(), causal=True, max_len=None)
+    positions = [
+        (tuple(plan.seqs[q.seq][: len(plan.seqs[q.seq]) - q.from_end + 1]), q.token)
+        for r in plan.rows
+        for qs in r.queries
+        for q in qs
+    ]
+    prefixes = {p for p, _ in positions}
+    ab = (1, 97, 98)
+    assert {p for p, t in positions if t in (120, 122, 113, 118)} == {ab}  # first tokens
+    read = {(q.seq, q.from_end) for r in plan.rows for qs in r.queries for q in qs}
+    assert len(read) == len(prefixes)  # one (sequence, position) per distinct prefix
+    assert sorted(plan.seqs) == sorted([[1, 97, 98, 120], [1, 97, 98, 122]])  # no "q", "v" seq
+    for r in plan.rows:  # a row lists every sequence its queries read (reruns, subsets)
+        assert {q.seq for qs in r.queries for q in qs} == set(r.seqs)
+    assert sum(plan.need()) == len(prefixes)
 
 
 def test_auc_matches_pairwise_definition():

@@ -134,11 +134,12 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                         check_len(len(p) + len(c), max_len)
                     ids, qs = [], []
                     for c in cs:
-                        s = seq_id(p + c)
+                        # logits at position t predict token t+1, so the choice's last token
+                        # predicts nothing and is not run (lm-eval's rule); choice token j is
+                        # predicted len(c)-j positions from the end
+                        s = seq_id(p + c[:-1])
                         ids.append(s)
-                        # logits at position t predict token t+1: choice token j sits len(c)-j from
-                        # the end
-                        qs.append([Query(s, len(c) - j + 1, tok) for j, tok in enumerate(c)])
+                        qs.append([Query(s, len(c) - j, tok) for j, tok in enumerate(c)])
                     plans.append(
                         RowPlan(
                             "choiceN",
@@ -163,7 +164,45 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
             errors[n] = str(e)
         for r in plans[before:]:
             r.index = n
-    return Plan(seqs, plans, skipped, causal, errors)
+    return shared_positions(Plan(seqs, plans, skipped, causal, errors))
+
+
+def shared_positions(plan: Plan) -> Plan:
+    """Each position's logits asked for once. A position's logits depend only on the tokens up to
+    it, so a query whose tokens so far equal an earlier query's reads that query's position (every
+    choice's first token follows the same prompt); a sequence no row reads any more is dropped.
+    Fewer positions go through the head, and later choices need one trailing position less."""
+    first: dict[tuple[int, ...], tuple[int, int]] = {}
+    rows = []
+    for r in plan.rows:
+        if not r.queries:  # embeddings and pairs read whole sequences
+            rows.append(r)
+            continue
+        queries = []
+        for qs in r.queries:
+            moved = []
+            for q in qs:
+                ids = plan.seqs[q.seq]
+                seq, from_end = first.setdefault(
+                    tuple(ids[: len(ids) - q.from_end + 1]), (q.seq, q.from_end)
+                )
+                moved.append(replace(q, seq=seq, from_end=from_end))
+            queries.append(moved)
+        read = list(dict.fromkeys(q.seq for qs in queries for q in qs))
+        rows.append(replace(r, seqs=read, queries=queries))
+    used = list(dict.fromkeys(i for r in rows for i in r.seqs))
+    if used == list(range(len(plan.seqs))):
+        return replace(plan, rows=rows)
+    new = {old: k for k, old in enumerate(used)}
+    renumbered = [
+        replace(
+            r,
+            seqs=[new[i] for i in r.seqs],
+            queries=[[replace(q, seq=new[q.seq]) for q in qs] for qs in r.queries],
+        )
+        for r in rows
+    ]
+    return replace(plan, seqs=[plan.seqs[i] for i in used], rows=renumbered)
 
 
 def check_len(n: int, max_len: int | None) -> None:

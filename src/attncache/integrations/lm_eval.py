@@ -23,7 +23,6 @@ import logging
 
 from .. import models
 from ..tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
-from ..tasks.plan import shared_positions
 from ..tiers import DEFAULT_PREFIX_BYTES
 
 try:
@@ -60,7 +59,7 @@ def plan_requests(requests: list[Request], max_length: int) -> Plan:
         size = len(continuation)
         queries = [Query(s, size - j, int(tok)) for j, tok in enumerate(continuation)]
         rows.append(RowPlan("choiceN", [s], [queries], [1.0], index=n))
-    return shared_positions(Plan(seqs, rows, [], True))
+    return Plan(seqs, rows, [], True)
 
 
 def _device_of(device: str | None) -> str:

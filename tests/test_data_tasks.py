@@ -175,3 +175,24 @@ def test_auc_matches_pairwise_definition():
     pos, neg = s[y == 1], s[y == 0]
     brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert np.isclose(auc(s, y), brute)
+
+
+def test_positions_share_only_on_equal_tokens_even_when_hashes_collide(monkeypatch):
+    """The planner keys positions by a hash of the tokens so far; a collision must not make two
+    different prefixes read one position."""
+    from attncache.tasks import plan as plan_mod
+
+    rows = [D.ChoiceRow("ab", ("xy", "zw"), 0), D.ChoiceRow("cd", ("xy", "q"), 1)]
+    honest = plan_rows(rows, CharTok(), causal=True, max_len=None)
+    monkeypatch.setattr(plan_mod, "hash", lambda _: 0, raising=False)  # every key collides
+    colliding = plan_rows(rows, CharTok(), causal=True, max_len=None)
+
+    def before(plan, q) -> tuple[int, ...]:  # the tokens a query's logits follow
+        return tuple(plan.seqs[q.seq][: len(plan.seqs[q.seq]) - q.from_end + 1])
+
+    def read(plan):
+        return [[(before(plan, q), q.token) for q in qs] for r in plan.rows for qs in r.queries]
+
+    assert read(colliding) == read(honest)
+    assert sorted(colliding.seqs) == sorted(honest.seqs)
+    assert (1, 99, 100) in {p for qs in read(honest) for p, _ in qs}  # "cd" read its own prompt

@@ -172,7 +172,20 @@ def shared_positions(plan: Plan) -> Plan:
     it, so a query whose tokens so far equal an earlier query's reads that query's position (every
     choice's first token follows the same prompt); a sequence no row reads any more is dropped.
     Fewer positions go through the head, and later choices need one trailing position less."""
-    first: dict[tuple[int, ...], tuple[int, int]] = {}
+    # (position, hash of the tokens up to it) -> the queries' (seq, from_end) read there first;
+    # hashes, not token tuples, so a long job's keys stay small; equal tokens are checked
+    first: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def reader(seq: int, from_end: int) -> tuple[int, int]:
+        ids = plan.seqs[seq]
+        n = len(ids) - from_end + 1
+        seen = first.setdefault((n, hash(tuple(ids[:n]))), [])
+        for other, other_end in seen:
+            if plan.seqs[other][:n] == ids[:n]:
+                return other, other_end
+        seen.append((seq, from_end))
+        return seq, from_end
+
     rows = []
     for r in plan.rows:
         if not r.queries:  # embeddings and pairs read whole sequences
@@ -182,10 +195,7 @@ def shared_positions(plan: Plan) -> Plan:
         for qs in r.queries:
             moved = []
             for q in qs:
-                ids = plan.seqs[q.seq]
-                seq, from_end = first.setdefault(
-                    tuple(ids[: len(ids) - q.from_end + 1]), (q.seq, q.from_end)
-                )
+                seq, from_end = reader(q.seq, q.from_end)
                 moved.append(replace(q, seq=seq, from_end=from_end))
             queries.append(moved)
         read = list(dict.fromkeys(q.seq for qs in queries for q in qs))

@@ -80,7 +80,7 @@ def ct2_predictions(plan: Plan, tok, generator, batch: int, static: list[str] | 
         rows = plan.rows[start : start + batch]
         single = all(r.kind == "choice1" for r in rows)
         if single:
-            seqs = [tok.convert_ids_to_tokens(plan.seqs[r.seqs[0]]) for r in rows]
+            seqs = [tok.convert_ids_to_tokens(context(plan, r.queries[0][0])) for r in rows]
             if static is not None:
                 seqs = [s[len(static) :] for s in seqs]
             res = generator.generate_batch(
@@ -113,7 +113,7 @@ def ct2_predictions(plan: Plan, tok, generator, batch: int, static: list[str] | 
 def ct2_static(plan: Plan, tok, generator) -> list[int]:
     """Rows grouped by the prefix their sequences share; a group's prefix is its static prompt."""
     preds: dict[int, int] = {}
-    firsts = [plan.seqs[r.seqs[0]] for r in plan.rows]
+    firsts = [context(plan, r.queries[0][0]) for r in plan.rows]
     for members in prefix_groups(firsts, MIN_STATIC):
         n = shared_prefix(firsts, members) if len(members) > 1 else 0
         static = tok.convert_ids_to_tokens(firsts[members[0]][:n]) if n else None
@@ -123,16 +123,20 @@ def ct2_static(plan: Plan, tok, generator) -> list[int]:
     return [preds[i] for i in range(len(plan.rows))]
 
 
+def context(plan: Plan, q) -> list[int]:
+    """The tokens a query's logits follow (the planner may read a choice's first token from
+    another sequence with the same tokens so far)."""
+    seq = plan.seqs[q.seq]
+    return list(seq[: len(seq) - q.from_end + 1])
+
+
 def lm_eval_requests(plan: Plan) -> list[tuple[tuple[str, str], list[int], list[int]]]:
     """One (context, continuation) request per choice of every choice row, in plan order."""
-    reqs = []
-    for r in plan.rows:
-        for qs in r.queries:
-            seq = plan.seqs[qs[0].seq]
-            far = max(q.from_end for q in qs)  # the first continuation token's logits position
-            cont = [q.token for q in sorted(qs, key=lambda q: -q.from_end)]
-            reqs.append((("", ""), list(seq[: len(seq) - far + 1]), cont))
-    return reqs
+    return [
+        (("", ""), context(plan, qs[0]), [q.token for q in qs])
+        for r in plan.rows
+        for qs in r.queries
+    ]
 
 
 def lm_eval_predictions(plan: Plan, lm, batch: int) -> list[int]:
@@ -159,23 +163,18 @@ def verified_row(s: Session, plan: Plan, a, sizes: list[int], exact: list[int]) 
         run(s.model, s.tokenizer, calib, opts, tiers(s.model)),
         a.max_loss,
     )
-    best = None
-    for b in sizes:
-        times, v = [], None
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            v = run_verified(
-                s.tokenizer,
-                plan,
-                Precision(cheap_model, tiers(cheap_model)),
-                Precision(s.model, tiers(s.model)),
-                gate.threshold,
-                RunOptions(batch_size=b, progress=False),
-            )
-            times.append(time.perf_counter() - t0)
-        if best is None or statistics.median(times) < best[0]:
-            best = (statistics.median(times), b, v)
-    secs, b, v = best
+
+    def verified(b: int):
+        cheap, exact_tiers = (
+            Precision(cheap_model, tiers(cheap_model)),
+            Precision(s.model, tiers(s.model)),
+        )
+        opts = RunOptions(batch_size=b, progress=False)
+        return run_verified(s.tokenizer, plan, cheap, exact_tiers, gate.threshold, opts)
+
+    got = {b: timed(lambda b=b: verified(b), a.repeats) for b in sizes}
+    b = min(got, key=lambda x: got[x][0])
+    secs, v = got[b]
     return {
         "engine": "attncache cheap pass (bf16) verified by margin",
         "batch_size": b,
@@ -209,7 +208,7 @@ def llamacpp_rows(plan: Plan, a, exact: list[int], sizes: list[int]) -> list[dic
             def one(r, server, cache=cache):
                 res = server.handle_completions(
                     {
-                        "prompt": list(plan.seqs[r.seqs[0]]),
+                        "prompt": context(plan, r.queries[0][0]),
                         "n_predict": 1,
                         "n_probs": a.llamacpp_top,
                         "temperature": 0.0,

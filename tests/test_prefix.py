@@ -109,7 +109,7 @@ def test_composition_with_map_reuse(built):
         # Only the miss was inserted (the hit computed no keys in reused layers).
         assert runner.tree.match(new[0], len(new[0])).length == len(new[0])
         assert runner.tree.match(seqs[0], len(seqs[0])).length == 0
-        logits, hits2, _, _ = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)
+        logits, hits2 = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)[:2]
     assert runner.stats.items_with_prefix == 1 and hits2[0] is None
     ref = exact_logits(model, [new[0][:-1] + [77], seqs[1]], 1)
     for r, g in zip(ref, logits):

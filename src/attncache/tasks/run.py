@@ -27,6 +27,7 @@ from ..tiers import PrefixTier
 from ..tiers.memo import Answer, ResultMemo
 from ..tiers.schedule import prefix_batches, prefix_groups, shared_prefix
 from .plan import Plan, Query
+from .scoring import Pending, Scored
 
 # A workload that can skip less than this share of its tokens runs without the prefix tier: its
 # extra work (masks, a prefix forward, padding between rows) would cost more than it saves.
@@ -170,6 +171,26 @@ def run(
     else:
         batches = list(length_batches(lengths, batch_size))
     seconds = time.perf_counter() - t_start
+    head = prefix.head if prefix is not None else None
+    pending = Pending(head, opts.greedy)  # states from several batches meet the head together
+
+    def record(done: _Done, scores: list[Scored] | None) -> None:
+        for j, i in enumerate(done.batch):
+            out.replayed[i], out.prefix_tokens[i] = bool(done.reused[j]), int(done.prefix[j])
+            if done.hits is not None:
+                out.hit[i] = done.hits[j] is not None
+                if out.hit[i]:
+                    out.distance[i] = done.hits[j].distance
+            if scores is not None:
+                out.argmax[i] = scores[j].argmax
+                for q, value in zip(wanted.get(i, []), scores[j].values, strict=True):
+                    out.logprobs[(i, q.from_end, q.token)] = value
+                if opts.greedy:
+                    for q in wanted.get(i, []):
+                        out.greedy[(i, q.from_end)] = scores[j].greedy[q.from_end]
+            if scope is not None and not done.reused[j]:
+                scope.write(plan, i, wanted, out)
+
     with Stage(len(todo), desc, progress) as bar:
         for picked in batches:
             batch = [todo[j] for j in picked]
@@ -179,19 +200,26 @@ def run(
             prefix_tokens = [0] * len(batch)
             if plan.causal:
                 keep = max(need[i] for i in batch)
+                states = None
                 if prefix is not None:
                     flags = [insert[i] for i in batch] if insert is not None else None
-                    logits, hits, reused, prefix_tokens = prefix.run(
-                        seqs, keep, pad, maps=attached, insert=flags, needs=[need[i] for i in batch]
+                    res = prefix.run(
+                        seqs, keep, pad, attached, flags, [need[i] for i in batch], states=True
                     )
+                    logits, hits, reused, prefix_tokens, states = res
                 else:
                     logits = model(**collate(seqs, pad, True, device), logits_to_keep=keep).logits
-                    hits = attached.last_hits if attached is not None else None
+                    hits = list(attached.last_hits) if attached is not None else None
                     reused = list(attached.last_reused) if attached is not None else reused
                     logits = [  # left-padded: every item's last positions are the batch's
                         logits[j, -min(need[i], len(plan.seqs[i])) :] for j, i in enumerate(batch)
                     ]
-                scores = _log_probs(logits, [wanted.get(i, []) for i in batch], opts.greedy)
+                done = _Done(batch, hits, reused, prefix_tokens)
+                queries = [wanted.get(i, []) for i in batch]
+                ready = pending.add(logits, queries, states, done)
+                seconds += time.perf_counter() - t0
+                for answered, scores in ready:
+                    record(answered, scores)
             else:
                 inputs = collate(seqs, pad, False, device)
                 hidden = model(**inputs).last_hidden_state
@@ -200,55 +228,32 @@ def run(
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
                 hits = attached.last_hits if attached is not None else None
                 reused = list(attached.last_reused) if attached is not None else reused
-            seconds += time.perf_counter() - t0
+                seconds += time.perf_counter() - t0
+                if out.embeddings is None:
+                    out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
+                for j, i in enumerate(batch):
+                    out.embeddings[i] = pooled[j].cpu().numpy()
+                record(_Done(batch, hits, reused, prefix_tokens), None)
             if attached is not None and attached.learning:
                 attached.learn_pending()  # outside the timed region: learning is a side job
-            for j, i in enumerate(batch):
-                out.replayed[i], out.prefix_tokens[i] = bool(reused[j]), int(prefix_tokens[j])
-                if hits is not None:
-                    out.hit[i] = hits[j] is not None
-                    if out.hit[i]:
-                        out.distance[i] = hits[j].distance
-                if plan.causal:
-                    out.argmax[i] = scores.argmax[j]
-                    for q, value in zip(wanted.get(i, []), scores.values[j], strict=True):
-                        out.logprobs[(i, q.from_end, q.token)] = value
-                    if opts.greedy:
-                        for q in wanted.get(i, []):
-                            out.greedy[(i, q.from_end)] = scores.greedy[j][q.from_end]
-                else:
-                    if out.embeddings is None:
-                        out.embeddings = np.zeros((len(plan.seqs), pooled.shape[-1]), np.float32)
-                    out.embeddings[i] = pooled[j].cpu().numpy()
-                if scope is not None and not reused[j]:
-                    scope.write(plan, i, wanted, out)
             bar.update(len(batch))
+        t0 = time.perf_counter()
+        ready = pending.flush()
+        seconds += time.perf_counter() - t0
+        for answered, scores in ready:
+            record(answered, scores)
     out.seconds += seconds
     return out
 
 
 @dataclass
-class _Picked:
-    values: list[list[float]]  # per item, the log-probability of each of its queries
-    argmax: list[int]  # per item, the greedy token after its last position
-    greedy: list[dict[int, int]]  # per item, from_end -> the greedy token there (if asked)
+class _Done:
+    """A batch run, waiting for its answers: its sequences and what the tiers did for each."""
 
-
-def _log_probs(logits: list[torch.Tensor], queries: list[list[Query]], greedy: bool) -> _Picked:
-    """The queried log-probabilities from each item's logits ``[n, V]`` (its last ``n``
-    positions), normalised only where the item has logits, in float32 whatever the model's
-    dtype."""
-    out = _Picked([], [], [])
-    for x, qs in zip(logits, queries, strict=True):
-        x = x.float()
-        n = x.shape[0]
-        at = [n - q.from_end for q in qs]
-        lse = torch.logsumexp(x[at], dim=-1) if at else None
-        out.values.append((x[at, [q.token for q in qs]] - lse).tolist() if at else [])
-        out.argmax.append(int(x[-1].argmax()))
-        top = x.argmax(dim=-1).tolist() if greedy else []
-        out.greedy.append({n - k: t for k, t in enumerate(top)})
-    return out
+    batch: list[int]
+    hits: list | None
+    reused: list[bool]
+    prefix: list[int]  # prefix tokens each took from the tree
 
 
 @dataclass

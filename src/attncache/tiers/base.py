@@ -18,6 +18,9 @@ class TierOutput(NamedTuple):
     hits: list[Any]  # per item: the map-cache hit its lookup found (runtime.Hit), or None
     reused: list[bool]  # per item: whether it replayed any map (its answer is then approximate)
     prefix_tokens: list[int]  # per item: prefix tokens it took from the tree instead of computing
+    # per item, when the caller asked for states: its tensor holds the decoder's last hidden
+    # states ``[n, d]`` at those positions, for the caller to put through the tier's ``head``
+    states: list[bool] | None = None
 
 
 class Tier(Protocol):

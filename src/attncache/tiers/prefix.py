@@ -211,9 +211,13 @@ class PrefixTier:
         maps=None,
         insert: list[int] | None = None,
         needs: list[int] | None = None,
+        states: bool = False,
     ) -> TierOutput:
         """Per item the logits of its last ``needs[i]`` positions ``[n, V]`` (fewer for an input
-        shorter than that), and what happened. ``maps``: an attached map cache.
+        shorter than that), and what happened. ``maps``: an attached map cache. ``states``: where
+        the tier applies the head itself (``head``), return the decoder states there instead
+        (``TierOutput.states`` says which items), so a caller can score many batches' positions
+        in one pass over a large head.
 
         ``needs``: per item, how many of its last positions' logits the caller reads (default
         ``keep`` for all, at most ``keep``); everything before them may be reused. ``insert``:
@@ -275,6 +279,7 @@ class PrefixTier:
         if not self.idle and self._since_shared >= IDLE_AFTER:
             self.idle = True
         out: list[torch.Tensor | None] = [None] * count
+        from_states = [False] * count
         hits: list = [None] * count
         reused = [False] * count
         tokens = [m.length if m is not None else 0 for m in matches]
@@ -285,13 +290,18 @@ class PrefixTier:
             if grouped or any(m is not None for m in matches):
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
                     got = self._run_rows(seqs, matches, in_row, needs, pad_id, insert, tokens)
-                for i, logits in got.items():
-                    out[i] = logits
+                for i, tensor in got.items():
+                    out[i], from_states[i] = tensor, self.head is not None
         finally:
             for m in matches:
                 if m is not None:
                     self.tree.unlock(m.node)
-        return TierOutput(out, hits, reused, tokens)
+        if not states and any(from_states):  # the head once over every input's positions
+            idx = [i for i in range(count) if from_states[i]]
+            flat = self.head(torch.cat([out[i] for i in idx]))
+            for i, part in zip(idx, flat.split([len(out[i]) for i in idx]), strict=True):
+                out[i], from_states[i] = part, False
+        return TierOutput(out, hits, reused, tokens, from_states)
 
     def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
         """Make the tree hold every prefix: compute the missing ones in one forward, packed side
@@ -344,7 +354,8 @@ class PrefixTier:
     ) -> dict[int, torch.Tensor]:
         """Every input with a prefix (cached, or computed in its group's row) in one forward, or
         a few when rows of very different widths would pad much; per input its last ``needs[i]``
-        logits ``[needs[i], V]``; ``tokens[i]`` set to the prefix tokens it did not compute.
+        logits ``[needs[i], V]`` (decoder states ``[needs[i], d]`` where the tier has a ``head``);
+        ``tokens[i]`` set to the prefix tokens it did not compute.
 
         K/V worth keeping enter the tree (``insert``: per input, the leading tokens a later input
         shares; None: unknown, keep what is computed): a block's prefix behind the K/V it read (a
@@ -421,15 +432,8 @@ class PrefixTier:
         ]
         use_cache = bool(past_width or blocks or grown)
         res = self._forward(packed, keep=packed.keep, use_cache=use_cache, **kw)
-        if self.head is not None:  # the decoder's states, the head on the needed positions only
-            order = list(packed.at.items())
-            r_idx = [r for _, (r, ps) in order for _ in ps]
-            p_idx = [p for _, (_, ps) in order for p in ps]
-            flat = self.head(res.last_hidden_state[r_idx, p_idx])
-            got, k = {}, 0
-            for i, (_, ps) in order:
-                got[i] = flat[k : k + len(ps)]
-                k += len(ps)
+        if self.head is not None:  # the decoder's states at the needed positions (``run``: head)
+            got = {i: res.last_hidden_state[r, ps] for i, (r, ps) in packed.at.items()}
         else:  # logits at the union of every row's positions, then each input's picked
             got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
         if blocks or grown:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from attncache import BuildConfig, data, models
 from attncache.bench import BenchConfig, bench
-from attncache.workflows import build
+from attncache.workflows import BuildOptions, build
 
 
 def texts_of_lengths(tok, lengths: list[int], per_length: int) -> list[str]:
@@ -57,9 +57,8 @@ def main() -> None:
                 )
             )
             db = Path(d) / f"len{L}.db"
-            build(
-                a.model, str(jsonl), str(db), cfg=BuildConfig(codec="float16"), progress=False
-            )  # the timing tables' codec
+            opts = BuildOptions(config=BuildConfig(codec="float16"), progress=False)
+            build(a.model, str(jsonl), str(db), opts)  # the timing tables' codec
             r = bench(
                 str(db), str(jsonl), a.policy, None, BenchConfig(repeats=a.repeats), progress=False
             )

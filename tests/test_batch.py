@@ -13,7 +13,7 @@ from attncache.batch import BatchOptions, predict_rows, run_batch  # noqa: E402
 from attncache.batch.reading import ReadSpec, read_file  # noqa: E402
 from attncache.errors import UserError  # noqa: E402
 from attncache.tasks import RunOptions, Tiers  # noqa: E402
-from attncache.workflows import Session, build  # noqa: E402
+from attncache.workflows import BuildOptions, Session, build  # noqa: E402
 
 
 def read_parts(folder) -> list[dict]:
@@ -58,7 +58,7 @@ def one_process(model: str, data, batch_size: int):
 @pytest.mark.ray
 def test_ray_batch_equals_single_process(tmp_path):
     db = tmp_path / "db"
-    build("minilm-l6", "sst2[0:40]", str(db), progress=False)
+    build("minilm-l6", "sst2[0:40]", str(db), BuildOptions(progress=False))
     out = tmp_path / "out"
     options = BatchOptions(actors=2, batch_size=8, progress=False, policy="all")
     res = run_batch(str(db), "sst2[30:54]", str(out), options=options)
@@ -227,7 +227,7 @@ def test_new_memo_answers_are_committed_once_when_the_job_ends(tiny_hf, tmp_path
     from attncache.tiers.memo import ResultMemo
 
     db = tmp_path / "db"
-    build(tiny_hf("llama"), "sst2[0:12]", str(db), progress=False)
+    build(tiny_hf("llama"), "sst2[0:12]", str(db), BuildOptions(progress=False))
     data = few_shot_rows(tmp_path, questions=4)
     options = BatchOptions(actors=2, batch_size=4, progress=False)
     first = run_batch(str(db), str(data), str(tmp_path / "a"), options=options)

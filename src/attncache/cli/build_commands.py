@@ -34,7 +34,7 @@ def store_layers(text: str):
 
 def run_build(a) -> int:
     from ..build import BuildConfig
-    from ..workflows import build
+    from ..workflows import BuildOptions, build
 
     if a.sparse_eps is not None and a.compression != "sparse":
         raise UserError("--sparse-eps has no effect without --compression sparse")
@@ -48,10 +48,7 @@ def run_build(a) -> int:
         store_layers="auto" if layers == "auto" else "all",
         layers=layers if isinstance(layers, list) else None,
     )
-    cache = build(
-        a.model,
-        a.data,
-        a.out,
+    opts = BuildOptions(
         a.limit,
         cfg,
         progress=not a.quiet,
@@ -63,6 +60,7 @@ def run_build(a) -> int:
         calibrate_share=0.0 if a.no_calibrate else a.calibrate_share,
         max_loss=a.max_loss,
     )
+    cache = build(a.model, a.data, a.out, opts)
     info = cache.info()
     if a.json:
         print(json.dumps(info.as_dict()))
@@ -75,30 +73,31 @@ def run_build(a) -> int:
     return 0
 
 
+def calibration_data(a):
+    from ..workflows import CalibrationData, SessionOptions
+
+    session = SessionOptions(device=a.device, dtype=a.dtype, max_tokens=a.max_tokens)
+    return CalibrationData(db_of(a), a.data, a.limit, a.model, session)
+
+
 def run_calibrate(a) -> int:
-    from ..workflows import calibrate
+    from ..workflows import CalibrationOptions, calibrate
 
     if a.no_templates:
         refuse(a, ["rank_share", "max_template_share"], "with --no-templates")
-    res = calibrate(
-        db_of(a),
-        a.data,
+    opts = CalibrationOptions(
         a.max_loss,
-        a.limit,
-        a.batch_size,
         a.confidence,
+        a.batch_size,
         progress=not a.quiet and not a.json,
-        model_name=a.model,
         write=not a.dry_run,
-        max_tokens=a.max_tokens,
         templates=not a.no_templates,
         rank_share=a.rank_share or 0.25,
         max_template_share=a.max_template_share or 0.6,
-        device=a.device,
-        dtype=a.dtype,
         max_minutes=a.max_minutes,
         exhaustive=a.exhaustive,
-    ).as_dict()
+    )
+    res = calibrate(calibration_data(a), opts).as_dict()
     emit(res, a.json, [k for k in res if k != "candidates"])
     if not a.json:
         print("written to the DB" if not a.dry_run else "dry run: the DB is unchanged")
@@ -108,18 +107,9 @@ def run_calibrate(a) -> int:
 def run_templates(a) -> int:
     from ..workflows import templates_only
 
+    progress = not a.quiet and not a.json
     res = templates_only(
-        db_of(a),
-        a.data,
-        a.max_share,
-        a.limit,
-        a.batch_size,
-        progress=not a.quiet and not a.json,
-        model_name=a.model,
-        max_tokens=a.max_tokens,
-        rounds=a.rank_rounds,
-        device=a.device,
-        dtype=a.dtype,
+        calibration_data(a), a.max_share, a.rank_rounds, a.batch_size, progress
     ).as_dict()
     emit(res, a.json)
     return 0

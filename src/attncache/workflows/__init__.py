@@ -1,11 +1,20 @@
 """The commands as Python functions: the CLI, bench, serve and batch are thin layers over these."""
 
-from .calibrate import CalibrationResult, calibrate, templates_only
-from .evaluate import EvalOptions, EvalResult, build, evaluate
+from .calibrate import (
+    CalibrationData,
+    CalibrationOptions,
+    CalibrationResult,
+    calibrate,
+    templates_only,
+)
+from .evaluate import BuildOptions, EvalOptions, EvalResult, build, evaluate
 from .session import Session, SessionOptions, input_limit
 from .sweep import sweep
 
 __all__ = [
+    "BuildOptions",
+    "CalibrationData",
+    "CalibrationOptions",
     "CalibrationResult",
     "EvalOptions",
     "EvalResult",

@@ -4,7 +4,7 @@ bound."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -74,35 +74,28 @@ def fit_templates(
     return select(means, layers, order, c.adapter.causal), info
 
 
+@dataclass
+class CalibrationData:
+    """What ``calibrate`` and ``templates`` run on: a DB, DATA's rows (the first ``limit``), the
+    model that opens the DB (``model_name``: the DB's own by default) and how it loads."""
+
+    db: str
+    data: str
+    limit: int | None = None
+    model_name: str | None = None
+    session: SessionOptions = field(default_factory=SessionOptions)
+
+
 def exact_on_decoder(
-    db: str,
-    data: str,
-    limit,
-    batch_size: int,
-    progress: bool,
-    model_name,
-    max_tokens,
-    refusal: str,
-    device: str = "cpu",
-    dtype: str = "float32",
+    src: CalibrationData, batch_size: int, progress: bool, refusal: str
 ) -> tuple[Session, Plan, RunOutput]:
     """Open a decoder DB (``refusal`` otherwise), plan DATA and run it exactly."""
-    s = Session.open(
-        db, model_name, SessionOptions(max_tokens=max_tokens, device=device, dtype=dtype)
-    )
+    s = Session.open(src.db, src.model_name, src.session)
     if not s.causal:
         raise UserError(refusal)
-    plan = s.plan(data, limit, quiet=not progress)
-    return (
-        s,
-        plan,
-        run(
-            s.model,
-            s.tokenizer,
-            plan,
-            RunOptions(batch_size=batch_size, progress=progress, desc="exact"),
-        ),
-    )
+    plan = s.plan(src.data, src.limit, quiet=not progress)
+    opts = RunOptions(batch_size=batch_size, progress=progress, desc="exact")
+    return s, plan, run(s.model, s.tokenizer, plan, opts)
 
 
 @dataclass(frozen=True)
@@ -120,40 +113,28 @@ class TemplatesResult:
 
 
 def templates_only(
-    db: str,
-    data: str,
+    src: CalibrationData,
     max_share: float = 0.6,
-    limit: int | None = None,
+    rounds: int = 1,
     batch_size: int = 8,
     progress: bool = True,
-    model_name: str | None = None,
-    max_tokens: int | None = None,
-    rounds: int = 1,
-    device: str = "cpu",
-    dtype: str = "float32",
 ) -> TemplatesResult:
     """Fit and store templates for the ``max_share`` of heads that rank best on DATA, without
     choosing how many to use (``--policy fixed:N`` picks; ``calibrate`` chooses N under a bound)."""
     if not 0 < max_share <= 1:
         raise UserError(f"--max-share must be in (0, 1], got {max_share}")
     s, plan, exact = exact_on_decoder(
-        db,
-        data,
-        limit,
+        src,
         batch_size,
         progress,
-        model_name,
-        max_tokens,
         "templates are ranked by their effect on choice scores: they need a decoder cache",
-        device,
-        dtype,
     )
     t, info = fit_templates(
         s, plan, exact, list(range(len(plan.rows))), max_share, progress, rounds
     )
-    s.cache.set_templates(t, {"source": f"attncache templates on {data}", **info})
+    s.cache.set_templates(t, {"source": f"attncache templates on {src.data}", **info})
     return TemplatesResult(
-        db, len(t.heads), t.max_len, info["ranked_on"], int(t.maps.nbytes), s.device, s.dtype
+        src.db, len(t.heads), t.max_len, info["ranked_on"], int(t.maps.nbytes), s.device, s.dtype
     )
 
 
@@ -188,28 +169,9 @@ class CalibrationResult:
         return asdict(self)
 
 
-def calibrate(
-    db: str,
-    data: str,
-    max_loss: float,
-    limit: int | None = None,
-    batch_size: int = 8,
-    conf: float = 0.95,
-    progress: bool = True,
-    model_name: str | None = None,
-    write: bool = True,
-    heads: bool = True,
-    max_tokens: int | None = None,
-    templates: bool = True,
-    rank_share: float = 0.25,
-    max_template_share: float = 0.6,
-    device: str = "cpu",
-    dtype: str = "float32",
-    max_minutes: float | None = None,
-    exhaustive: bool = False,
-) -> CalibrationResult:
+def calibrate(src: CalibrationData, opts: CalibrationOptions) -> CalibrationResult:
     """Store the setting that reuses the most maps while the upper bound on changed answers <=
-    max_loss.
+    ``opts.max_loss``.
 
     Candidates: retrieval policies (the k most stable layers, the N most stable heads) at every
     threshold; with ``templates``, also the k best template heads alone (k = 5..60 % of all maps)
@@ -218,39 +180,20 @@ def calibrate(
     other remaining row and the bound is measured on the rows between, which did not choose it.
     The search (``search.py``) skips and stops candidates that cannot win; ``max_minutes`` caps its
     time and returns the best setting found within it, labelled as such."""
-    if not 0 < max_loss < 1:
+    if not 0 < opts.max_loss < 1:
         raise UserError(
-            f"--max-loss must be between 0 and 1 (a fraction of predictions), got {max_loss}"
+            f"--max-loss must be between 0 and 1 (a fraction of predictions), got {opts.max_loss}"
         )
-    if max_minutes is not None and max_minutes <= 0:
-        raise UserError(f"--max-minutes must be positive, got {max_minutes}")
+    if opts.max_minutes is not None and opts.max_minutes <= 0:
+        raise UserError(f"--max-minutes must be positive, got {opts.max_minutes}")
     t0 = time.monotonic()
     s, plan, exact = exact_on_decoder(
-        db,
-        data,
-        limit,
-        batch_size,
-        progress,
-        model_name,
-        max_tokens,
+        src,
+        opts.batch_size,
+        opts.progress,
         "calibrate needs labelled predictions: it supports decoder caches (choice or text rows)",
-        device,
-        dtype,
     )
-    opts = CalibrationOptions(
-        max_loss,
-        conf,
-        batch_size,
-        progress,
-        write,
-        heads,
-        templates,
-        rank_share,
-        max_template_share,
-        max_minutes,
-        exhaustive,
-    )
-    return calibrate_plan(s, plan, exact, data, opts, t0)
+    return calibrate_plan(s, plan, exact, src.data, opts, t0)
 
 
 @dataclass

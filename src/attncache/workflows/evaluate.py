@@ -33,31 +33,36 @@ def held_out_rows(n_rows: int, share: float, max_loss: float) -> int:
     return n if n >= 2 * rows_for(max_loss, CONFIDENCE) else 0
 
 
-def build(
-    model_name: str,
-    data: str,
-    out: str,
-    limit: int | None = None,
-    cfg: BuildConfig | None = None,
-    progress: bool = True,
-    force: bool = False,
-    strict: bool = False,
-    max_tokens: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    calibrate_share: float = 0.35,
-    max_loss: float = 0.02,
-) -> AttnCache:
+@dataclass
+class BuildOptions:
+    """How ``build`` reads DATA, records it and calibrates its default."""
+
+    limit: int | None = None  # DATA's first rows only
+    config: BuildConfig | None = None  # how maps are stored (codec, layers, byte cap, batch size)
+    progress: bool = True
+    force: bool = False  # overwrite an existing DB
+    strict: bool = False  # a bad row fails the build instead of being skipped
+    max_tokens: int | None = None  # rows with a longer input are skipped (reported)
+    device: str = "cpu"
+    dtype: str = "float32"
+    calibrate_share: float = 0.35  # of DATA's rows held out to calibrate the default (0: none)
+    max_loss: float = 0.02  # the default's bound on the share of changed answers
+
+
+def build(model_name: str, data: str, out: str, opts: BuildOptions | None = None) -> AttnCache:
     """Record every model input of DATA with ``model_name`` and write a cache DB at ``out``.
 
     Decoders: ``calibrate_share`` of DATA's rows is held out of the DB and calibrates its default
     policy and threshold against the model's own exact answers, to ``max_loss`` (agreement needs no
     labels). With too few rows for a bound, or for encoders, the default reuses no approximate maps,
     and ``inspect`` says why. ``calibrate_share=0``: the uncalibrated stability default."""
+    o = opts or BuildOptions()
+    cfg, progress, max_tokens = o.config, o.progress, o.max_tokens
+    calibrate_share, max_loss = o.calibrate_share, o.max_loss
     t0 = time.monotonic()
-    model, tok = models.load(model_name, dtype=dtype, device=device)
+    model, tok = models.load(model_name, dtype=o.dtype, device=o.device)
     causal = models.model_kind(model.config) == "decoder"
-    ds = data_mod.load(data, encoder=not causal, limit=limit, strict=strict)
+    ds = data_mod.load(data, encoder=not causal, limit=o.limit, strict=o.strict)
     plan = plan_rows(ds.rows, tok, causal, input_limit(model, tok, max_tokens))
     warn_skipped(ds.skipped + plan.skipped, not progress)
     require_rows(plan)
@@ -73,7 +78,7 @@ def build(
     seqs = [plan.seqs[q] for q in sorted(seq_row)]
     groups = [seq_row[q] for q in sorted(seq_row)]
     cache = AttnCache.build(
-        model, tok, seqs, out, cfg, progress=progress, force=force, groups=groups
+        model, tok, seqs, out, cfg, progress=progress, force=o.force, groups=groups
     )
     if held:
         sub = plan.subset(held)

@@ -715,3 +715,24 @@ def test_sliding_window_missing_prefixes_side_by_side_are_exact(family):
     for r, g in zip(exact_logits(model, wide, 1), got, strict=True):
         assert (r - g).abs().max() < 1e-4
     assert runner.stats.tokens_reused > 0
+
+
+def test_assign_prefixes_runs_new_groups_in_a_row_and_reads_held_ones_from_the_tree():
+    from attncache.tiers.schedule import assign_prefixes
+
+    p, q = list(range(1, 21)), list(range(30, 50))
+    seqs = [p + [90], p + [91, 92], q + [93], q + [94], [5, 6, 7]]
+    limits = [len(s) - 1 for s in seqs]
+    tree = {tuple(q[:18])}  # the tree holds all of q's group but 2 of its 20 shared tokens
+
+    def held(tokens, n):
+        return max(
+            (len(t) for t in tree if list(t) == list(tokens[: len(t)]) and len(t) <= n), default=0
+        )
+
+    got = assign_prefixes(seqs, limits, 8, held, in_row_tokens=64)
+    assert got.in_row == [([0, 1], 20)]  # p: not held, fits a row
+    assert got.wanted[2:4] == [18, 18] and not got.missing  # q: reads the 18 held, runs 2 more
+    assert got.wanted[4] == 0 and got.longest_shared == 20
+    never = assign_prefixes(seqs, limits, 8, held, in_row_tokens=0)  # no packing
+    assert not never.in_row and never.missing == {tuple(p)} and never.wanted[:2] == [20, 20]

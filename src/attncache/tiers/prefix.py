@@ -62,7 +62,7 @@ from .model_io import (
 )
 from .packing import Block, Group, Packed, Row, pack, plan_rows, segment_rows, split_rows
 from .radix import Match, RadixKV, from_tensors, to_tensors
-from .schedule import prefix_groups, shared_prefix
+from .schedule import assign_prefixes
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
@@ -233,36 +233,17 @@ class PrefixTier:
         wanted = [0] * count  # per item: prefix tokens it will take from the tree
         in_row: list[tuple[list[int], int]] = []  # groups (and prefix length) run in one row
         if not self.idle:
-            missing: set[tuple[int, ...]] = set()
-            for members in prefix_groups(seqs, self.min_prefix):
-                if len(members) < 2:
-                    continue
-                shared = min(shared_prefix(seqs, members), *(limits[i] for i in members))
-                self.longest_shared = max(self.longest_shared, shared)
-                if shared < self.min_prefix:
-                    continue
-                held = self.tree.match(seqs[members[0]], shared).length
-                if (
-                    held < shared
-                    and held >= self.min_prefix
-                    and len(members) * (shared - held) < shared
-                ):
-                    # the tree holds all but a few of the group's tokens (a group split across
-                    # batches, whose new members happen to share a little more): take what it
-                    # holds and run those few tokens in every suffix, not the prefix again
-                    shared = held
-                prefix = tuple(seqs[members[0]][:shared])
-                cached = held >= shared
-                width = shared + sum(len(seqs[i]) - shared for i in members)
-                if not cached and self.pack and width <= IN_ROW_TOKENS:
-                    in_row.append((members, shared))  # one row: prefix, members' suffixes
-                    continue
-                for i in members:
-                    wanted[i] = shared
-                if not cached:
-                    missing.add(prefix)
+            got = assign_prefixes(
+                seqs,
+                limits,
+                self.min_prefix,
+                lambda tokens, n: self.tree.match(tokens, n).length,
+                IN_ROW_TOKENS if self.pack else 0,
+            )
+            wanted, in_row = got.wanted, got.in_row
+            self.longest_shared = max(self.longest_shared, got.longest_shared)
             with maps.paused() if maps is not None else contextlib.nullcontext():  # prefixes: exact
-                self._ensure(missing)
+                self._ensure(got.missing)
         grouped = {i for g, _ in in_row for i in g}
         matches: list[Match | None] = []
         for i, seq in enumerate(seqs):

@@ -8,7 +8,8 @@ inside a group inputs are ordered by length so padded suffixes waste little.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 # a batch sized by tokens holds at most this many times ``batch_size`` inputs (the logits it
 # returns, and the Python work per input, grow with its inputs)
@@ -106,3 +107,50 @@ def prefix_batches(
         batches[-1].append(i)
         tokens += cost[i]
     return batches
+
+
+@dataclass
+class Assignment:
+    """How the inputs of one batch get their prefixes (``assign_prefixes``)."""
+
+    wanted: list[int]  # per input: the prefix tokens it must take from the tree (0: any match)
+    in_row: list[tuple[list[int], int]]  # groups run as one row: members, prefix length
+    missing: set[tuple[int, ...]]  # prefixes to compute into the tree before the batch runs
+    longest_shared: int  # the longest prefix a group shared
+
+
+def assign_prefixes(
+    seqs: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    min_prefix: int,
+    held: Callable[[Sequence[int], int], int],
+    in_row_tokens: int,
+) -> Assignment:
+    """Per group of inputs sharing at least ``min_prefix`` tokens (each input reusing at most
+    ``limits[i]``): run as one row (the prefix, then every member's suffix) when its prefix is
+    not held and the row fits ``in_row_tokens`` (0: never), else read the prefix from the tree,
+    computed first if missing. ``held(tokens, n)``: how many of the first ``n`` tokens the tree
+    holds. Where the tree holds all but a few of a group's tokens (a group split across batches
+    whose new members share a little more), the group reads what is held and runs those few
+    tokens in every suffix, not the prefix again."""
+    out = Assignment([0] * len(seqs), [], set(), 0)
+    for members in prefix_groups(seqs, min_prefix):
+        if len(members) < 2:
+            continue
+        shared = min(shared_prefix(seqs, members), *(limits[i] for i in members))
+        out.longest_shared = max(out.longest_shared, shared)
+        if shared < min_prefix:
+            continue
+        have = held(seqs[members[0]], shared)
+        if min_prefix <= have < shared and len(members) * (shared - have) < shared:
+            shared = have
+        cached = have >= shared
+        width = shared + sum(len(seqs[i]) - shared for i in members)
+        if not cached and width <= in_row_tokens:
+            out.in_row.append((members, shared))
+            continue
+        for i in members:
+            out.wanted[i] = shared
+        if not cached:
+            out.missing.add(tuple(seqs[members[0]][:shared]))
+    return out

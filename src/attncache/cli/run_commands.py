@@ -85,7 +85,7 @@ def margin(text: str) -> str:
 
 
 def run_eval(a) -> int:
-    from ..workflows import EvalOptions, SessionOptions, evaluate, sweep
+    from ..workflows import CalibrationData, EvalOptions, SessionOptions, evaluate, sweep
     from ..workflows.cheap import VerifyOptions
 
     progress = not a.quiet and not a.json
@@ -105,18 +105,9 @@ def run_eval(a) -> int:
             ],
             "with --sweep (it mixes every threshold from one pass per policy)",
         )
-        res = sweep(
-            db_of(a),
-            a.data,
-            a.policy or ["all", "default"],
-            a.limit,
-            a.batch_size,
-            progress=progress,
-            model_name=a.model,
-            max_tokens=a.max_tokens,
-            device=a.device,
-            dtype=a.dtype,
-        ).as_dict()
+        session = SessionOptions(device=a.device, dtype=a.dtype, max_tokens=a.max_tokens)
+        src = CalibrationData(db_of(a), a.data, a.limit, a.model, session)
+        res = sweep(src, a.policy or ["all", "default"], a.batch_size, progress).as_dict()
         if a.plot:
             from ..plots import plot_sweep
 

@@ -1,14 +1,13 @@
 """The commands as Python functions: the CLI, bench, serve and batch are thin layers over these."""
 
 from .calibrate import (
-    CalibrationData,
     CalibrationOptions,
     CalibrationResult,
     calibrate,
     templates_only,
 )
 from .evaluate import BuildOptions, EvalOptions, EvalResult, build, evaluate
-from .session import Session, SessionOptions, input_limit
+from .session import CalibrationData, Session, SessionOptions, input_limit
 from .sweep import sweep
 
 __all__ = [

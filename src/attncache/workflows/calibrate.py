@@ -4,7 +4,7 @@ bound."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..runtime import Policy
 from ..tasks import Plan, RunOptions, RunOutput, compare, run
 from .search import Search
-from .session import Session, SessionOptions
+from .session import CalibrationData, Session
 
 CANDIDATE_LAYER_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
 CANDIDATE_HEAD_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -72,18 +72,6 @@ def fit_templates(
     )
     info = {"ranked_on": len(targets), "method": "attribution", "rounds": rounds, "score": scores}
     return select(means, layers, order, c.adapter.causal), info
-
-
-@dataclass
-class CalibrationData:
-    """What ``calibrate`` and ``templates`` run on: a DB, DATA's rows (the first ``limit``), the
-    model that opens the DB (``model_name``: the DB's own by default) and how it loads."""
-
-    db: str
-    data: str
-    limit: int | None = None
-    model_name: str | None = None
-    session: SessionOptions = field(default_factory=SessionOptions)
 
 
 def exact_on_decoder(

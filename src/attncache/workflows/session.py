@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,19 @@ class SessionOptions:
     max_tokens: int | None = None  # rows with a longer input are skipped (reported)
     max_bytes: int | None = None  # the DB's byte cap (None: as stored)
     eviction: str | None = None  # the DB's eviction rule (None: as stored)
+
+
+@dataclass
+class CalibrationData:
+    """What ``calibrate``, ``templates`` and ``sweep`` run on: a DB, DATA's rows (the first
+    ``limit``), the model that opens the DB (``model_name``: the DB's own by default) and how it
+    loads."""
+
+    db: str
+    data: str
+    limit: int | None = None
+    model_name: str | None = None
+    session: SessionOptions = field(default_factory=SessionOptions)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 from ..build.calibrate import QUANTILES, SweepPoint, binom_upper
 from ..runtime import Policy
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, compare, mix, run
-from .session import Session, SessionOptions
+from .session import CalibrationData, Session
 
 
 @dataclass
@@ -133,23 +133,12 @@ class SweepResult:
 
 
 def sweep(
-    db: str,
-    data: str,
-    policies: list[str],
-    limit: int | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    model_name: str | None = None,
-    max_tokens: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    src: CalibrationData, policies: list[str], batch_size: int = 8, progress: bool = True
 ) -> SweepResult:
     """Every policy's pass at threshold infinity, mixed into a point per threshold."""
-    s = Session.open(
-        db, model_name, SessionOptions(max_tokens=max_tokens, device=device, dtype=dtype)
-    )
+    s = Session.open(src.db, src.model_name, src.session)
     specs = [s.cache.policy(p) for p in policies]
-    plan = s.plan(data, limit, quiet=not progress)
+    plan = s.plan(src.data, src.limit, quiet=not progress)
     exact = run(
         s.model,
         s.tokenizer,

@@ -125,9 +125,7 @@ def run(
     prefixes through the prefix tier, the rest through the model with maps attached."""
     opts = opts or RunOptions()
     attached, prefix, memo = tiers.attached, tiers.prefix, tiers.memo
-    batch_size, progress, desc = opts.batch_size, opts.progress, opts.desc
-    lookahead, keep_prefixes = opts.lookahead, opts.keep_prefixes
-    seq_ids, into = opts.seq_ids, opts.into
+    progress, desc, seq_ids, into = opts.progress, opts.desc, opts.seq_ids, opts.into
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if attached is not None and attached.inert:
         attached = None  # a policy that reuses nothing: the plain model
@@ -144,32 +142,8 @@ def run(
         for i in answered:
             out.memo_hit[i] = True
         todo = [i for i in todo if i not in answered]
-    lengths = [len(plan.seqs[i]) for i in todo]
-    insert: dict[int, int] | None = None  # per input: leading tokens a later batch shares
-    seqs_todo = [plan.seqs[i] for i in todo]
-    groups: list[list[int]] | None = None
-    reusable: list[int] | None = None  # per group: prefix tokens its later members reuse
-    if plan.causal and prefix is not None and not prefix.idle and lookahead:
-        groups = prefix_groups(seqs_todo, prefix.min_prefix)
-        reusable = [
-            _reusable(seqs_todo, g, [need[todo[j]] for j in g]) if len(g) > 1 else 0 for g in groups
-        ]
-        saved = sum((len(g) - 1) * r for g, r in zip(groups, reusable, strict=True))
-        if prefix.empty and saved < MIN_SAVED_SHARE * sum(lengths):
-            prefix = None  # too little shared: the tier would cost more than it saves
-        else:
-            insert = {}  # filled once the batches are known
-    if prefix is not None and not prefix.idle:
-        # sized by the tokens the tier will run when the whole workload is known
-        batches = prefix_batches(seqs_todo, batch_size, prefix.min_prefix, groups, reusable)
-        if insert is not None and groups is not None and reusable is not None:
-            # per input the K/V a later batch's input shares
-            batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
-            for g, r in zip(groups, reusable, strict=True):
-                spans = keep_prefixes or len({batch_of[todo[j]] for j in g}) > 1
-                insert.update({todo[j]: r if spans else 0 for j in g})
-    else:
-        batches = list(length_batches(lengths, batch_size))
+    sched = _schedule(plan, todo, need, prefix, opts)
+    prefix, insert = sched.prefix, sched.insert
     seconds = time.perf_counter() - t_start
     head = prefix.head if prefix is not None else None
     pending = Pending(head, opts.greedy)  # states from several batches meet the head together
@@ -192,7 +166,7 @@ def run(
                 scope.write(plan, i, wanted, out)
 
     with Stage(len(todo), desc, progress) as bar:
-        for picked in batches:
+        for picked in sched.batches:
             batch = [todo[j] for j in picked]
             t0 = time.perf_counter()
             seqs = [plan.seqs[i] for i in batch]
@@ -244,6 +218,46 @@ def run(
             record(answered, scores)
     out.seconds += seconds
     return out
+
+
+@dataclass
+class _Schedule:
+    batches: list[list[int]]  # positions in ``todo``, per forward
+    prefix: PrefixTier | None  # None: the workload runs without the tier
+    insert: dict[int, int] | None  # per sequence: leading tokens a later batch reads (None: ?)
+
+
+def _schedule(
+    plan: Plan, todo: list[int], need: list[int], prefix: PrefixTier | None, opts: RunOptions
+) -> _Schedule:
+    """The batches the sequences ``todo`` run in, and what the prefix tier should keep. With the
+    tier and the whole workload in view (``lookahead``): groups sharing a prefix run together,
+    batches sized by the tokens the tier will run, and only the prefixes a later batch reads
+    are kept (every group's with ``keep_prefixes``); a workload that shares too little runs
+    without the tier. Otherwise batches by length."""
+    lengths = [len(plan.seqs[i]) for i in todo]
+    seqs = [plan.seqs[i] for i in todo]
+    insert: dict[int, int] | None = None
+    groups: list[list[int]] | None = None
+    reusable: list[int] | None = None  # per group: prefix tokens its later members reuse
+    if plan.causal and prefix is not None and not prefix.idle and opts.lookahead:
+        groups = prefix_groups(seqs, prefix.min_prefix)
+        reusable = [
+            _reusable(seqs, g, [need[todo[j]] for j in g]) if len(g) > 1 else 0 for g in groups
+        ]
+        saved = sum((len(g) - 1) * r for g, r in zip(groups, reusable, strict=True))
+        if prefix.empty and saved < MIN_SAVED_SHARE * sum(lengths):
+            return _Schedule(list(length_batches(lengths, opts.batch_size)), None, None)
+        insert = {}
+    if prefix is None or prefix.idle:
+        return _Schedule(list(length_batches(lengths, opts.batch_size)), prefix, None)
+    batches = prefix_batches(seqs, opts.batch_size, prefix.min_prefix, groups, reusable)
+    if insert is not None and groups is not None and reusable is not None:
+        batch_of = {todo[j]: b for b, picked in enumerate(batches) for j in picked}
+        for g, r in zip(groups, reusable, strict=True):
+            spans = opts.keep_prefixes or len({batch_of[todo[j]] for j in g}) > 1
+            insert.update({todo[j]: r if spans else 0 for j in g})
+    return _Schedule(batches, prefix, insert)
 
 
 @dataclass

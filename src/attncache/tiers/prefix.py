@@ -41,6 +41,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -267,7 +268,10 @@ class PrefixTier:
         try:
             fresh = [i for i, m in enumerate(matches) if m is None and i not in grouped]
             keep_kv = {i for i in fresh if insert is None or insert[i] > 0}
-            self._run_fresh(fresh, seqs, keep, pad_id, maps, needs, out, hits, reused, keep_kv)
+            for i, (logits, hit, replayed) in self._run_fresh(
+                seqs, fresh, needs, pad_id, maps, keep_kv
+            ).items():
+                out[i], hits[i], reused[i] = logits, hit, replayed
             if grouped or any(m is not None for m in matches):
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
                     got = self._run_rows(seqs, matches, in_row, needs, pad_id, insert, tokens)
@@ -432,36 +436,36 @@ class PrefixTier:
 
     def _run_fresh(
         self,
+        seqs: list[list[int]],
         idx: list[int],
-        seqs,
-        keep: int,
+        needs: list[int],
         pad_id: int,
         maps,
-        needs: list[int],
-        out: list,
-        hits: list,
-        reused_out: list,
         keep_kv: set[int],
-    ) -> None:
-        """Run inputs without a usable prefix as one batch; insert the K/V of those in ``keep_kv``
-        (none while idle: then no K/V cache is even built)."""
+    ) -> dict[int, tuple[torch.Tensor, Any, bool]]:
+        """Run inputs without a usable prefix as one batch (each input's logits at its
+        ``needs[i]`` last positions); insert the K/V of those in ``keep_kv`` (none while idle:
+        then no K/V cache is even built). Per input: its logits, its map-cache hit, and whether
+        it replayed a map."""
         if not idx:
-            return
+            return {}
         inputs = collate([seqs[i] for i in idx], pad_id, True, self.device)
         build = not self.idle and bool(keep_kv)
         cache = {CACHE_KW: empty_cache()} if build else {}
+        keep = max(needs[i] for i in idx)
         res = self.model(**inputs, logits_to_keep=keep, use_cache=build, **cache)
         self.stats.add(tokens_run=sum(len(seqs[i]) for i in idx))
         batch_hits = list(maps.last_hits) if maps is not None else [None] * len(idx)
         reused = list(maps.last_reused) if maps is not None else [False] * len(idx)
-        for j, i in enumerate(idx):
-            # rows are left-padded: each input's last positions are the batch's last positions
-            out[i] = res.logits[j, -min(needs[i], len(seqs[i])) :]
-            hits[i] = batch_hits[j]
-            reused_out[i] = reused[j]
+        # rows are left-padded: each input's last positions are the batch's last positions
+        got = {
+            i: (res.logits[j, -min(needs[i], len(seqs[i])) :], batch_hits[j], bool(reused[j]))
+            for j, i in enumerate(idx)
+        }
         if build:
             skip = [reused[j] or i not in keep_kv for j, i in enumerate(idx)]
             self._insert_batch([seqs[i] for i in idx], output_cache(res), skip)
+        return got
 
     def _insert_batch(self, seqs: list[list[int]], cache, reused: list[bool]) -> None:
         t0 = time.perf_counter()

@@ -91,7 +91,8 @@ def score_states(
     out, k = [], 0
     for b, n, qs in zip(starts, sizes, queries, strict=True):
         top = {n - j: best_list[b + j] for j in range(n)} if greedy else {}
-        out.append(Scored(values[k : k + len(qs)], best_list[b + n - 1], top))
+        last = best_list[b + n - 1] if n else -1  # -1: no position (never a neighbour's)
+        out.append(Scored(values[k : k + len(qs)], last, top))
         k += len(qs)
     return out
 

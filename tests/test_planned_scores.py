@@ -72,8 +72,13 @@ def planned_scores(model, data: list[ChoiceRow], tier: bool) -> tuple[dict, list
     return scores, plan.skipped
 
 
+@pytest.mark.parametrize("flush", [1, None])  # the head after every batch, or once at the end
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_planned_choice_scores_equal_each_choice_run_whole(family):
+def test_planned_choice_scores_equal_each_choice_run_whole(family, flush, monkeypatch):
+    from attncache.tasks import scoring
+
+    if flush is not None:
+        monkeypatch.setattr(scoring, "FLUSH_POSITIONS", flush)
     data = rows()
     fp32 = peaky(tiny_model(family))
     reference = whole_choice_scores(fp32, data)

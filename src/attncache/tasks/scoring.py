@@ -11,6 +11,7 @@ float32 whatever the model's dtype; ``score_logits`` is the reference ``score_st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -62,7 +63,7 @@ def score_states(
     flat = torch.cat(states)
     dev = flat.device  # every tensor made here lives beside the states (never a default device)
     sizes = [s.shape[0] for s in states]
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    starts = [0, *accumulate(sizes)][:-1]  # each item's first row in ``flat``
     pos = torch.tensor(
         [b + n - q.from_end for b, n, qs in zip(starts, sizes, queries, strict=True) for q in qs],
         dtype=torch.long,

@@ -116,6 +116,25 @@ def test_composition_with_map_reuse(built):
         assert (r - g).abs().max() < 1e-4
 
 
+def test_kept_kv_are_their_own_inputs_when_a_batch_mixes_a_map_hit_and_an_unkept_input(built):
+    """A batch of [computed, not kept | replayed a map | computed, kept]: the replayed row holds no
+    place in its layers' K/V, the unkept one does. Before 2026-12-07 the kept input's place was
+    counted among the kept rows only, so the tree stored the unkept input's K/V under its tokens
+    and a later input reading them was off by 0.55 in its logits."""
+    model, cache, seqs = built("llama")
+    runner = PrefixTier(model, min_prefix=4)
+    first, kept = random_seqs(2, lo=14, hi=14, seed=33)
+    with cache.attach(model, policy="all", threshold=1e-4) as att:
+        hits = runner.run([first, seqs[0], kept], 1, 0, maps=att, insert=[0, 0, len(kept)]).hits
+    assert hits[0] is None and hits[1] is not None and hits[2] is None
+    assert runner.tree.match(first, len(first)).length == 0  # not kept
+    assert runner.tree.match(kept, len(kept)).length == len(kept)
+    later = kept + [5, 6]
+    got = runner.run([later], 1, 0)
+    assert got.prefix_tokens[0] == len(kept)
+    assert (exact_logits(model, [later], 1)[0] - got.logits[0]).abs().max() < 1e-4
+
+
 def test_tier_goes_idle_without_shared_prefixes():
     from attncache.tiers.prefix import IDLE_AFTER
 
@@ -266,7 +285,7 @@ def test_packed_rows_stay_within_the_prefix_length_and_exact():
     """Long continuations on a short cached prompt fill several packed rows (a row's attention
     grows with its whole width), each within max(PACK_MIN_TOKENS, prefix) suffix tokens; outputs
     are exact."""
-    from attncache.tiers.prefix import PACK_MIN_TOKENS
+    from attncache.tiers.rows import PACK_MIN_TOKENS
 
     model = tiny_model("llama")
     prompt = random_seqs(1, lo=10, hi=10, seed=83)[0]
@@ -404,9 +423,9 @@ def test_cached_rows_an_in_row_group_and_a_loner_share_one_forward(head, monkeyp
     every output equal to the uncached model's (the head on needed positions only, or the model's
     own logits at every row's positions). Rows as wide as these may also split (see below); here
     a high per-forward cost keeps them in one, so cached and in-row rows share it."""
-    from attncache.tiers import prefix as prefix_module
+    from attncache.tiers import rows as rows_module
 
-    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)
+    monkeypatch.setattr(rows_module, "FORWARD_TOKENS", 10_000)
     model = tiny_model("llama")
     a, b = random_seqs(2, lo=20, hi=26, seed=101)
     runner = PrefixTier(model, min_prefix=8)
@@ -551,9 +570,10 @@ def test_wide_groups_prefixes_run_in_one_packed_forward_and_exact(monkeypatch):
     prefixes run in one forward, side by side, then the suffixes over them; all outputs equal the
     uncached model's (1e-4)."""
     from attncache.tiers import prefix as prefix_module
+    from attncache.tiers import rows as rows_module
 
     monkeypatch.setattr(prefix_module, "IN_ROW_TOKENS", 0)  # every new group: prefix first
-    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)  # suffixes in one forward
+    monkeypatch.setattr(rows_module, "FORWARD_TOKENS", 10_000)  # suffixes in one forward
     model = tiny_model("qwen2")
     prompts = [random_seqs(1, lo=n, hi=n, seed=90 + n)[0] for n in (30, 17, 12)]
     batch = [p + [3 + k] * (1 + k) for p in prompts for k in range(3)]
@@ -573,14 +593,15 @@ def test_prefixes_longer_than_the_side_by_side_width_run_one_per_row(monkeypatch
     save. 17 + 14 tokens fit a row only wider than the longest prompt (30): by default they share
     one (2 rows), with the width lowered to 20 each prompt runs in a row of its own, exact."""
     from attncache.tiers import prefix as prefix_module
+    from attncache.tiers import rows as rows_module
 
     monkeypatch.setattr(prefix_module, "IN_ROW_TOKENS", 0)
-    monkeypatch.setattr(prefix_module, "FORWARD_TOKENS", 10_000)
+    monkeypatch.setattr(rows_module, "FORWARD_TOKENS", 10_000)
     model = tiny_model("qwen2")
     prompts = [random_seqs(1, lo=n, hi=n, seed=90 + n)[0] for n in (30, 17, 14)]
     batch = [p + [3 + k] * (1 + k) for p in prompts for k in range(3)]
-    for width, rows in ((prefix_module.SIDE_BY_SIDE_TOKENS, 2), (20, 3)):
-        monkeypatch.setattr(prefix_module, "SIDE_BY_SIDE_TOKENS", width)
+    for width, rows in ((rows_module.SIDE_BY_SIDE_TOKENS, 2), (20, 3)):
+        monkeypatch.setattr(rows_module, "SIDE_BY_SIDE_TOKENS", width)
         runner = PrefixTier(model, min_prefix=8)
         with TokenCounter(model) as counter:
             got = runner.run(batch, 1, 0).logits
@@ -736,3 +757,21 @@ def test_assign_prefixes_runs_new_groups_in_a_row_and_reads_held_ones_from_the_t
     assert got.wanted[4] == 0 and got.longest_shared == 20
     never = assign_prefixes(seqs, limits, 8, held, in_row_tokens=0)  # no packing
     assert not never.in_row and never.missing == {tuple(p)} and never.wanted[:2] == [20, 20]
+
+
+def test_sharing_watch_idles_after_a_window_of_loners_and_re_arms_on_a_repeat():
+    from attncache.tiers.schedule import SharingWatch
+
+    watch = SharingWatch(head=2, window=3)
+    for s in ([1, 2], [3, 4], [5]):  # [5] is shorter than the head: counted, never a repeat
+        watch.observe([s])
+        watch.settle()
+    assert watch.idle
+    watch.read_held()  # a held prefix read restarts the count but does not re-arm
+    assert watch.idle
+    watch.observe([[3, 4, 9]])  # repeats a recent head
+    assert not watch.idle
+    watch.observe([[7, 8], [7, 8, 1]])  # a repeat inside one batch
+    watch.observe([[9, 9]])
+    watch.settle()
+    assert not watch.idle

@@ -1,8 +1,9 @@
 """Exact reuse: tiers that skip work without changing any answer."""
 
 from .base import Tier, TierOutput
+from .kept import kept_name
 from .model_io import supports_prefix
-from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier, kept_name
+from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier
 from .radix import InsertResult, Match, RadixKV
 
 __all__ = [

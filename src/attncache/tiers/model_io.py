@@ -138,3 +138,26 @@ def span_kv(cache, row: int, at: int, n: int) -> torch.Tensor:
             for la in cache.layers
         ]
     )
+
+
+def padded_kv(
+    cache, lengths: list[int], replayed: list[bool], wanted: list[bool]
+) -> dict[int, torch.Tensor]:
+    """K/V ``[n_layers, 2, H_kv, n, d]`` of each ``wanted`` row of a left-padded batch's cache.
+    A layer where some rows replayed a map holds only the rows that computed keys, in batch order,
+    so a row's index there counts the rows before it that did not replay (``wanted`` plays no part:
+    a row computed but not kept still holds its place). A replayed row has no keys to give."""
+    count, width = len(lengths), max(lengths)
+    computed = [j for j in range(count) if not replayed[j]]
+    out = {}
+    for j in computed:
+        if not wanted[j]:
+            continue
+        layers = []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            r = j if k.shape[0] == count else computed.index(j)
+            at = width - lengths[j]
+            layers.append(torch.stack([k[r, :, at:], v[r, :, at:]]))
+        out[j] = torch.stack(layers)
+    return out

@@ -15,6 +15,7 @@ Layout of row ``r``, past region ``P`` wide and new-token region ``W`` wide, bot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +133,23 @@ def plan_rows(
         rows.append(Row(0, [Block(list(g.prefix), list(g.members), g.insert)]))
         sources.append(None)
     return RowPlan(rows, sources, suffixes, reused)
+
+
+def mark_kept(rows: list[Row], wanted: Callable[[int, int], bool]) -> set[int]:
+    """Which K/V of rows over a cached past enter the tree. ``wanted(i, held)``: a later input
+    shares more than ``held`` of input ``i``'s leading tokens. A block whose member is wanted past
+    the row's past keeps its prefix (``block.insert``: a question behind its header); the inputs
+    returned keep their own tokens behind what they share (one that read only a header opens a
+    group the next batch continues)."""
+    grow: set[int] = set()
+    for row in rows:
+        if not row.past:
+            continue
+        for block in row.blocks:
+            if block.prefix and any(wanted(i, row.past) for i in block.items):
+                block.insert = True
+            grow.update(i for i in block.items if wanted(i, row.past + len(block.prefix)))
+    return grow
 
 
 def _blocks(

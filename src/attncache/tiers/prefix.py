@@ -10,7 +10,7 @@ values can be reused *exactly*: only the remaining tokens run, attending to the 
    member's suffix (``packing.py``: a block mask, position ids restarting after the prefix); the
    prefixes of wider groups are computed first, side by side in one forward, into a radix tree
    (``radix.py``), unless the tree holds all but a few of a prefix's tokens (those few then run
-   in every suffix);
+   in every suffix); the forwards of steps 2 and 3 are ``rows.py``'s;
 3. every input whose prefix the tree holds runs its suffix over the cached K/V, in the fewest even
    rows per prefix; these rows and the one-row groups share a forward (or a few, when padding
    would cost more than a forward), logits only at the positions each input needs; readers of one
@@ -30,64 +30,50 @@ position's K/V for every layer, and each packed forward hands the sliding layers
 hides keys a window or more before the query (``model_io.MaskLayout``), so a prefix longer than the
 window, a suffix past it and a block row all see what the uncached model sees.
 
-K/V depend on the numerics that computed them: the tree belongs to one ``models.numerics`` (a
-model moved to another dtype or device starts a new tree), and a kept tree is stored under its
-numerics' name (``kept_name``), so a bfloat16 run's K/V never reach a float32 run.
+K/V depend on the numerics that computed them: the tree belongs to one ``models.numerics``
+(``kept.py``), so a bfloat16 run's K/V never reach a float32 run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import models
 from ..errors import UserError
 from ..inputs import collate
 from ..stats import Counters, ratio
 from .base import TierOutput
+from .kept import NumericsTree
 from .model_io import (
     CACHE_KW,
-    attention_mask,
     empty_cache,
     mask_layout,
     output_cache,
+    padded_kv,
     plain_head,
-    span_kv,
-    stacked_cache,
 )
-from .packing import Block, Group, Packed, Row, pack, plan_rows, segment_rows, split_rows
-from .radix import Match, RadixKV, from_tensors, to_tensors
-from .schedule import assign_prefixes
+from .radix import Match, RadixKV
+from .rows import RowModel, RowRunner, TierBatch
+from .schedule import SharingWatch, assign_prefixes
 
 DEFAULT_PREFIX_BYTES = 2 << 30
 MIN_PREFIX = 8  # tokens; below this an item runs whole (and may reuse maps instead)
 IDLE_AFTER = 64  # inputs: if none of the last ones shares even MIN_PREFIX tokens, stop inserting
-# a packed row may always hold this many suffix tokens, however short its prefix
-PACK_MIN_TOKENS = 32
 # a group whose prefix is not cached runs as one row (prefix, then every member's suffix) when the
 # row is at most this wide; a wider one computes its prefix first and packs rows over its K/V
 IN_ROW_TOKENS = 512
-# missing prefixes run side by side in rows up to this wide (or one per row, when longer): a row's
-# attention grows with the square of its width, so two long prefixes in one row cost more (~25 % at
-# 1200 tokens each, measured) than the padding they save
-SIDE_BY_SIDE_TOKENS = 1024
-# a forward's fixed cost in tokens of work (the weights are read once per forward): rows of very
-# different widths run as separate forwards when the padding saved is worth more than this
-FORWARD_TOKENS = 48
 
 
 @dataclass
 class PrefixStats(Counters):
     tokens_total: int = 0  # tokens of every input the tier was given
-    tokens_run: int = (
-        0  # tokens that went through the model (prefixes once, suffixes, whole inputs)
-    )
+    # tokens that went through the model (prefixes once, suffixes, whole inputs)
+    tokens_run: int = 0
     tokens_reused: int = 0  # prefix tokens inputs took from the tree instead of computing
     items: int = 0
     items_with_prefix: int = 0
@@ -96,11 +82,6 @@ class PrefixStats(Counters):
     def derived(self, c: dict[str, float]) -> dict[str, float]:
         saved = c["tokens_total"] - c["tokens_run"]
         return {"prefix_tokens_reused_fraction": ratio(saved, c["tokens_total"])}
-
-
-def kept_name(numerics: str) -> str:
-    """The name a kept tree of these numerics has in a ``db.TierFolder``."""
-    return f"prefix.{numerics}"
 
 
 class PrefixTier:
@@ -114,84 +95,62 @@ class PrefixTier:
         pack: bool = True,
     ):
         self.model = model
-        self.pack = pack  # inputs on one prefix share a row (a block mask); False: a row each
         self.min_prefix = min_prefix
-        self.idle = False  # a workload without shared prefixes: matching goes on, inserting stops
+        self.sharing = SharingWatch(min_prefix, IDLE_AFTER)
         self.longest_shared = 0
-        self._since_shared = 0  # inputs since one last shared MIN_PREFIX tokens with another
-        self._recent_heads: deque[tuple[int, ...]] = deque(maxlen=IDLE_AFTER)
-        self.numerics = models.numerics(model)  # the tree's K/V are of these numerics only
-        self.tree = RadixKV(max_bytes)
+        self.kept = NumericsTree(model, max_bytes)  # K/V of the model's current numerics only
         self.stats = PrefixStats()
-        self.device = next(model.parameters()).device
-        self.head = plain_head(model)  # None: the model's own forward computes logits
         layout = mask_layout(model)
         if layout is None:
             raise UserError(
                 f"the prefix tier cannot run {type(model).__name__} exactly: its layers attend "
                 "other than to all earlier keys or a sliding window of them"
             )
-        self.layout = layout
+        # head None: the model's own forward computes logits
+        target = RowModel(model, layout, plain_head(model))
+        self.rows = RowRunner(target, self.kept, self.stats, pack)
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The separable head the tier applies itself (None: the model's forward does)."""
+        return self.rows.target.head
+
+    @head.setter
+    def head(self, head: nn.Module | None) -> None:
+        self.rows.target.head = head
+
+    @property
+    def idle(self) -> bool:
+        """A workload without shared prefixes: matching goes on, inserting stops."""
+        return self.sharing.idle
 
     @property
     def empty(self) -> bool:
         return self.tree.bytes == 0
 
+    @property
+    def tree(self) -> RadixKV:
+        return self.kept.tree
+
+    @property
+    def numerics(self) -> str:
+        return self.kept.numerics
+
+    @property
+    def device(self) -> torch.device:
+        return self.kept.device
+
     def save(self, folder) -> None:
-        """Keep the tree in a ``db.TierFolder`` (``--prefix-dir``): a restart starts warm."""
-        self._follow_model()
-        folder.write(kept_name(self.numerics), to_tensors(self.tree))
+        self.kept.save(folder)
 
     def load(self, folder) -> bool:
-        """Take the tree a ``db.TierFolder`` holds for this model's numerics (checksummed, for
-        this model); False if none."""
-        self._follow_model()
-        data = folder.read(kept_name(self.numerics))
-        if data is None:
-            return False
-        self.restore(data)
-        return True
+        return self.kept.load(folder)
 
     def restore(self, data: dict[str, torch.Tensor]) -> None:
-        """Start from a kept tree (``folder.read(kept_name(numerics))``); ``data`` stays
-        unchanged, so one read can start several tiers. K/V of another dtype are refused."""
-        self._follow_model()
-        kv = data.get("kv")
-        dtype = next(self.model.parameters()).dtype
-        if kv is not None and kv.numel() and kv.dtype != dtype:
-            raise UserError(
-                f"the kept prefix K/V are {str(kv.dtype).replace('torch.', '')}, the model runs "
-                f"in {str(dtype).replace('torch.', '')}; K/V of other numerics are not exact"
-            )
-        self.tree = from_tensors(
-            {k: v.to(self.device) if k == "kv" else v for k, v in data.items()}, self.tree.max_bytes
-        )
-
-    def _follow_model(self) -> None:
-        """A model moved to another dtype or device since the tree was built starts a new tree:
-        K/V computed in other numerics would make the tier inexact."""
-        now = models.numerics(self.model)
-        if now != self.numerics:
-            self.numerics = now
-            self.device = next(self.model.parameters()).device
-            self.tree = RadixKV(self.tree.max_bytes)
-
-    def _watch_sharing(self, seqs: list[list[int]]) -> None:
-        """The idle rule: idle once the last ``IDLE_AFTER`` inputs shared nothing; re-armed by an
-        input whose first ``min_prefix`` tokens repeat a recent input's (or another's in the
-        batch)."""
-        heads = [tuple(s[: self.min_prefix]) for s in seqs if len(s) >= self.min_prefix]
-        seen = set(self._recent_heads)
-        repeats = len(set(heads)) < len(heads) or any(h in seen for h in heads)
-        self._recent_heads.extend(heads)
-        if repeats:
-            self._since_shared = 0
-            self.idle = False
-        else:
-            self._since_shared += len(seqs)
+        self.kept.restore(data)
 
     def reset(self) -> None:
-        self.tree = RadixKV(self.tree.max_bytes)
+        self.kept.reset()
 
     def report(self) -> dict[str, float]:
         """Counters plus the tree's memory: bytes held now, the peak, and the cap."""
@@ -225,12 +184,13 @@ class PrefixTier:
         per item, how many of its leading tokens a later input shares (0: none), from a caller
         that sees the whole workload; the tier keeps the K/V a later input can use. None:
         unknown, keep what is computed (until the tier goes idle)."""
-        self._follow_model()
-        self._watch_sharing(seqs)
+        self.kept.follow()
+        self.sharing.observe(seqs)
         count = len(seqs)
         needs = [keep] * count if needs is None else [min(n, keep) for n in needs]
         self.stats.add(items=count, tokens_total=sum(len(s) for s in seqs))
-        limits = [max(0, len(s) - n) for s, n in zip(seqs, needs, strict=True)]
+        batch = TierBatch(seqs, needs, pad_id, insert)
+        limits = batch.limits
         wanted = [0] * count  # per item: prefix tokens it will take from the tree
         in_row: list[tuple[list[int], int]] = []  # groups (and prefix length) run in one row
         if not self.idle:
@@ -239,12 +199,12 @@ class PrefixTier:
                 limits,
                 self.min_prefix,
                 lambda tokens, n: self.tree.match(tokens, n).length,
-                IN_ROW_TOKENS if self.pack else 0,
+                IN_ROW_TOKENS if self.rows.packed else 0,
             )
             wanted, in_row = got.wanted, got.in_row
             self.longest_shared = max(self.longest_shared, got.longest_shared)
             with maps.paused() if maps is not None else contextlib.nullcontext():  # prefixes: exact
-                self._ensure(got.missing)
+                self.rows.ensure(got.missing)
         grouped = {i for g, _ in in_row for i in g}
         matches: list[Match | None] = []
         for i, seq in enumerate(seqs):
@@ -257,9 +217,9 @@ class PrefixTier:
                 self.tree.lock(use.node)
             matches.append(use)
         if any(m is not None for m in matches) or in_row:
-            self._since_shared = 0  # something was shared after all (a held prefix)
-        if not self.idle and self._since_shared >= IDLE_AFTER:
-            self.idle = True
+            self.sharing.read_held()
+        self.sharing.settle()
+        batch.keeping = not self.idle  # this batch may have made the tier idle
         out: list[torch.Tensor | None] = [None] * count
         from_states = [False] * count
         hits: list = [None] * count
@@ -268,13 +228,11 @@ class PrefixTier:
         try:
             fresh = [i for i, m in enumerate(matches) if m is None and i not in grouped]
             keep_kv = {i for i in fresh if insert is None or insert[i] > 0}
-            for i, (logits, hit, replayed) in self._run_fresh(
-                seqs, fresh, needs, pad_id, maps, keep_kv
-            ).items():
+            for i, (logits, hit, replayed) in self._run_fresh(batch, fresh, maps, keep_kv).items():
                 out[i], hits[i], reused[i] = logits, hit, replayed
             if grouped or any(m is not None for m in matches):
                 with maps.paused() if maps is not None else contextlib.nullcontext():  # exact
-                    got = self._run_rows(seqs, matches, in_row, needs, pad_id, insert, tokens)
+                    got = self.rows.run(batch, matches, in_row, tokens)
                 for i, tensor in got.items():
                     out[i], from_states[i] = tensor, self.head is not None
         finally:
@@ -288,160 +246,8 @@ class PrefixTier:
                 out[i], from_states[i] = part, False
         return TierOutput(out, hits, reused, tokens, from_states)
 
-    def _ensure(self, prefixes: set[tuple[int, ...]]) -> None:
-        """Make the tree hold every prefix: compute the missing ones in one forward, packed side
-        by side in rows (each attending to itself only), so prefixes of different lengths pad
-        little."""
-        todo = [list(p) for p in prefixes if self.tree.match(list(p), len(p)).length < len(p)]
-        if not todo:
-            return
-        # Computed whole: simpler than resuming each from its partial match, and the common case
-        # (a new few-shot prompt, a new question) has no partial match worth resuming.
-        lengths = [len(p) for p in todo]
-        longest = max(lengths)
-        widest = max(longest, min(2 * longest, SIDE_BY_SIDE_TOKENS))
-        rows = [Row(0, [Block([], r)]) for r in segment_rows(lengths, widest)]
-        packed = pack(rows, todo, [0] * len(todo), 0, 0, self.device)
-        res = self._forward(packed, use_cache=True)
-        self.stats.add(tokens_run=sum(lengths))
-        t0 = time.perf_counter()
-        cache = output_cache(res)
-        for r, row in enumerate(rows):
-            for i in row.items:
-                self.tree.insert(todo[i], span_kv(cache, r, packed.suffix_at[i], lengths[i]))
-        self.stats.add(insert_s=time.perf_counter() - t0)
-
-    def _forward(self, packed: Packed, keep: torch.Tensor | int = 1, **kw):
-        """The decoder alone where the head is separable (the caller applies it where needed),
-        else the model with logits at ``keep``."""
-        dtype = next(self.model.parameters()).dtype
-        args = {
-            "input_ids": packed.ids,
-            "attention_mask": attention_mask(packed, self.layout, dtype),
-            "position_ids": packed.positions,
-            **kw,
-        }
-        if kw.get("use_cache") and CACHE_KW not in kw:
-            args[CACHE_KW] = empty_cache()
-        if self.head is not None:
-            return self.model.get_decoder()(**args)
-        return self.model(**args, logits_to_keep=keep)
-
-    def _run_rows(
-        self,
-        seqs: list[list[int]],
-        matches: list[Match | None],
-        in_row: list[tuple[list[int], int]],
-        needs: list[int],
-        pad_id: int,
-        insert: list[int] | None,
-        tokens: list[int],
-    ) -> dict[int, torch.Tensor]:
-        """Every input with a prefix (cached, or computed in its group's row) in one forward, or
-        a few when rows of very different widths would pad much; per input its last ``needs[i]``
-        logits ``[needs[i], V]`` (decoder states ``[needs[i], d]`` where the tier has a ``head``);
-        ``tokens[i]`` set to the prefix tokens it did not compute.
-
-        K/V worth keeping enter the tree (``insert``: per input, the leading tokens a later input
-        shares; None: unknown, keep what is computed): a block's prefix behind the K/V it read (a
-        question behind its header), and an input's own tokens behind what it shares (one that
-        read only a header opens a group the next batch continues)."""
-
-        def wanted(i: int, held: int) -> bool:
-            return not self.idle and (insert is None or insert[i] > held)
-
-        reads = [(id(m.node), m.length) if m is not None else None for m in matches]
-        groups = [
-            Group(g, seqs[g[0]][:p], insert is None or any(insert[i] > 0 for i in g))
-            for g, p in in_row
-        ]
-        limits = [max(0, len(s) - n) for s, n in zip(seqs, needs, strict=True)]
-        plan = plan_rows(reads, seqs, groups, limits, PACK_MIN_TOKENS if self.pack else 0)
-        for row in plan.rows:
-            for block in row.blocks:
-                block.insert = block.insert or bool(
-                    row.past and block.prefix and any(wanted(i, row.past) for i in block.items)
-                )
-                for i in block.items:
-                    tokens[i] = plan.reused[i]
-        grow = {
-            i
-            for row in plan.rows
-            for block in row.blocks
-            if row.past
-            for i in block.items
-            if wanted(i, row.past + len(block.prefix))
-        }
-        widths = [r.width(plan.suffixes) for r in plan.rows]
-        self.stats.add(
-            items_with_prefix=sum(len(r.items) for r in plan.rows),
-            tokens_reused=sum(plan.reused),
-            tokens_run=sum(widths),
-        )
-        sources = [matches[i] if i is not None else None for i in plan.sources]
-        got: dict[int, torch.Tensor] = {}
-        for chunk in split_rows(widths, FORWARD_TOKENS):
-            rows = [plan.rows[r] for r in chunk]
-            srcs = [sources[r] for r in chunk]
-            got.update(self._forward_rows(rows, srcs, seqs, plan.suffixes, needs, pad_id, grow))
-        return got
-
-    def _forward_rows(
-        self,
-        rows: list[Row],
-        sources: list[Match | None],
-        seqs: list[list[int]],
-        suffixes: list[list[int]],
-        needs: list[int],
-        pad_id: int,
-        grow: set[int],
-    ) -> dict[int, torch.Tensor]:
-        """One forward over ``rows``; inserts the block prefixes marked ``insert`` (behind the
-        row's past), then the inputs in ``grow`` (behind what they share)."""
-        past_width = max(r.past for r in rows)
-        packed = pack(rows, suffixes, needs, past_width, pad_id, self.device)
-        kw = {}
-        if past_width:
-            same = all(m is not None for m in sources) and (
-                len({(id(m.node), m.length) for m in sources}) == 1
-            )
-            kvs = [m.kv() if m is not None else None for m in sources]
-            kw[CACHE_KW] = stacked_cache(kvs, past_width, same)
-        blocks = [(r, b) for (r, b) in sorted(packed.prefix_at) if rows[r].blocks[b].insert]
-        grown = [
-            (r, len(block.prefix), i)
-            for r, row in enumerate(rows)
-            for block in row.blocks
-            for i in block.items
-            if i in grow
-        ]
-        use_cache = bool(past_width or blocks or grown)
-        res = self._forward(packed, keep=packed.keep, use_cache=use_cache, **kw)
-        if self.head is not None:  # the decoder's states at the needed positions (``run``: head)
-            got = {i: res.last_hidden_state[r, ps] for i, (r, ps) in packed.at.items()}
-        else:  # logits at the union of every row's positions, then each input's picked
-            got = {i: res.logits[r, idx] for i, (r, idx) in packed.picks.items()}
-        if blocks or grown:
-            t0 = time.perf_counter()
-            cache = output_cache(res)
-            for r, b in blocks:  # before the inputs that extend them
-                block, past = rows[r].blocks[b], rows[r].past
-                kv = span_kv(cache, r, past_width + packed.prefix_at[r, b], len(block.prefix))
-                self.tree.insert(seqs[block.items[0]][: past + len(block.prefix)], kv, start=past)
-            for r, shared, i in grown:
-                kv = span_kv(cache, r, past_width + packed.suffix_at[i], len(suffixes[i]))
-                self.tree.insert(seqs[i], kv, start=rows[r].past + shared)
-            self.stats.add(insert_s=time.perf_counter() - t0)
-        return got
-
     def _run_fresh(
-        self,
-        seqs: list[list[int]],
-        idx: list[int],
-        needs: list[int],
-        pad_id: int,
-        maps,
-        keep_kv: set[int],
+        self, batch: TierBatch, idx: list[int], maps, keep_kv: set[int]
     ) -> dict[int, tuple[torch.Tensor, Any, bool]]:
         """Run inputs without a usable prefix as one batch (each input's logits at its
         ``needs[i]`` last positions); insert the K/V of those in ``keep_kv`` (none while idle:
@@ -449,7 +255,8 @@ class PrefixTier:
         it replayed a map."""
         if not idx:
             return {}
-        inputs = collate([seqs[i] for i in idx], pad_id, True, self.device)
+        seqs, needs = batch.seqs, batch.needs
+        inputs = collate([seqs[i] for i in idx], batch.pad_id, True, self.device)
         build = not self.idle and bool(keep_kv)
         cache = {CACHE_KW: empty_cache()} if build else {}
         keep = max(needs[i] for i in idx)
@@ -463,22 +270,10 @@ class PrefixTier:
             for j, i in enumerate(idx)
         }
         if build:
-            skip = [reused[j] or i not in keep_kv for j, i in enumerate(idx)]
-            self._insert_batch([seqs[i] for i in idx], output_cache(res), skip)
+            t0 = time.perf_counter()
+            lengths = [len(seqs[i]) for i in idx]
+            kept = [i in keep_kv for i in idx]
+            for j, kv in padded_kv(output_cache(res), lengths, reused, kept).items():
+                self.tree.insert(seqs[idx[j]], kv)
+            self.stats.add(insert_s=time.perf_counter() - t0)
         return got
-
-    def _insert_batch(self, seqs: list[list[int]], cache, reused: list[bool]) -> None:
-        t0 = time.perf_counter()
-        count = len(seqs)
-        computed = [j for j in range(count) if not reused[j]]
-        width = max(len(s) for s in seqs)
-        for j, s in enumerate(seqs):
-            if reused[j]:
-                continue  # layers that replayed a map computed no keys for this item
-            rows = []
-            for layer in cache.layers:
-                k, v = layer.keys, layer.values
-                r = j if k.shape[0] == count else computed.index(j)
-                rows.append(torch.stack([k[r, :, width - len(s) :], v[r, :, width - len(s) :]]))
-            self.tree.insert(s, torch.stack(rows))
-        self.stats.add(insert_s=time.perf_counter() - t0)

@@ -8,6 +8,7 @@ inside a group inputs are ordered by length so padded suffixes waste little.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -154,3 +155,37 @@ def assign_prefixes(
         if not cached:
             out.missing.add(tuple(seqs[members[0]][:shared]))
     return out
+
+
+class SharingWatch:
+    """The idle rule of a prefix tier: idle once the last ``window`` inputs shared not even their
+    first ``head`` tokens with another; re-armed by an input whose first ``head`` tokens repeat a
+    recent input's (or another's in its batch). A batch that read a held prefix restarts the count
+    (``read_held``) but does not re-arm an idle tier."""
+
+    def __init__(self, head: int, window: int):
+        self.head = head
+        self.window = window
+        self.idle = False
+        self._recent: deque[tuple[int, ...]] = deque(maxlen=window)
+        self._since_shared = 0  # inputs since one last shared ``head`` tokens with another
+
+    def observe(self, seqs: Sequence[Sequence[int]]) -> None:
+        heads = [tuple(s[: self.head]) for s in seqs if len(s) >= self.head]
+        seen = set(self._recent)
+        repeats = len(set(heads)) < len(heads) or any(h in seen for h in heads)
+        self._recent.extend(heads)
+        if repeats:
+            self._since_shared = 0
+            self.idle = False
+        else:
+            self._since_shared += len(seqs)
+
+    def read_held(self) -> None:
+        """Something was shared after all: a batch read a prefix the tree holds."""
+        self._since_shared = 0
+
+    def settle(self) -> None:
+        """Go idle once ``window`` inputs in a row shared nothing (after a batch's matching)."""
+        if self._since_shared >= self.window:
+            self.idle = True

@@ -131,17 +131,10 @@ def time_length(model, seqs: list[list[int]], db: Path, repeats: int, dev: str) 
         def fn(i: int) -> dict:
             model.set_attn_implementation("eager" if kind == "eager" else "sdpa")
             timer = AttentionTimer(mods, sync=dev == "cuda")
+            parts = cache.parts(stats=MapStats())
+            parts.templates = None
             bound = Attachment(
-                model,
-                cache.adapter,
-                cache.shape,
-                pol,
-                PresetHits([order[i]]),
-                PreloadedMaps(cache.db, pre),
-                None,
-                MapStats(),
-                layers,
-                cache.threshold,
+                model, parts, pol, PresetHits([order[i]]), PreloadedMaps(cache.db, pre)
             )
             ctx = (
                 cache.attach(model, pol)

@@ -149,17 +149,14 @@ def test_causal_crop_of_longer_entry_is_exact(built, family):
     e = [i for i, L in enumerate(cache.store.lengths) if len(longest) == L][0]
     from attncache.runtime import Attachment, Hit, MapStats, PresetHits, StoreMaps
 
+    parts = cache.parts(0.0, MapStats())
+    parts.templates = None
     preset = Attachment(
         model,
-        cache.adapter,
-        cache.shape,
+        parts,
         cache.policy("all"),
         PresetHits([Hit(e, len(prefix), 0.0)]),
         StoreMaps(cache.db, False),
-        None,
-        MapStats(),
-        cache.store.layout.layers,
-        0.0,
     )
     with preset:
         out, _ = forward(model, [prefix], True)

@@ -17,7 +17,17 @@ from .build.pipeline import BuildConfig
 from .build.pipeline import build as build_db
 from .db import Database, DbInfo, Templates, describe, migrate
 from .errors import UserError
-from .runtime import Attachment, Hit, Lookup, MapStats, Policy, StoreMaps, compatible, get_adapter
+from .runtime import (
+    Attachment,
+    CacheParts,
+    Hit,
+    Lookup,
+    MapStats,
+    Policy,
+    StoreMaps,
+    compatible,
+    get_adapter,
+)
 from .runtime.maps import DeviceMapCache
 from .runtime.policy import parse_policy
 
@@ -159,16 +169,23 @@ class AttnCache:
         resident = DeviceMapCache(device_map_bytes) if device_map_bytes else None
         return Attachment(
             model,
-            self.adapter,
-            self.shape,
+            self.parts(threshold),
             self.policy(policy),
             Lookup(self.db, threshold),
             StoreMaps(self.db, prefetch, resident),
-            self.templates,
-            self.stats,
-            self.store.layout.layers,
-            threshold,
             learner,
+        )
+
+    def parts(self, threshold: float | None = None, stats: MapStats | None = None) -> CacheParts:
+        """What an ``Attachment`` needs of this cache (``stats``: counters other than the
+        cache's own, for a measurement apart)."""
+        return CacheParts(
+            self.adapter,
+            self.shape,
+            self.store.layout.layers,
+            self.templates,
+            self.stats if stats is None else stats,
+            self.threshold if threshold is None else threshold,
         )
 
     def check_model(self, model: nn.Module) -> None:

@@ -55,15 +55,10 @@ def time_items(
     def bound(i: int) -> Attachment:
         return Attachment(
             model,
-            cache.adapter,
-            cache.shape,
+            cache.parts(stats=MapStats()),
             pol,
             PresetHits([hits[i]]),
             PreloadedMaps(cache.db, preloaded),
-            cache.templates,
-            MapStats(),
-            cache.store.layout.layers,
-            cache.threshold,
         )
 
     lookup_ms: list[float] = []

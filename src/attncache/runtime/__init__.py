@@ -2,7 +2,7 @@
 lifecycle."""
 
 from .adapters import Adapter, get_adapter
-from .attach import Attachment, Learner, MapStats
+from .attach import Attachment, CacheParts, Learner, MapStats
 from .lookup import Hit, Lookup, PresetHits, RecordedHits, RecordingHits, compatible, nearest
 from .maps import PreloadedMaps, StoreMaps, read_maps
 from .policy import Policy, parse_policy
@@ -10,6 +10,7 @@ from .policy import Policy, parse_policy
 __all__ = [
     "Adapter",
     "Attachment",
+    "CacheParts",
     "Hit",
     "Learner",
     "Lookup",

@@ -27,11 +27,11 @@ from ..stats import Counters, ratio
 from .adapters import Adapter
 from .features import features, spans
 from .lookup import Hit, HitSource
-from .maps import StoreMaps, layer_maps
+from .maps import LayerWant, StoreMaps, layer_maps
 from .patch import ForwardInputs, patched, slice_batch
 from .plan import BatchPlan, plan_batch
 from .policy import Policy
-from .replay import replay
+from .replay import ModuleCall, replay
 
 Learner = Callable[[list[list[int]]], int]  # token sequences -> how many were stored
 
@@ -55,27 +55,38 @@ class MapStats(Counters):
         }
 
 
+@dataclass
+class CacheParts:
+    """What a map cache hands an attachment: the model family's adapter, the shapes, the layers
+    it stores, its template maps, the counters it adds to and its lookup threshold."""
+
+    adapter: Adapter
+    shape: Shape
+    stored_layers: list[int]
+    templates: Templates | None
+    stats: MapStats
+    threshold: float
+
+
 class Attachment:
-    """Use as a context manager (``with cache.attach(model): ...``); leaving restores the model."""
+    """Use as a context manager (``with cache.attach(model): ...``); leaving restores the model.
+    ``hits``: which stored entry each input reuses; ``maps``: where their maps are read from."""
 
     def __init__(
         self,
         model: nn.Module,
-        adapter: Adapter,
-        shape: Shape,
+        parts: CacheParts,
         policy: Policy,
         hits: HitSource,
         maps: StoreMaps,
-        templates: Templates | None,
-        stats: MapStats,
-        stored_layers: list[int],
-        threshold: float,
         learner: Learner | None = None,
     ):
-        self.model, self.adapter, self.shape, self.policy = model, adapter, shape, policy
-        self.hits, self.maps, self.templates, self.stats = hits, maps, templates, stats
-        self.stored_layers = set(stored_layers)
-        self.threshold = threshold
+        self.model, self.policy, self.hits, self.maps = model, policy, hits, maps
+        self.adapter, self.shape, self.templates = parts.adapter, parts.shape, parts.templates
+        self.stats = parts.stats
+        self.stored_layers = set(parts.stored_layers)
+        self.threshold = parts.threshold
+        templates = parts.templates
         covered = templates is not None and all(
             templates.has(x, hs) for x, hs in policy.fixed.items()
         )
@@ -207,21 +218,15 @@ class Attachment:
         batch, width, _ = hidden.shape
         if len(groups) == 1:
             heads = next(iter(groups))
-            return self._replay(layer, module, hidden, plan.spans, plan.hits, heads, kwargs), None
+            call = ModuleCall(module, hidden, plan.spans, kwargs)
+            return self._replay(layer, call, plan.hits, heads), None
         out = None
         for heads, items in groups.items():
             idx = torch.tensor(items, device=hidden.device)
             sub_kwargs = slice_batch(kwargs, idx, batch)
             if heads:
-                o = self._replay(
-                    layer,
-                    module,
-                    hidden[idx],
-                    [plan.spans[b] for b in items],
-                    [plan.hits[b] for b in items],
-                    heads,
-                    sub_kwargs,
-                )
+                call = ModuleCall(module, hidden[idx], [plan.spans[b] for b in items], sub_kwargs)
+                o = self._replay(layer, call, [plan.hits[b] for b in items], heads)
             else:
                 o = original(hidden[idx], *slice_batch(args, idx, batch), **sub_kwargs)[0]
             if out is None:
@@ -230,28 +235,13 @@ class Attachment:
         return out, None
 
     def _replay(
-        self,
-        layer: int,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        item_spans,
-        hits,
-        heads: tuple[int, ...],
-        kwargs: dict,
+        self, layer: int, call: ModuleCall, hits: list[Hit | None], heads: tuple[int, ...]
     ) -> torch.Tensor:
-        fixed = self.policy.fixed.get(layer, ())
+        want = LayerWant(layer, heads, self.policy.fixed.get(layer, ()), hits, call.spans)
         before = self._fetch_timer[0]
+        device = call.hidden.device
         maps = layer_maps(
-            self.maps,
-            self.templates,
-            layer,
-            heads,
-            fixed,
-            hits,
-            item_spans,
-            self.shape.n_heads,
-            hidden.device,
-            self._fetch_timer,
+            self.maps, self.templates, want, self.shape.n_heads, device, self._fetch_timer
         )
         self.stats.add(fetch_s=self._fetch_timer[0] - before)
-        return replay(self.adapter, self.shape, module, hidden, maps, item_spans, heads, kwargs)
+        return replay(self.adapter, self.shape, call, maps, heads)

@@ -162,20 +162,29 @@ class PreloadedMaps(StoreMaps):
         return got if got is not None else super().fetch(hit, layer, device)
 
 
+@dataclass
+class LayerWant:
+    """The maps one layer's replay needs, per item of a group: ``heads``, of which ``fixed``
+    come from templates and the others from the item's hit; ``spans``: each item's real tokens."""
+
+    layer: int
+    heads: tuple[int, ...]
+    fixed: tuple[int, ...]
+    hits: list[Hit | None]
+    spans: list
+
+
 def layer_maps(
     source: StoreMaps,
     templates: Templates | None,
-    layer: int,
-    heads: tuple[int, ...],
-    fixed: tuple[int, ...],
-    hits: list[Hit | None],
-    spans,
+    want: LayerWant,
     n_heads: int,
     device: torch.device,
     timer: list[float],
 ) -> list[torch.Tensor]:
     """Per item, the ``[len(heads), L, L]`` maps of ``heads``: templates for the ``fixed`` heads,
     the hit's stored maps for the others. ``timer[0]`` accumulates the seconds spent fetching."""
+    layer, heads, fixed, hits, spans = want.layer, want.heads, want.fixed, want.hits, want.spans
     t_heads = tuple(h for h in heads if h in fixed)
     r_heads = tuple(h for h in heads if h not in fixed)
     t0 = time.perf_counter()

@@ -9,6 +9,8 @@ them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,22 +20,31 @@ from .features import Span
 from .kernels import apply_head_maps, apply_maps, index_tensor
 
 
+@dataclass
+class ModuleCall:
+    """One attention module's call for a group of items: their hidden states ``[b, T, D]``, each
+    item's real-token span, and the call's keyword arguments (mask, rotary embeddings)."""
+
+    module: nn.Module
+    hidden: torch.Tensor
+    spans: list[Span]
+    kwargs: dict
+
+
 def replay(
     adapter: Adapter,
     shape: Shape,
-    module: nn.Module,
-    hidden: torch.Tensor,
+    call: ModuleCall,
     maps: list[torch.Tensor],
-    spans: list[Span],
     heads: tuple[int, ...],
-    kwargs: dict,
 ) -> torch.Tensor:
     """The module's output ``[b, T, D]`` for items whose ``heads`` replay ``maps`` (one per
     item)."""
+    module, hidden, spans = call.module, call.hidden, call.spans
     v = adapter.values(module, hidden, shape)  # [b, H_kv, T, d]
     width = hidden.shape[1]
     if len(heads) < shape.n_heads:
-        return _replay_heads(adapter, shape, module, hidden, v, maps, spans, heads, kwargs)
+        return _replay_heads(adapter, shape, call, v, maps, heads)
     if all(span == (0, width) for span in spans):
         out = torch.stack([apply_maps(a, v[j], shape.group) for j, a in enumerate(maps)])
     else:
@@ -46,18 +57,16 @@ def replay(
 def _replay_heads(
     adapter: Adapter,
     shape: Shape,
-    module: nn.Module,
-    hidden: torch.Tensor,
+    call: ModuleCall,
     v: torch.Tensor,
     maps: list[torch.Tensor],
-    spans: list[Span],
     reused: tuple[int, ...],
-    kwargs: dict,
 ) -> torch.Tensor:
+    module, hidden, spans = call.module, call.hidden, call.spans
     computed = [h for h in range(shape.n_heads) if h not in set(reused)]
     width = hidden.shape[1]
     out = v.new_zeros((len(maps), shape.n_heads, width, shape.head_dim))
-    exact = adapter.attend(module, hidden, v, computed, kwargs, shape)
+    exact = adapter.attend(module, hidden, v, computed, call.kwargs, shape)
     device = str(v.device)
     out[:, index_tensor(tuple(computed), device)] = exact.to(out.dtype)
     kv_of = index_tensor(tuple(h // shape.group for h in reused), device)

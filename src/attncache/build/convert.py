@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..db import Database, EntryTable, SegmentWriter, StoreLayout, staging
+from ..db import (
+    Database,
+    EntryTable,
+    LookupParts,
+    SegmentWriter,
+    StoredMaps,
+    StoreLayout,
+    staging,
+)
 from ..db.codecs import get_codec
 from ..progress import Stage
 
@@ -53,15 +61,7 @@ def compress(
         )
         manifest = json.loads(json.dumps(db.manifest))
         manifest["store"].update(codec=layout.codec, eps=layout.eps)
+        lookup = LookupParts(db.features(), db.projector, db.index, db.vectors)
         Database.create(
-            folder,
-            manifest,
-            new,
-            segments,
-            layout,
-            db.features(),
-            db.projector,
-            db.index,
-            db.vectors,
-            templates=db.templates,
+            folder, manifest, StoredMaps(new, segments, layout), lookup, templates=db.templates
         )

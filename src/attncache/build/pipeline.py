@@ -17,8 +17,10 @@ from torch import nn
 from .. import models
 from ..db import (
     Database,
+    LookupParts,
     MapStore,
     SegmentWriter,
+    StoredMaps,
     StoreLayout,
     VectorIndex,
     scratch_folder,
@@ -158,9 +160,8 @@ def build(
         )
         if writer.dropped:
             manifest["build_dropped_by_cap"] = writer.dropped
-        Database.create(
-            folder, manifest, table, segments, layout, feats_arr, fit.projector, index, vectors
-        )
+        lookup = LookupParts(feats_arr, fit.projector, index, vectors)
+        Database.create(folder, manifest, StoredMaps(table, segments, layout), lookup)
     if writer.dropped and progress:
         print(
             f"--max-bytes reached: {writer.dropped} of {len(seqs)} inputs were not stored",

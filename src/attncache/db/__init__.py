@@ -1,7 +1,7 @@
 """The persisted database: one folder per DB. Nothing above this package reads or writes its
 files."""
 
-from .database import Database
+from .database import Database, LookupParts, StoredMaps
 from .index import VectorIndex
 from .info import DbInfo, describe
 from .manifest import FORMAT_VERSION, ModelInfo, Shape
@@ -14,6 +14,8 @@ from .templates import Templates
 __all__ = [
     "FORMAT_VERSION",
     "Database",
+    "LookupParts",
+    "StoredMaps",
     "DbInfo",
     "EntryTable",
     "MapStore",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,25 @@ from .templates import Templates
 from .usage import UsageCounter
 
 OPEN_RETRIES = 5
+
+
+@dataclass
+class StoredMaps:
+    """Maps already written to segments: their entries, each segment's size, the layout."""
+
+    table: EntryTable
+    segments: dict[str, int]
+    layout: StoreLayout
+
+
+@dataclass
+class LookupParts:
+    """What finds an entry: each entry's features, the projector, its index and the vectors."""
+
+    feats: np.ndarray
+    projector: Projector
+    index: VectorIndex
+    vectors: np.ndarray
 
 
 class Database(SideFiles):
@@ -335,18 +355,15 @@ class Database(SideFiles):
         cls,
         folder: Path,
         manifest: dict,
-        table: EntryTable,
-        segments: dict[str, int],
-        layout: StoreLayout,
-        feats: np.ndarray,
-        projector: Projector,
-        index: VectorIndex,
-        vectors: np.ndarray,
+        stored: StoredMaps,
+        lookup: LookupParts,
         templates: Templates | None = None,
     ) -> Database:
         """Commit generation 0 into ``folder`` (a staging folder under its write lock: see
         ``staging``). ``templates``: template maps to keep (``manifest["templates"]`` describes
         them)."""
+        table, segments = stored.table, stored.segments
+        projector, index, vectors = lookup.projector, lookup.index, lookup.vectors
         next_uid = max(
             int(manifest.get("next_uid", 0)), int(table.uid.max()) + 1 if len(table) else 0
         )
@@ -365,10 +382,9 @@ class Database(SideFiles):
             save_npy(folder / "templates-0.npy", np.asarray(templates.maps, dtype=np.float16))
         else:
             manifest.pop("templates", None)
-        db = cls(
-            folder, manifest, MapStore(folder, layout, table, segments), projector, index, vectors
-        )
+        store = MapStore(folder, stored.layout, table, segments)
+        db = cls(folder, manifest, store, projector, index, vectors)
         db._writing = True
-        db.write_generation(manifest, feats, vectors, projector, index)
+        db.write_generation(manifest, lookup.feats, vectors, projector, index)
         db._writing = False
         return db

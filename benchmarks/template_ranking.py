@@ -18,7 +18,7 @@ import json
 import numpy as np
 
 from attncache.build.calibrate import choice_targets
-from attncache.build.templates import Target, mean_maps, rank, select
+from attncache.build.templates import RankData, Target, mean_maps, rank, select
 from attncache.tasks import RunOptions, choice_scores, run
 from attncache.workflows import Session
 from attncache.workflows.sweep import points, policy_curves
@@ -46,10 +46,14 @@ def main() -> None:
         sc = sorted(choice_scores(rp.rows[t.row], ex_r))[::-1]
         m = max(sc[0] - sc[1], 1e-3)
         relative.append(Target(t.seq, [(f, tok, w / m) for f, tok, w in t.terms], t.row))
+
+    def ranked(targets):
+        return rank(RankData(s.model, c.adapter, means, layers, rp.seqs, targets))
+
     scores = {
-        "attribution": rank(s.model, c.adapter, means, layers, rp.seqs, targets),
-        "attribution / margin": rank(s.model, c.adapter, means, layers, rp.seqs, relative),
-        "template TV": rank(s.model, c.adapter, means, layers, rp.seqs, None),
+        "attribution": ranked(targets),
+        "attribution / margin": ranked(relative),
+        "template TV": ranked(None),
     }
     ks = [int(k) for k in a.ks.split(",")]
     out = []

@@ -9,7 +9,7 @@ from tiny import FAMILIES, TinyTokenizer, random_seqs
 
 from attncache import AttnCache, UserError
 from attncache.build.record import Recorder
-from attncache.build.templates import Target, mean_maps, rank, select
+from attncache.build.templates import RankData, Target, mean_maps, rank, select
 from attncache.db import Templates
 from attncache.inputs import collate
 
@@ -195,7 +195,7 @@ def test_attribution_predicts_the_measured_margin_change(built):
     targets = [
         Target(0, [(1, 5, 1.0), (1, 9, -1.0)], row=0)
     ]  # margin: log p(5) - log p(9) at the end
-    score = rank(model, cache.adapter, step.astype(np.float32), layers, [x], targets)
+    score = rank(RankData(model, cache.adapter, step.astype(np.float32), layers, [x], targets))
     assert score[1, 2] > 0 and np.delete(score.ravel(), 1 * cache.shape.n_heads + 2).max() < 1e-6
     cache.use_templates(Templates([(1, 2)], step[1, 2][None].astype(np.float32), True))
     try:
@@ -257,9 +257,8 @@ def test_ranking_with_heads_already_fixed_measures_the_edited_model(built):
     step[0, 1] = 0.5 * own[0, 1] + 0.5 * uniform  # A = (0, 1): a big change, fixed first
     step[2, 3] = 0.9 * own[2, 3] + 0.1 * uniform  # B = (2, 3): a small step, estimated under A
     targets = [Target(0, [(1, 5, 1.0), (1, 9, -1.0)], row=0)]
-    score = rank(
-        model, cache.adapter, step.astype(np.float32), layers, [x], targets, fixed=[(0, 1)]
-    )
+    data = RankData(model, cache.adapter, step.astype(np.float32), layers, [x], targets)
+    score = rank(data, fixed=[(0, 1)])
     assert score[0, 1] == np.inf and score[2, 3] > 0
     cache.use_templates(
         Templates([(0, 1), (2, 3)], np.stack([step[0, 1], step[2, 3]]).astype(np.float32), True)

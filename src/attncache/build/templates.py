@@ -87,6 +87,20 @@ class Target:
     row: int
 
 
+@dataclass
+class RankData:
+    """What ranking heads measures on: the model and its adapter, the templates (mean maps
+    ``[n_stored_layers, H, L, L]``) of the stored layers, sample inputs and, for decoders, each
+    row's answer ``targets`` (None: rank by how far each template is from the exact maps)."""
+
+    model: nn.Module
+    adapter: Adapter
+    means: np.ndarray
+    stored_layers: list[int]
+    seqs: list[list[int]]
+    targets: list[Target] | None
+
+
 class _Ranker(AttentionTap):
     """Keeps every stored layer's maps (with gradients) and serves the ``fixed`` heads'
     templates."""
@@ -127,16 +141,11 @@ class _Ranker(AttentionTap):
 
 
 def rank(
-    model: nn.Module,
-    adapter: Adapter,
-    means: np.ndarray,
-    stored_layers: list[int],
-    seqs: list[list[int]],
-    targets: list[Target] | None,
+    data: RankData,
+    fixed: list[tuple[int, int]] = (),
     batch_size: int = 4,
     max_batch_elems: int = 4 * 256 * 256,
     progress: bool = False,
-    fixed: list[tuple[int, int]] = (),
 ) -> np.ndarray:
     """[n_stored_layers, H] estimated output effect of serving each head's template (lower: safer).
 
@@ -147,6 +156,8 @@ def rank(
 
     ``fixed``: heads already served by their templates while measuring (scored +inf), so the
     estimate accounts for what earlier choices changed (``greedy_order``)."""
+    model, adapter, means = data.model, data.adapter, data.means
+    seqs, targets, stored_layers = data.seqs, data.targets, data.stored_layers
     n_layers, n_heads, lt = means.shape[0], means.shape[1], means.shape[2]
     pos = {layer: i for i, layer in enumerate(stored_layers)}
     tmpl = torch.from_numpy(means)
@@ -224,35 +235,18 @@ def rank(
 
 
 def greedy_order(
-    model,
-    adapter: Adapter,
-    means: np.ndarray,
-    stored_layers: list[int],
-    seqs,
-    targets,
-    n: int,
-    rounds: int = 4,
-    progress: bool = False,
+    data: RankData, n: int, rounds: int = 4, progress: bool = False
 ) -> tuple[list[tuple[int, int]], list[float]]:
     """The ``n`` heads to serve from templates, in order, chosen in ``rounds`` chunks: each chunk is
     ranked with the earlier chunks' templates in place, so interactions between heads are seen."""
-    n_heads = means.shape[1]
+    n_heads, stored_layers = data.means.shape[1], data.stored_layers
     order: list[tuple[int, int]] = []
     scores: list[float] = []
     for r in range(rounds):
         take = (n * (r + 1)) // rounds - len(order)
         if take <= 0:
             continue
-        sc = rank(
-            model,
-            adapter,
-            means,
-            stored_layers,
-            seqs,
-            targets,
-            progress=progress,
-            fixed=list(order),
-        )
+        sc = rank(data, fixed=list(order), progress=progress)
         for i in np.argsort(sc.ravel(), kind="stable")[:take].tolist():
             order.append((stored_layers[i // n_heads], i % n_heads))
             scores.append(float(sc.ravel()[i]))

@@ -15,7 +15,7 @@ from ..build.calibrate import (
     choice_targets,
     rows_for,
 )
-from ..build.templates import greedy_order, mean_maps, select
+from ..build.templates import RankData, greedy_order, mean_maps, select
 from ..db import Templates
 from ..errors import UserError
 from ..runtime import Policy
@@ -67,9 +67,8 @@ def fit_templates(
     means = mean_maps(c.store, progress=progress)
     layers = c.store.layout.layers
     keep = max(1, int(round(max_share * c.shape.n_layers * c.shape.n_heads)))
-    order, scores = greedy_order(
-        s.model, c.adapter, means, layers, plan.seqs, targets, keep, rounds, progress
-    )
+    data = RankData(s.model, c.adapter, means, layers, plan.seqs, targets)
+    order, scores = greedy_order(data, keep, rounds, progress)
     info = {"ranked_on": len(targets), "method": "attribution", "rounds": rounds, "score": scores}
     return select(means, layers, order, c.adapter.causal), info
 

@@ -16,7 +16,7 @@ from ..tiers import DEFAULT_PREFIX_BYTES
 from ..workflows import Session, SessionOptions
 from .harness import AttentionTimer, interleaved, machine
 from .items import time_items
-from .workload import BATCH_SIZES, time_workload
+from .workload import BATCH_SIZES, WorkloadOptions, time_workload
 
 __all__ = ["AttentionTimer", "BenchConfig", "bench", "interleaved", "machine"]
 
@@ -91,19 +91,8 @@ def bench(
             f"--prefix-dir '{kept}' holds no prefix K/V computed in {models.numerics(s.model)} "
             "(only answers, or K/V of other numerics)"
         )
-    res.update(
-        time_workload(
-            s,
-            plan,
-            pol,
-            threshold,
-            cfg.batch_sizes,
-            cfg.pass_repeats,
-            cfg.prefix_bytes,
-            warm,
-            cfg.bound,
-        )
-    )
+    timing = WorkloadOptions(cfg.batch_sizes, cfg.pass_repeats, cfg.prefix_bytes, warm, cfg.bound)
+    res.update(time_workload(s, plan, pol, threshold, timing))
     if s.cache is not None:
         # each entry's crc32 is checked on its first use in a process (a damaged one is never
         # replayed): that one-time cost, against one workload pass at the best batch size

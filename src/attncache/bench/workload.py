@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,20 +29,26 @@ BATCH_SIZES = (1, 4, 8, 16, 32)
 BOUND_BYTES = 4 << 30  # the in-RAM bound preloads every hit's maps: skipped beyond this
 
 
+@dataclass
+class WorkloadOptions:
+    """How whole passes are timed: each variant at each of ``batch_sizes``, ``repeats`` passes."""
+
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    repeats: int = 3
+    prefix_bytes: int | None = None  # the prefix tier's cap (None: no prefix tier)
+    # a kept prefix tree (``TierFolder.read``): every attncache pass starts from it (a warm
+    # start), not from an empty tree
+    warm: dict[str, torch.Tensor] | None = None
+    bound: bool = True  # with maps, time the in-RAM bound too
+
+
 def time_workload(
-    s: Session,
-    plan: Plan,
-    pol: Policy | None,
-    threshold: float | None,
-    batch_sizes: tuple[int, ...],
-    repeats: int,
-    prefix_bytes: int | None,
-    warm: dict[str, torch.Tensor] | None = None,
-    bound: bool = True,
+    s: Session, plan: Plan, pol: Policy | None, threshold: float | None, opts: WorkloadOptions
 ) -> dict:
-    """``warm``: a kept prefix tree (``TierFolder.read("prefix")``); every attncache pass starts
-    from it (a warm start), not from an empty tree. ``bound``: with maps, time the in-RAM bound
-    too."""
+    """Plain SDPA at its best batch size against attncache at its own, whole passes over
+    ``plan``, interleaved; ``pol``/``threshold``: the map cache's setting (None: no maps)."""
+    batch_sizes, repeats, prefix_bytes = opts.batch_sizes, opts.repeats, opts.prefix_bytes
+    warm, bound = opts.warm, opts.bound
     model, tok = s.model, s.tokenizer
     has_prefix = s.prefix_tier(prefix_bytes) is not None
     has_maps = s.cache is not None and pol is not None

@@ -20,7 +20,7 @@ from ..db import Templates
 from ..errors import UserError
 from ..runtime import Policy
 from ..tasks import Plan, RunOptions, RunOutput, compare, run
-from .search import Search
+from .search import Search, SearchOptions
 from .session import CalibrationData, Session
 
 CANDIDATE_LAYER_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25)
@@ -234,18 +234,8 @@ def calibrate_plan(
             s, plan, exact, list(range(n_rank)), opts.max_template_share, progress
         )
         s.cache.use_templates(t)
-    search = Search(
-        s,
-        plan,
-        select_rows,
-        exact,
-        max_loss,
-        conf,
-        batch_size,
-        progress,
-        deadline,
-        opts.exhaustive,
-    )
+    search_opts = SearchOptions(max_loss, conf, batch_size, progress, deadline, opts.exhaustive)
+    search = Search(s, plan, select_rows, exact, search_opts)
     specs = candidate_policies(s, opts.heads) if search.c_max >= 0 else []
     k_ok, k_base = 0, None
     if templates:

@@ -63,29 +63,31 @@ class Setting:
     cached: RunOutput | None = None  # the policy's pass (threshold infinity)
 
 
+@dataclass
+class SearchOptions:
+    """What a search promises (at most ``max_loss`` of its rows' answers changed, at confidence
+    ``conf``) and how it runs."""
+
+    max_loss: float
+    conf: float
+    batch_size: int
+    progress: bool
+    deadline: float | None = None  # ``time.monotonic()`` after which no candidate starts
+    exhaustive: bool = False  # every candidate at every threshold (slow; for checking)
+
+
 class Search:
+    """Chooses the setting that reuses most within the bound on ``rows`` of ``plan``, whose
+    exact outputs are ``exact``."""
+
     def __init__(
-        self,
-        s: Session,
-        plan: Plan,
-        rows: list[int],
-        exact: RunOutput,
-        max_loss: float,
-        conf: float,
-        batch_size: int,
-        progress: bool,
-        deadline: float | None = None,
-        exhaustive: bool = False,
+        self, s: Session, plan: Plan, rows: list[int], exact: RunOutput, opts: SearchOptions
     ):
         self.s, self.plan, self.rows, self.exact = s, plan, rows, exact
-        self.batch_size, self.progress, self.deadline, self.exhaustive = (
-            batch_size,
-            progress,
-            deadline,
-            exhaustive,
-        )
-        self.max_loss, self.conf = max_loss, conf
-        self.c_max = allowed_changes(len(rows), max_loss, conf)
+        self.batch_size, self.progress = opts.batch_size, opts.progress
+        self.deadline, self.exhaustive = opts.deadline, opts.exhaustive
+        self.max_loss, self.conf = opts.max_loss, opts.conf
+        self.c_max = allowed_changes(len(rows), opts.max_loss, opts.conf)
         self.seqs = seqs = self._seq_ids(rows)
         self.distances = lookup_distances(s, plan)
         finite = sorted({self.distances[q] for q in seqs if np.isfinite(self.distances[q])})

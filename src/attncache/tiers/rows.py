@@ -38,7 +38,7 @@ from .packing import (
     segment_rows,
     split_rows,
 )
-from .radix import Match
+from .radix import Match, RadixKV
 
 # a packed row may always hold this many suffix tokens, however short its prefix
 PACK_MIN_TOKENS = 32
@@ -87,7 +87,7 @@ class RowRunner:
         self.packed = packed  # inputs on one prefix share a row (a block mask); False: a row each
 
     @property
-    def tree(self):
+    def tree(self) -> RadixKV:
         return self.kept.tree
 
     def ensure(self, prefixes: set[tuple[int, ...]]) -> None:

@@ -2,6 +2,8 @@
 log-likelihoods (1e-4) and is_greedy, for shared few-shot contexts, multi-token continuations,
 one-token continuations and rolling windows, with the prefix tier doing the reuse."""
 
+import re
+
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -168,11 +170,56 @@ def test_prompts_and_answers_are_kept_across_runs(tiny_hf, backends, tmp_path):
     assert no_memo.prefix.stats.tokens_reused >= len(SHOTS)  # the header came from the folder
 
 
-def test_bad_model_args_are_one_clear_error(tiny_hf):
-    with pytest.raises(ValueError, match="memo= takes true or false"):
-        AttnCacheLM(pretrained=tiny_hf("llama"), memo="maybe")
-    with pytest.raises(ValueError, match="policy= .* needs db="):
-        AttnCacheLM(pretrained=tiny_hf("llama"), policy="default")
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("memo=maybe", "memo= takes true or false, not 'maybe'"),
+        ("policy=default", "policy= reuses approximate maps: it needs db="),
+        ("prefix_bytes=lots", "prefix_bytes= takes a number of bytes (0 or none: off), not 'lots'"),
+        ("batch_size=x", "batch_size takes a positive number or auto, not 'x'"),
+        ("dtype=float7", "--dtype must be one of float32, bfloat16, float16, got 'float7'"),
+    ],
+)
+def test_bad_model_args_are_one_clear_error(tiny_hf, extra, message):
+    """Each is a ``UserError`` naming the argument (which ``attncache lm-eval`` prints as one
+    line, exit status 2; see the next test), and a ``ValueError`` where it is the backend's own
+    argument, for code that builds the backend itself."""
+    from attncache.errors import UserError
+
+    key, value = extra.split("=")
+    with pytest.raises(UserError, match=re.escape(message)) as got:
+        AttnCacheLM(pretrained=tiny_hf("llama"), **{key: value})
+    assert isinstance(got.value, ValueError) == (key != "dtype")
+
+
+def test_a_bad_model_arg_on_the_command_line_is_one_line_and_exit_2(tiny_hf, tmp_path):
+    """Before 2026-12-07 ``attncache lm-eval run ... --model_args prefix_bytes=lots`` (or memo=,
+    policy= without db=, batch_size=) ended in a Python traceback and exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    from attncache.integrations.lm_eval_tasks import TaskOptions, write_task
+
+    (task,) = write_task("arc_easy", tmp_path / "tasks", TaskOptions(shots=1, limit=2, pool=2))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    model_args = f"pretrained={tiny_hf('llama')},prefix_bytes=lots"
+    argv = ["lm-eval", "run", "--model", "attncache", "--model_args", model_args]
+    argv += ["--include_path", str(tmp_path / "tasks"), "--tasks", task]
+    r = subprocess.run(
+        [sys.executable, "-m", "attncache", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == "attncache: error: prefix_bytes= takes a number of bytes (0 or none: off), not 'lots'"
+    )
 
 
 def test_the_entry_point_names_the_backend():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 from .. import models
+from ..errors import UserError
 from ..tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
 from ..tiers import DEFAULT_PREFIX_BYTES
 
@@ -36,6 +37,11 @@ except ImportError as e:  # pragma: no cover - the optional extra
 log = logging.getLogger("attncache.lm_eval")
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+class ModelArgError(UserError, ValueError):
+    """A bad ``--model_args`` value: one line from ``attncache lm-eval``, a ``ValueError`` to
+    code that builds the backend itself."""
 
 
 def plan_requests(requests: list[Request], max_length: int) -> Plan:
@@ -94,24 +100,24 @@ class AttnCacheLM(HFLM):
 
         device, dtype = _device_of(device), "float32" if dtype in (None, "auto") else str(dtype)
         if policy is not None and db is None:
-            raise ValueError("policy= reuses approximate maps: it needs db=")
+            raise ModelArgError("policy= reuses approximate maps: it needs db=")
+        cap = _bytes(prefix_bytes, "prefix_bytes")
+        keep_answers = _flag(memo, "memo")  # all checked before the model loads
+        batch = _batch_size(batch_size)
         self.session = Session.open(db, pretrained, SessionOptions(device=device, dtype=dtype))
-        if str(batch_size).startswith("auto"):
-            batch_size = 8  # the tiers size forwards by tokens; 'auto' probing does not apply
         super().__init__(
             pretrained=self.session.model,
             tokenizer=self.session.tokenizer,
-            batch_size=int(batch_size),
+            batch_size=batch,
             **kwargs,
         )
-        cap = None if prefix_bytes in (None, "none", "None", 0, "0") else int(prefix_bytes)
         self.prefix = self.session.prefix_tier(cap)
         self.folder = self.session.tier_folder(prefix_dir, cap)
         kept = self.session.kept_prefix(self.folder)
         if self.prefix is not None and kept is not None:
             self.prefix.restore(kept)
         self.memo: ResultMemo | None = None  # only where answers can be kept: a DB or prefix_dir
-        if _flag(memo, "memo") and (db is not None or self.folder is not None):
+        if keep_answers and (db is not None or self.folder is not None):
             cache = self.session.cache
             self.memo = (
                 ResultMemo.load(cache.db)
@@ -185,4 +191,28 @@ def _flag(value: bool | str, name: str) -> bool:
         return True
     if text in ("0", "false", "no", "off", "none"):
         return False
-    raise ValueError(f"{name}= takes true or false, not {value!r}")
+    raise ModelArgError(f"{name}= takes true or false, not {value!r}")
+
+
+def _batch_size(value: int | str) -> int:
+    """``--batch_size``: 'auto' (or 'auto:N') is 8: the tiers size forwards by tokens, so
+    lm-eval's probing for the largest batch that fits does not apply."""
+    text = str(value).strip()
+    if text.startswith("auto"):
+        return 8
+    if not text.isdigit() or int(text) < 1:
+        raise ModelArgError(f"batch_size takes a positive number or auto, not {value!r}")
+    return int(text)
+
+
+def _bytes(value: int | str | None, name: str) -> int | None:
+    """A byte count from ``--model_args`` (0 or none: off)."""
+    if value is None or str(value).strip().lower() in ("none", "0", "off"):
+        return None
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ModelArgError(f"{name}= takes a number of bytes (0 or none: off), not {value!r}")
+    return count

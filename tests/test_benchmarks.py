@@ -266,3 +266,22 @@ def test_lm_eval_speed(tiny_hf, tmp_path):
     res = json.loads(out.read_text())
     assert res["hf_best"] in ("hf b2", "hf b4") and res["speedup_vs_hf_best"] > 0
     assert res["agreement_requests"] == 1.0 and res["metrics_identical"]
+
+
+def test_attention_parts(tmp_path):
+    """The masked call and the merged parts agree (float32 to 1e-5) on a small row."""
+    out = tmp_path / "parts.json"
+    run(
+        "benchmarks/attention_parts.py",
+        "--past",
+        20,
+        "--blocks",
+        "5,7",
+        "--repeats",
+        1,
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert rows[0]["max_abs_diff"] < 1e-5 and all(r["in_parts_ms"] > 0 for r in rows)

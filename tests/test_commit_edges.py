@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from test_reliability import synthetic
 from tiny import TinyTokenizer, random_seqs, tiny_model
 
@@ -196,3 +197,57 @@ def test_a_damaged_entry_is_never_replayed(tmp_path):
         forward(model, seqs, True)
     assert len(cache.store.checked) == 5
     assert any(f"entry {victim}" in p and "corrupted" in p for p in AttnCache.verify(path))
+
+
+TIER_WRITER = """
+import sys, torch
+from attncache.db.tier_store import TierFolder
+folder = TierFolder(sys.argv[1], {"config": "c", "weights": "w"})
+for k in range(1, int(sys.argv[2]) + 1):
+    folder.write("prefix.float32-cpu", {"kv": torch.full((64, 256), float(k))})
+"""
+
+
+def test_a_tier_folder_stays_readable_while_another_process_writes_it(tmp_path):
+    """Two processes on one ``--prefix-dir``: one keeps replacing the kept tree, the other keeps
+    reading it. Every read is one whole version (each file checked against the index entry it
+    was read by), never an error: before 2026-12-07 a read that found the index before a write
+    and the file after it called the folder damaged."""
+    from attncache.db.tier_store import TierFolder
+
+    fingerprint = {"config": "c", "weights": "w"}
+    folder = TierFolder(tmp_path / "kept", fingerprint)
+    folder.write("prefix.float32-cpu", {"kv": torch.zeros(64, 256)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writes = 300
+    writer = subprocess.Popen(
+        [sys.executable, "-c", TIER_WRITER, str(tmp_path / "kept"), str(writes)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: set[float] = set()
+    try:
+        while writer.poll() is None:
+            kv = TierFolder(tmp_path / "kept", fingerprint).read("prefix.float32-cpu")["kv"]
+            assert kv.shape == (64, 256) and bool((kv == kv[0, 0]).all())  # one whole version
+            seen.add(float(kv[0, 0]))
+    finally:
+        _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert len(seen) > 1  # the reads did overlap the writes
+    last = TierFolder(tmp_path / "kept", fingerprint).read("prefix.float32-cpu")["kv"]
+    assert float(last[0, 0]) == writes
+
+
+def test_a_kept_tier_file_gone_with_no_writer_is_one_clear_error(tmp_path):
+    """The read that retries after a writer's commit still refuses a file its index names and
+    nobody replaced (deleted by hand): one UserError naming it, no retry loop."""
+    from attncache.db.tier_store import TierFolder
+
+    folder = TierFolder(tmp_path / "kept", {"config": "c", "weights": "w"})
+    folder.write("memo", {"x": torch.ones(3)})
+    (file,) = (tmp_path / "kept").glob("memo-*.safetensors")
+    file.unlink()
+    with pytest.raises(UserError, match=f"{file.name} is missing"):
+        folder.read("memo")

@@ -58,21 +58,32 @@ class TierFolder:
         return index
 
     def read(self, name: str) -> dict[str, torch.Tensor] | None:
-        """The tensors saved under ``name``, or None if there are none (checked before use)."""
+        """The tensors saved under ``name``, or None if there are none (checked before use).
+
+        Readers take no lock: a writer replaces a file under a new name and then deletes the old
+        one, so a file named by the index is whole or gone. Gone means a writer committed since
+        the index was read, and the read starts again from the new index."""
         meta = self._index()["files"].get(name)
-        if meta is None:
-            return None
-        path = self.folder / safe_name(meta["file"])
-        if (
-            not path.is_file()
-            or path.stat().st_size != meta["size"]
-            or file_digest(path) != meta["sha256"]
-        ):
-            raise UserError(
-                f"{path} is damaged (size or checksum differs); not using it. Remove it to "
-                "start that tier afresh"
-            )
-        return load_file(str(path))
+        while meta is not None:
+            path = self.folder / safe_name(meta["file"])
+            try:
+                if path.stat().st_size != meta["size"] or file_digest(path) != meta["sha256"]:
+                    raise UserError(
+                        f"{path} is damaged (size or checksum differs); not using it. Remove "
+                        "it to start that tier afresh"
+                    )
+                return load_file(str(path))
+            except (FileNotFoundError, RuntimeError):  # safetensors: RuntimeError for a lost file
+                if path.exists():
+                    raise
+                now = self._index()["files"].get(name)
+                if now == meta:  # the index still names it: not a writer's doing
+                    raise UserError(
+                        f"{path} is missing; not using the kept '{name}'. Remove {INDEX} to "
+                        "start afresh"
+                    ) from None
+                meta = now
+        return None
 
     def write(self, name: str, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
         """Replace ``name``'s tensors in one commit (the index is the commit point)."""

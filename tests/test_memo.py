@@ -132,3 +132,48 @@ def test_answers_that_replayed_maps_are_never_memoised(built):
     assert len(memo) == 2 and all(memo.get(s, FP32) is not None for s in new)
     ref, _ = forward(model, new, True)
     assert torch.isfinite(ref).all()
+
+
+MEMO_WRITER = """
+import sys
+from attncache.db.tier_store import TierFolder
+from attncache.tiers.memo import Answer, ResultMemo
+folder = TierFolder(sys.argv[1], {"config": "c", "weights": "w"})
+memo = ResultMemo.load_from(folder)
+memo.put([9, 9, 9], "float32-cpu", Answer({(1, 4): -1.5}, 4))
+memo.save_to(folder)
+"""
+
+
+def test_two_processes_keeping_answers_in_one_prefix_dir_lose_none(tmp_path):
+    """Two runs share a ``--prefix-dir`` without a DB (two lm-eval runs, or a server and an eval):
+    this one loads the kept answers, another process keeps an answer of its own meanwhile, then
+    this one keeps its answer. Both are there afterwards, as they are in a DB's memo. Before
+    2026-12-07 the later save replaced the folder's answers with its own, losing the other's."""
+    import os
+    import subprocess
+    import sys
+
+    from attncache.db.tier_store import TierFolder
+
+    folder = TierFolder(tmp_path / "kept", {"config": "c", "weights": "w"})
+    first = ResultMemo()
+    first.put([1, 2, 3], "float32-cpu", Answer({(1, 5): -0.25}, 7))
+    first.save_to(folder)
+    mine = ResultMemo.load_from(folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run(
+        [sys.executable, "-c", MEMO_WRITER, str(tmp_path / "kept")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    mine.put([4, 5, 6], "float32-cpu", Answer({(1, 2): -0.5}, 2))
+    mine.save_to(folder)
+    kept = ResultMemo.load_from(folder)
+    assert kept.get([1, 2, 3], "float32-cpu", [(1, 5)]).argmax == 7
+    assert kept.get([9, 9, 9], "float32-cpu", [(1, 4)]).argmax == 4  # the other process's
+    assert kept.get([4, 5, 6], "float32-cpu", [(1, 2)]).argmax == 2
+    assert mine.get([9, 9, 9], "float32-cpu", [(1, 4)]).argmax == 4  # merged into this one too

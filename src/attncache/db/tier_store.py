@@ -10,6 +10,7 @@ write lock).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from .locks import write_lock
 
 INDEX = "tiers.json"
 FORMAT = 1
+
+Tensors = dict[str, torch.Tensor | np.ndarray]
 
 
 class TierFolder:
@@ -85,9 +88,16 @@ class TierFolder:
                 meta = now
         return None
 
-    def write(self, name: str, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
+    def write(self, name: str, tensors: Tensors) -> None:
         """Replace ``name``'s tensors in one commit (the index is the commit point)."""
+        self.update(name, lambda _now: tensors)
+
+    def update(self, name: str, merge: Callable[[dict[str, torch.Tensor] | None], Tensors]) -> None:
+        """Replace ``name``'s tensors by ``merge(the tensors there now, or None)`` in one commit,
+        under the write lock: what another process wrote since this one read is merged, not
+        lost."""
         with write_lock(self.folder):
+            tensors = merge(self.read(name))
             index = self._index()
             old = index["files"].get(name, {}).get("file")
             file = f"{name}-{int(index.get('generation', 0)) + 1}.safetensors"

@@ -162,8 +162,16 @@ class ResultMemo:
         return False
 
     def save_to(self, folder) -> None:
-        """Keep the answers in a ``db.TierFolder`` (``--prefix-dir``, serving without a DB)."""
-        folder.write("memo", self.to_arrays())
+        """Keep the answers in a ``db.TierFolder`` (``--prefix-dir``, serving without a DB),
+        merged with what other processes kept there since this one read it."""
+
+        def merged(on_disk: dict | None) -> dict[str, np.ndarray]:  # tensors by name
+            if on_disk is not None:
+                arrays = {k: v.numpy() for k, v in on_disk.items()}
+                self.merge(ResultMemo.from_arrays(arrays, self.max_entries))
+            return self.to_arrays()
+
+        folder.update("memo", merged)
         self.dirty = False
 
     @classmethod

@@ -251,3 +251,42 @@ def test_a_kept_tier_file_gone_with_no_writer_is_one_clear_error(tmp_path):
     file.unlink()
     with pytest.raises(UserError, match=f"{file.name} is missing"):
         folder.read("memo")
+
+
+def test_a_full_disk_when_keeping_never_costs_the_runs_results(tmp_path, monkeypatch, capsys):
+    """``eval --prefix-dir``: a disk that refuses the kept K/V and answers at the end of a run is a
+    warning; the run's results come back, and the folder keeps what it held before. Before
+    2026-12-07 the error ended the run after its rows were computed, their results unprinted."""
+    from tiny import save_tiny_hf
+
+    from attncache.workflows import EvalOptions, evaluate
+
+    model_dir = save_tiny_hf("llama", tmp_path / "m")
+    prompt = "Answer with yes or no, as in these examples. " * 2
+    rows = [
+        {"prompt": f"{prompt}Q{k}: is {k} even?", "choices": [" no", " yes"], "answer": 1 - k % 2}
+        for k in range(6)
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiers = tmp_path / "tiers"
+    opts = EvalOptions(model_name=str(model_dir), progress=False, prefix_dir=str(tiers))
+    evaluate(None, str(data), opts)
+    before = (tiers / "tiers.json").read_text()
+    capsys.readouterr()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files_mod.os, "fsync", no_space)
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + "!"}) + "\n" for r in rows))
+    (res,) = evaluate(None, str(more), opts)
+    assert res.comparison.agreement == 1.0 and res.comparison.n == len(rows)
+    err = capsys.readouterr().err
+    assert "attncache: warning: the prefix K/V not kept: no space left on the device" in err
+    assert "attncache: warning: the new answers not kept: no space left on the device" in err
+    monkeypatch.undo()
+    assert (tiers / "tiers.json").read_text() == before  # the folder is as the first run left it
+    (again,) = evaluate(None, str(data), opts)
+    assert again.memo_hit_rate == 1.0  # the first run's answers are still there

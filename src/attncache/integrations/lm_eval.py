@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 
 from .. import models
-from ..errors import UserError
+from ..errors import UserError, keep_or_warn
 from ..tasks import Plan, Query, RowPlan, RunOptions, Tiers, run
 from ..tiers import DEFAULT_PREFIX_BYTES
 
@@ -171,15 +171,18 @@ class AttnCacheLM(HFLM):
 
     def _keep(self) -> None:
         """Save what later runs reuse: the memo's new answers, the kept prompts' K/V."""
-        cache = self.session.cache
-        if self.memo is not None and self.memo.dirty:
+        cache, memo, folder, prefix = self.session.cache, self.memo, self.folder, self.prefix
+        if memo is not None and memo.dirty:
             if cache is not None:
-                if not self.memo.save(cache.db):
-                    log.warning("attncache: the DB is locked by a writer; new answers not kept")
-            elif self.folder is not None:
-                self.memo.save_to(self.folder)
-        if self.folder is not None and self.prefix is not None:
-            self.prefix.save(self.folder)
+                try:
+                    if not memo.save(cache.db):
+                        log.warning("attncache: the DB is locked by a writer; new answers not kept")
+                except UserError as e:  # a full disk: this call's answers are computed already
+                    log.warning("attncache: the new answers not kept: %s", e)
+            elif folder is not None:
+                keep_or_warn("the new answers", lambda: memo.save_to(folder))
+        if folder is not None and prefix is not None:
+            keep_or_warn("the prefix K/V", lambda: prefix.save(folder))
 
 
 def _flag(value: bool | str, name: str) -> bool:

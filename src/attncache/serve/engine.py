@@ -12,6 +12,7 @@ import torch
 from .. import models
 from ..data import ChoiceRow, TextRow
 from ..db.tier_store import TierFolder
+from ..errors import keep_or_warn
 from ..inputs import collate
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, choice_scores, plan_rows, run
 from ..tiers.memo import ResultMemo
@@ -87,12 +88,12 @@ class Engine:
         if self.db is not None:
             self.session.cache.save_usage()
             if self.cfg.memo:
-                self.memo.save(self.db)
+                keep_or_warn("the new answers", lambda: self.memo.save(self.db))
         if self.folder is not None:
             if self.prefix is not None:
-                self.prefix.save(self.folder)
+                keep_or_warn("the prefix K/V", lambda: self.prefix.save(self.folder))
             if self.session.cache is None and self.cfg.memo:
-                self.memo.save_to(self.folder)
+                keep_or_warn("the new answers", lambda: self.memo.save_to(self.folder))
 
     # -- batches
     # ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from .. import models
 from ..build import BuildConfig
 from ..build.calibrate import rows_for
 from ..cache import AttnCache
-from ..errors import UserError
+from ..errors import UserError, keep_or_warn
 from ..tasks import Comparison, RunOptions, Tiers, compare, plan_rows, require_rows, run
 from ..tiers import DEFAULT_PREFIX_BYTES
 from ..tiers.memo import ResultMemo
@@ -308,11 +308,11 @@ def evaluate(db: str | None, data: str, options: EvalOptions | None = None) -> l
         if learned_answers is not None and learned_answers.dirty:
             stored.merge(learned_answers)
             stored.dirty = True
-            stored.save(s.cache.db)
+            keep_or_warn("the new answers", lambda: stored.save(s.cache.db))
     if folder is not None:
         if prefix is not None:
-            prefix.save(folder)
+            keep_or_warn("the prefix K/V", lambda: prefix.save(folder))
         if s.cache is None and stored is not None and learned_answers is not None:
             stored.merge(learned_answers)
-            stored.save_to(folder)
+            keep_or_warn("the new answers", lambda: stored.save_to(folder))
     return results

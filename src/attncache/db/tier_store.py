@@ -90,31 +90,34 @@ class TierFolder:
 
     def write(self, name: str, tensors: Tensors) -> None:
         """Replace ``name``'s tensors in one commit (the index is the commit point)."""
-        self.update(name, lambda _now: tensors)
+        with write_lock(self.folder):
+            self._commit(name, tensors)
 
     def update(self, name: str, merge: Callable[[dict[str, torch.Tensor] | None], Tensors]) -> None:
         """Replace ``name``'s tensors by ``merge(the tensors there now, or None)`` in one commit,
         under the write lock: what another process wrote since this one read is merged, not
         lost."""
         with write_lock(self.folder):
-            tensors = merge(self.read(name))
-            index = self._index()
-            old = index["files"].get(name, {}).get("file")
-            file = f"{name}-{int(index.get('generation', 0)) + 1}.safetensors"
-            data = {  # numpy arrays copied: ones made from bytes are read-only
-                k: (
-                    v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
-                ).contiguous()
-                for k, v in tensors.items()
-            }
-            atomic_write(self.folder / file, lambda f: f.write(save(data)))
-            index["files"][name] = {
-                "file": file,
-                "size": (self.folder / file).stat().st_size,
-                "sha256": file_digest(self.folder / file),
-            }
-            index["generation"] = int(index.get("generation", 0)) + 1
-            index["fingerprint"] = self.fingerprint
-            atomic_write_json(self.folder / INDEX, index)
-            if old and old != file:
-                (self.folder / safe_name(old)).unlink(missing_ok=True)
+            self._commit(name, merge(self.read(name)))
+
+    def _commit(self, name: str, tensors: Tensors) -> None:
+        """Write ``name``'s new file, then the index naming it, then drop the old file (under
+        the write lock)."""
+        index = self._index()
+        old = index["files"].get(name, {}).get("file")
+        file = f"{name}-{int(index.get('generation', 0)) + 1}.safetensors"
+        data = {  # numpy arrays copied: ones made from bytes are read-only
+            k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))).contiguous()
+            for k, v in tensors.items()
+        }
+        atomic_write(self.folder / file, lambda f: f.write(save(data)))
+        index["files"][name] = {
+            "file": file,
+            "size": (self.folder / file).stat().st_size,
+            "sha256": file_digest(self.folder / file),
+        }
+        index["generation"] = int(index.get("generation", 0)) + 1
+        index["fingerprint"] = self.fingerprint
+        atomic_write_json(self.folder / INDEX, index)
+        if old and old != file:
+            (self.folder / safe_name(old)).unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Each file is safetensors (no pickle), written to a temporary name, fsynced and r
 ``tiers.json`` (written last, atomically) records each file's size and sha256 and the model
 fingerprint. Reading checks the fingerprint (another model's K/V would be wrong answers, so it is
 refused) and the checksum (a damaged file is refused, not used). One writer at a time (the folder's
-write lock).
+write lock); readers take none: a file the index names is whole or gone (a writer renames the new
+one in, then deletes the old), and a reader that finds it gone reads the index again.
 """
 
 from __future__ import annotations

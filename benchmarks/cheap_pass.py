@@ -1,20 +1,22 @@
 """The cheap pass verified by margin against plain float32 SDPA at its best batch size.
 
 Per job: the gate is calibrated on CALIBRATE's rows (both precisions over them; every other row
-chooses the threshold, the rows between bound it), then DATA (disjoint rows) is timed in three
+chooses the threshold, the rows between bound it), then DATA (disjoint rows) is timed in these
 variants, each at its best batch size, medians of interleaved passes:
 
 - ``sdpa``: the plain float32 model, ``logits_to_keep`` only the needed positions (the baseline);
 - ``exact``: attncache's exact tiers in float32;
-- ``verified``: the exact tiers in the cheap precision (a prefix tree of its own), then the rows
-  whose margin is under the gate's threshold again in float32 through the float32 tiers.
+- ``verified:<precision>``, one per ``--dtype``: the exact tiers in the cheap precision (a prefix
+  tree of its own), then the rows whose margin is under that precision's threshold again in
+  float32 through the float32 tiers.
 
 Agreement is every row's prediction against ``sdpa``'s; the cheap pass alone (no verification) is
 reported too, for what the gate buys. The probe's speedup says whether this device has the cheap
 precision natively.
 
     python benchmarks/cheap_pass.py --calibrate 'sst2[0:300]' --data 'sst2[300:872]'
-    python benchmarks/cheap_pass.py --calibrate 'mmlu:5shot[100:400]' --data 'mmlu:5shot[0:100]'
+    python benchmarks/cheap_pass.py --calibrate 'mmlu:5shot[100:400]' --data 'mmlu:5shot[0:100]' \
+        --dtype bfloat16,bfloat16-linears
 """
 
 from __future__ import annotations
@@ -25,16 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from attncache import models
 from attncache.bench.harness import interleaved, machine
 from attncache.tasks import RunOptions, Tiers, predictions, run
-from attncache.tasks.verify import (
-    Precision,
-    calibrate_gate,
-    cheap_copy,
-    native_speedup,
-    run_verified,
-)
+from attncache.tasks.precisions import cheap_copy, cheap_precision, native_speedup
+from attncache.tasks.verify import Precision, calibrate_gate, run_verified
 from attncache.tiers import DEFAULT_PREFIX_BYTES, PrefixTier
 from attncache.workflows import Session
 
@@ -44,7 +40,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calibrate", required=True, help="rows that calibrate the gate")
     ap.add_argument("--data", required=True, help="rows timed (disjoint from --calibrate)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="cheap precisions, comma-separated (e.g. bfloat16,bfloat16-linears): each is timed "
+        "as its own verified variant in the same interleaved passes",
+    )
     ap.add_argument("--batch-sizes", default="4,8,16,32")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--max-loss", type=float, default=0.02)
@@ -52,7 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     s = Session.open(None, args.model)
-    cheap_model = cheap_copy(s.model, models.resolve_dtype(args.dtype))
+    precisions = [cheap_precision(d) for d in args.dtype.split(",")]
+    cheap_models = {p.name: cheap_copy(s.model, p) for p in precisions}
     tok = s.tokenizer
 
     prefixes = s.prefix_tier(DEFAULT_PREFIX_BYTES) is not None
@@ -62,13 +64,12 @@ def main() -> None:
 
     calib = s.plan(args.calibrate, quiet=True)
     opts = RunOptions(batch_size=8, progress=False)
-    gate = calibrate_gate(
-        calib,
-        run(cheap_model, tok, calib, opts, tiers(cheap_model)),
-        run(s.model, tok, calib, opts, tiers(s.model)),
-        args.max_loss,
-    )
-    print(f"gate: {json.dumps(gate.as_dict())}", flush=True)
+    exact_calib = run(s.model, tok, calib, opts, tiers(s.model))
+    gates = {}
+    for name, cheap_model in cheap_models.items():
+        cheap_calib = run(cheap_model, tok, calib, opts, tiers(cheap_model))
+        gates[name] = calibrate_gate(calib, cheap_calib, exact_calib, args.max_loss)
+        print(f"gate {name}: {json.dumps(gates[name].as_dict())}", flush=True)
     plan = s.plan(args.data, quiet=True)
     outs: dict[str, object] = {}
 
@@ -79,13 +80,15 @@ def main() -> None:
                 got = run(s.model, tok, plan, o)
             elif name == "exact":
                 got = run(s.model, tok, plan, o, tiers(s.model))
-            elif name == "cheap":
+            elif name.startswith("cheap:"):
+                cheap_model = cheap_models[name.split(":", 1)[1]]
                 got = run(cheap_model, tok, plan, o, tiers(cheap_model))
-            else:
+            else:  # "verified:<precision>"
+                precision = name.split(":", 1)[1]
+                cheap_model = cheap_models[precision]
                 cheap = Precision(cheap_model, tiers(cheap_model))
-                v = run_verified(
-                    tok, plan, cheap, Precision(s.model, tiers(s.model)), gate.threshold, o
-                )
+                exact = Precision(s.model, tiers(s.model))
+                v = run_verified(tok, plan, cheap, exact, gates[precision].threshold, o)
                 outs[f"{name}.fallback"] = v.fallback_share
                 got = v.out
             outs[name] = got
@@ -95,7 +98,8 @@ def main() -> None:
 
     best: dict[str, int] = {}
     screening: dict[str, dict[int, float]] = {}
-    for name in ("sdpa", "exact", "verified"):
+    verified = [f"verified:{p.name}" for p in precisions]
+    for name in ("sdpa", "exact", *verified):
         screening[name] = {
             b: interleaved({"x": variant(name, b)}, 1, 1, 0)["x"]["e2e"][0] for b in sizes
         }
@@ -104,7 +108,8 @@ def main() -> None:
     timed = interleaved(
         {n: variant(n, b) for n, b in best.items()}, 1, args.passes, 0
     )  # A B C A B C ...
-    variant("cheap", best["verified"])(0)  # the unverified cheap pass, for its agreement
+    for p in precisions:  # each unverified cheap pass, for its agreement
+        variant(f"cheap:{p.name}", best[f"verified:{p.name}"])(0)
     ref = predictions(plan, outs["sdpa"])
 
     def agreement(name: str) -> float:
@@ -118,13 +123,15 @@ def main() -> None:
         "calibrate": args.calibrate,
         "rows": len(plan.rows),
         "dtype": args.dtype,
-        "probe_speedup": native_speedup(models.resolve_dtype(args.dtype), "cpu"),
-        "gate": gate.as_dict(),
+        "probe_speedup": {p.name: native_speedup(p.dtype, "cpu") for p in precisions},
+        "gates": {n: g.as_dict() for n, g in gates.items()},
         "best_batch": best,
         "seconds": {n: timed[n]["e2e"][0] for n in best},
         "speedup_vs_best_sdpa": {n: base / timed[n]["e2e"][0] for n in best},
-        "agreement": {n: agreement(n) for n in ("exact", "cheap", "verified")},
-        "fallback_share": outs["verified.fallback"],
+        "agreement": {
+            n: agreement(n) for n in ("exact", *verified, *(f"cheap:{p.name}" for p in precisions))
+        },
+        "fallback_share": {n: outs[f"{n}.fallback"] for n in verified},
         "screening": screening,
         "machine": machine(),
     }

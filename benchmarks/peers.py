@@ -44,7 +44,8 @@ import torch
 from attncache import models
 from attncache.bench import machine
 from attncache.tasks import Plan, RunOptions, Tiers, predictions, run
-from attncache.tasks.verify import Precision, calibrate_gate, cheap_copy, run_verified
+from attncache.tasks.precisions import cheap_copy
+from attncache.tasks.verify import Precision, calibrate_gate, run_verified
 from attncache.tiers import PrefixTier
 from attncache.tiers.schedule import prefix_groups, shared_prefix
 from attncache.workflows import Session

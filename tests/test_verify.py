@@ -12,11 +12,10 @@ from attncache.data import ChoiceRow, TextRow
 from attncache.stats import binom_upper
 from attncache.tasks import RunOptions, RunOutput, Tiers, plan_rows, predictions, run
 from attncache.tasks.plan import Plan, Query, RowPlan
+from attncache.tasks.precisions import cheap_copy, cheap_precision, native_speedup
 from attncache.tasks.verify import (
     Precision,
     calibrate_gate,
-    cheap_copy,
-    native_speedup,
     row_margin,
     run_verified,
     score_movement,
@@ -83,10 +82,10 @@ def choice_rows(n: int) -> list[ChoiceRow]:
     return rows + [ChoiceRow("Pick one:", [" alpha beta", " gamma"], 1), TextRow("hello there")]
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["bfloat16", "bfloat16-linears"])
+def models(request):
     exact = tiny_model("llama")
-    return exact, cheap_copy(exact, torch.bfloat16)
+    return exact, cheap_copy(exact, cheap_precision(request.param))
 
 
 def test_run_verified_reruns_exactly_the_rows_under_the_threshold(models):
@@ -139,13 +138,48 @@ def test_cheap_answers_never_reach_the_exact_memo_and_prefix_trees_stay_apart(mo
         opts,
     )
     assert got.reran and len(got.reran) < len(plan.rows)
-    assert cheap_tier.numerics.startswith("bfloat16") and exact_tier.numerics.startswith("float32")
+    assert exact_tier.numerics == "float32-cpu" and "bfloat16" in cheap_tier.numerics
     later = run(exact_model, tok, plan, opts, Tiers(memo=memo))
     reran_seqs = {q for i in got.reran for q in plan.rows[i].seqs}
     assert {i for i, h in enumerate(later.memo_hit) if h} == reran_seqs
     exact = run(exact_model, tok, plan, opts)
     for key, value in later.logprobs.items():
         assert value == pytest.approx(exact.logprobs[key], abs=1e-4)
+
+
+def test_a_linears_only_copy_rounds_only_its_linears_and_keys_its_own_numerics():
+    """``bfloat16-linears``: every linear but the head swapped, the exact model untouched, its
+    numerics its own (never float32's or whole bfloat16's), its logits float32 (a whole
+    bfloat16 model's are rounded: 1/16 at a trained model's logit of 15, the largest movement
+    on real models, see docs/results.md) and still not the exact model's (it is cheaper)."""
+    from attncache import models as model_registry
+    from attncache.tasks.precisions import CheapLinear
+
+    exact = tiny_model("llama")
+    linears = cheap_copy(exact, cheap_precision("bfloat16-linears"))
+    whole = cheap_copy(exact, cheap_precision("bfloat16"))
+    assert all(p.dtype == torch.float32 for p in exact.parameters())
+    head = linears.get_output_embeddings()
+    assert isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
+    swapped = [m for m in linears.modules() if isinstance(m, CheapLinear)]
+    plain = [m for m in linears.modules() if type(m) is torch.nn.Linear]
+    assert swapped and plain == [head]
+    assert all(m.weight.dtype == torch.bfloat16 for m in swapped)
+    names = {model_registry.numerics(m) for m in (exact, linears, whole)}
+    assert names == {"float32-cpu", "float32-cpu-bfloat16-linears", "bfloat16-cpu"}
+    ids = torch.randint(3, 120, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = exact(ids).logits, linears(ids).logits
+    assert got.dtype == torch.float32 and whole(ids).logits.dtype == torch.bfloat16
+    assert 0 < (got - ref).abs().max().item() < 0.05
+
+
+def test_an_unknown_cheap_precision_is_one_clear_error():
+    from attncache.errors import UserError
+
+    for name in ("float32", "int8", "bfloat16-layers"):
+        with pytest.raises(UserError, match="--cheap-dtype must be"):
+            cheap_precision(name)
 
 
 def test_the_probe_times_the_precision_once_per_process():
@@ -224,6 +258,9 @@ def test_verify_flags_are_checked_in_one_line(tiny_folder):
     )
     got = json.loads(cli(*base, "--verify-margin", "0.5", "--json", "--no-memo").stdout)
     assert got["verify"]["used"] and 0.0 <= got["verify"]["fallback_share"] <= 1.0
+    linears = ["--cheap-dtype", "bfloat16-linears", "--json", "--no-memo"]
+    got = json.loads(cli(*base, "--verify-margin", "0.5", *linears).stdout)
+    assert got["verify"]["used"] and got["verify"]["dtype"] == "bfloat16-linears"
 
 
 @pytest.mark.parametrize("cheap_seconds, used", [(10.0, False), (0.1, True)])

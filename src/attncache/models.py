@@ -210,8 +210,10 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def numerics(model) -> str:
-    """What decides a model's exact outputs beyond its weights: dtype, device type and whether its
-    linears are quantized (``float32-cpu``, ``bfloat16-cuda``, ``float32-cpu-int8``).
+    """What decides a model's exact outputs beyond its weights: dtype, device type, whether its
+    linears are quantized and any layer's own ``numerics_tag`` (a cheap pass's linears in
+    bfloat16: ``tasks.precisions``) -- ``float32-cpu``, ``bfloat16-cuda``, ``float32-cpu-int8``,
+    ``float32-cpu-bfloat16-linears``.
 
     Every artefact an exact tier keeps (memo answers, prefix K/V) is keyed by it, so one numerics'
     answers are never served to another (the fingerprint deliberately ignores dtype: a map DB
@@ -220,12 +222,13 @@ def numerics(model) -> str:
     dtype = str(p.dtype).replace("torch.", "") if p is not None else "float32"
     device = p.device.type if p is not None else "cpu"
     quantized = any("quantized" in type(m).__module__ for m in model.modules())
+    tags = sorted({t for m in model.modules() if (t := getattr(m, "numerics_tag", None))})
     parts = [dtype, device]
     if device == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         parts.append("tf32")
     if quantized:
         parts.append("int8")
-    return "-".join(parts)
+    return "-".join(parts + tags)
 
 
 def name_of(model) -> str:

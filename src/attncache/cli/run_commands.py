@@ -337,7 +337,10 @@ def add_verify(sp) -> None:
         "changed answers, and runs cheap only where the device has --cheap-dtype natively",
     )
     sp.add_argument(
-        "--cheap-dtype", choices=["bfloat16", "float16"], help="the cheap precision (bfloat16)"
+        "--cheap-dtype",
+        choices=["bfloat16", "float16", "bfloat16-linears", "float16-linears"],
+        help="the cheap precision (bfloat16): the whole model, or with -linears only its linear "
+        "layers (float32 residual stream, norms, attention and logits: fewer rows rerun)",
     )
     sp.add_argument(
         "--max-loss", type=number(float, 0.0), help="auto: bound on changed answers (0.02)"

@@ -18,13 +18,10 @@ own, and the merged output is never written to a memo.
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..stats import binom_upper
@@ -145,30 +142,3 @@ def run_verified(
     exact_seconds = merged.seconds
     merged.seconds = first.seconds + exact_seconds
     return Verified(merged, reran, len(plan.rows), first.seconds, exact_seconds)
-
-
-def cheap_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model in ``dtype`` beside the exact one (a copy: the exact model stays as it is)."""
-    return copy.deepcopy(model).to(dtype=dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def native_speedup(dtype: torch.dtype, device: str) -> float:
-    """How much faster a typical prefill matmul runs in ``dtype`` than in float32 on ``device``,
-    timed once per process (as ``kernels.product_dtype`` probes fp16). Below 1 where the device
-    emulates it (a CPU without bf16 units): the cheap pass then cannot pay."""
-    if device != "cpu":
-        if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            return 0.0
-        return 2.0  # GPUs run half precisions natively; not timed (no sync cost paid here)
-    x, w = torch.randn(512, 576), torch.randn(576, 1536)
-    xc, wc = x.to(dtype), w.to(dtype)
-
-    def seconds(a, b) -> float:
-        a @ b  # first call: allocation, kernel selection
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        return time.perf_counter() - t0
-
-    return float(np.clip(seconds(x, w) / max(seconds(xc, wc), 1e-9), 0.0, 100.0))

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .. import models
 from ..errors import UserError
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, run
-from ..tasks.verify import Precision, calibrate_gate, cheap_copy, native_speedup, run_verified
+from ..tasks.precisions import cheap_copy, cheap_precision, native_speedup
+from ..tasks.verify import Precision, calibrate_gate, run_verified
 from ..tiers import PrefixTier
 from .session import Session
 
@@ -26,7 +26,7 @@ PAYS = 0.9  # auto: the verified pass must be expected to take under this share 
 @dataclass(frozen=True)
 class VerifyOptions:
     margin: str = "off"  # "off", "auto" or a threshold (the task's score units)
-    dtype: str = "bfloat16"  # the cheap precision
+    dtype: str = "bfloat16"  # the cheap precision (``tasks.precisions.cheap_precision``)
     max_loss: float = 0.02  # auto: the bound on changed answers the gate must meet
     calibrate_rows: int = 300  # auto: the job's first rows calibrate the gate
     confidence: float = 0.95
@@ -65,15 +65,15 @@ def verified_pass(
 ) -> CheapPass:
     """The cached pass in the cheap precision with rows under the margin rerun through
     ``exact`` (the model's own tiers and memo); ``out`` None where it does not run."""
-    dtype = models.resolve_dtype(verify.dtype)
-    if next(s.model.parameters()).dtype == dtype:
+    precision = cheap_precision(verify.dtype)
+    if next(s.model.parameters()).dtype == precision.dtype:
         raise UserError(f"--verify-margin: the model already runs in {verify.dtype}")
-    probe = native_speedup(dtype, s.device)
+    probe = native_speedup(precision.dtype, s.device)
     report = VerifyReport(verify.margin, verify.dtype, probe, used=False)
     if verify.margin == "auto" and probe < MIN_PROBE_SPEEDUP:
         report.reason = f"{verify.dtype} is not faster on this device (probe {probe:.2f}x)"
         return CheapPass(None, report)
-    cheap_model = cheap_copy(s.model, dtype)
+    cheap_model = cheap_copy(s.model, precision)
 
     def own_tiers(model, memo) -> Tiers:  # a prefix tree per precision, never shared
         max_bytes = exact.prefix.tree.max_bytes if exact.prefix is not None else None

@@ -3,11 +3,13 @@ answers, and that nothing computed in the cheap precision is kept as an exact an
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from tiny import TinyTokenizer, tiny_model
 
+from attncache import models as model_registry
 from attncache.data import ChoiceRow, TextRow
 from attncache.stats import binom_upper
 from attncache.tasks import RunOptions, RunOutput, Tiers, plan_rows, predictions, run
@@ -152,7 +154,6 @@ def test_a_linears_only_copy_rounds_only_its_linears_and_keys_its_own_numerics()
     numerics its own (never float32's or whole bfloat16's), its logits float32 (a whole
     bfloat16 model's are rounded: 1/16 at a trained model's logit of 15, the largest movement
     on real models, see docs/results.md) and still not the exact model's (it is cheaper)."""
-    from attncache import models as model_registry
     from attncache.tasks.precisions import CheapLinear
 
     exact = tiny_model("llama")
@@ -289,6 +290,34 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
     assert res.verify["gate"]["holds"]
     assert res.verify["used"] == used
     assert used or "would not pay" in res.verify["reason"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-linears"])
+def test_a_whole_model_pass_that_reruns_many_rows_is_told_of_the_linears_shape(
+    tiny_folder, monkeypatch, dtype
+):
+    from attncache.workflows import EvalOptions, cheap, evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    real_gate, real_run = cheap.calibrate_gate, cheap.run
+
+    def many_reruns(*args, **kwargs):
+        return replace(real_gate(*args, **kwargs), fallback_share=0.6, bound=0.0)
+
+    def slow_cheap_run(model, tok, plan, opts, tiers):
+        out = real_run(model, tok, plan, opts, tiers)
+        out.seconds = 1.0 if model_registry.numerics(model) == "float32-cpu" else 0.9
+        return out
+
+    monkeypatch.setattr(cheap, "calibrate_gate", many_reruns)
+    monkeypatch.setattr(cheap, "run", slow_cheap_run)
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
+    res = evaluate(
+        None, str(tiny_folder[1]), EvalOptions(model_name=str(tiny_folder[0]), progress=False,
+        memo=False, verify=VerifyOptions("auto", dtype=dtype, calibrate_rows=20)),
+    )[0]  # fmt: skip
+    assert not res.verify["used"] and "would not pay" in res.verify["reason"]
+    assert ("--cheap-dtype bfloat16-linears" in res.verify["reason"]) == (dtype == "bfloat16")
 
 
 def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, run
-from ..tasks.precisions import cheap_copy, cheap_precision, native_speedup
+from ..tasks.precisions import LINEARS, cheap_copy, cheap_precision, native_speedup
 from ..tasks.verify import Precision, calibrate_gate, run_verified
 from ..tiers import PrefixTier
 from .session import Session
 
 MIN_PROBE_SPEEDUP = 1.2  # auto: the cheap precision's matmul must be this much faster
 PAYS = 0.9  # auto: the verified pass must be expected to take under this share of the exact one
+MANY_RERUNS = 0.1  # a whole-model cheap pass that reruns this share is told of ``-linears``
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,11 @@ def verified_pass(
                 f"{gate.fallback_share:.0%} rerun of {high.seconds:.1f} s exact on the "
                 "calibration rows: every row ran exactly"
             )
+            if not precision.linears_only and gate.fallback_share >= MANY_RERUNS:
+                report.reason += (
+                    f" (with margins this small, --cheap-dtype {verify.dtype}{LINEARS} "
+                    "moves them less and reruns fewer rows)"
+                )
             return CheapPass(None, report)
         threshold = gate.threshold
     else:

@@ -292,12 +292,26 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
     assert used or "would not pay" in res.verify["reason"]
 
 
+def _auto_eval(tiny_folder, monkeypatch, gate, timed_run, **verify):
+    """eval with --verify-margin auto on 20 calibration rows, its gate and pass times faked,
+    on a CPU taken to have the cheap precision natively."""
+    from attncache.workflows import EvalOptions, cheap, evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    monkeypatch.setattr(cheap, "calibrate_gate", gate)
+    monkeypatch.setattr(cheap, "run", timed_run)
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
+    return evaluate(
+        None, str(tiny_folder[1]), EvalOptions(model_name=str(tiny_folder[0]), progress=False,
+        memo=False, verify=VerifyOptions("auto", calibrate_rows=20, **verify)),
+    )[0]  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-linears"])
 def test_a_whole_model_pass_that_reruns_many_rows_is_told_of_the_linears_shape(
     tiny_folder, monkeypatch, dtype
 ):
-    from attncache.workflows import EvalOptions, cheap, evaluate
-    from attncache.workflows.cheap import VerifyOptions
+    from attncache.workflows import cheap
 
     real_gate, real_run = cheap.calibrate_gate, cheap.run
 
@@ -309,15 +323,105 @@ def test_a_whole_model_pass_that_reruns_many_rows_is_told_of_the_linears_shape(
         out.seconds = 1.0 if model_registry.numerics(model) == "float32-cpu" else 0.9
         return out
 
-    monkeypatch.setattr(cheap, "calibrate_gate", many_reruns)
-    monkeypatch.setattr(cheap, "run", slow_cheap_run)
-    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
-    res = evaluate(
-        None, str(tiny_folder[1]), EvalOptions(model_name=str(tiny_folder[0]), progress=False,
-        memo=False, verify=VerifyOptions("auto", dtype=dtype, calibrate_rows=20)),
-    )[0]  # fmt: skip
+    res = _auto_eval(tiny_folder, monkeypatch, many_reruns, slow_cheap_run, dtype=dtype)
     assert not res.verify["used"] and "would not pay" in res.verify["reason"]
     assert ("--cheap-dtype bfloat16-linears" in res.verify["reason"]) == (dtype == "bfloat16")
+
+
+# seconds per calibration pass by the shape that ran it, and the share of rows each would rerun
+SHAPES = {"float32-cpu": 1.0, "bfloat16-cpu": 0.5, "float32-cpu-bfloat16-linears": 0.6}
+
+
+@pytest.mark.parametrize(
+    "whole_reruns, linears_reruns, want",
+    [
+        (0.05, None, "bfloat16"),  # the whole cast pays: nothing else is tried
+        (0.60, 0.05, "bfloat16-linears"),  # it reruns too many: the linears shape pays instead
+        (0.60, 0.60, None),  # neither pays: every row runs exactly, both reasons said
+        (1.00, None, None),  # a gate that cannot hold on these rows: no other shape is tried
+    ],
+)
+def test_auto_without_a_cheap_dtype_picks_the_shape_that_pays(
+    tiny_folder, monkeypatch, whole_reruns, linears_reruns, want
+):
+    from attncache.workflows import cheap
+
+    real_gate, real_run = cheap.calibrate_gate, cheap.run
+    shares = {"bfloat16-cpu": whole_reruns, "float32-cpu-bfloat16-linears": linears_reruns}
+    seen = []
+
+    def gate(plan, low, high, *args, **kwargs):
+        share = shares[seen[-1]]
+        assert share is not None, f"{seen[-1]} was calibrated but should not have been"
+        bound = 1.0 if share == 1.0 else 0.0  # 1.0: the gate does not hold
+        return replace(
+            real_gate(plan, low, high, *args, **kwargs), fallback_share=share, bound=bound
+        )
+
+    def timed_run(model, tok, plan, opts, tiers):
+        out = real_run(model, tok, plan, opts, tiers)
+        seen.append(model_registry.numerics(model))
+        out.seconds = SHAPES[seen[-1]] if opts.desc == "calibrate" else out.seconds
+        return out
+
+    res = _auto_eval(tiny_folder, monkeypatch, gate, timed_run)
+    v = res.verify
+    assert v["used"] == (want is not None)
+    tried = v["tried"]
+    assert tried[0] == "bfloat16" and len(tried) == (1 if linears_reruns is None else 2)
+    # one exact pass over the calibration rows serves every shape; the job pays for all of them
+    assert seen[: 1 + len(tried)].count("float32-cpu") == 1
+    cheap_costs = {"bfloat16": 0.5, "bfloat16-linears": 0.6}
+    assert v["calibration_seconds"] == pytest.approx(1.0 + sum(cheap_costs[t] for t in tried))
+    if want:
+        assert v["dtype"] == want and v["gate"]["fallback_share"] == shares[seen[len(tried)]]
+        assert res.comparison.agreement == 1.0 or v["fallback_share"] < 1.0
+    elif whole_reruns == 1.0:
+        assert "bfloat16: the gate's bound 1.000" in v["reason"]
+    else:
+        assert all(f"{t}: the cheap pass would not pay" in v["reason"] for t in tried)
+        assert "--cheap-dtype" not in v["reason"]  # the shapes were tried, not suggested
+
+
+def test_auto_answers_its_calibration_rows_with_their_exact_pass(tiny_folder, monkeypatch):
+    """The calibration rows were run exactly to measure the gate: they keep those answers, and
+    the cheap pass (and its reruns) runs only the other rows, instead of all of them again."""
+    from attncache.tasks import verify as verify_mod
+    from attncache.workflows import Session, cheap
+    from attncache.workflows.cheap import VerifyOptions
+
+    real_run = cheap.run
+    cheap_runs = []
+
+    def spy(model, tok, plan, opts, tiers):
+        out = real_run(model, tok, plan, opts, tiers)
+        low = model_registry.numerics(model) != "float32-cpu"
+        if opts.desc == "calibrate":
+            out.seconds = 0.1 if low else 1.0  # a cheap pass that pays
+        elif low:
+            cheap_runs.append(list(opts.seq_ids))
+        return out
+
+    monkeypatch.setattr(cheap, "run", spy)
+    monkeypatch.setattr(verify_mod, "run", spy)  # the verified pass's own runs
+    monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
+    folder, rows = tiny_folder
+    s = Session.open(None, str(folder))
+    plan = s.plan(str(rows), quiet=True)
+    opts = RunOptions(batch_size=8, progress=False)
+    exact = real_run(s.model, s.tokenizer, plan, opts, Tiers(prefix=PrefixTier(s.model)))
+    verify = VerifyOptions("auto", dtype="bfloat16", max_loss=0.9, calibrate_rows=20)
+    got = cheap.verified_pass(s, plan, opts, verify, Tiers(prefix=PrefixTier(s.model)))
+    assert got.report.used and got.report.calibration_rows == 20 < len(plan.rows)
+    calib = plan.subset_seqs(list(range(20)))
+    rest = {q for r in plan.rows[20:] for q in r.seqs} - set(calib)
+    assert len(cheap_runs) == 1 and set(cheap_runs[0]) == rest  # none of the calibration's
+    for (q, end, token), lp in exact.logprobs.items():
+        if q in calib:  # the calibration rows' answers are the exact pass's
+            assert got.out.logprobs[q, end, token] == pytest.approx(lp, abs=1e-4)
+    assert set(got.out.logprobs) == set(exact.logprobs)  # every row answered
+    want, have = predictions(plan, exact), predictions(plan, got.out)
+    assert [want[i] for i in range(20)] == [have[i] for i in range(20)]
 
 
 def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):

@@ -339,8 +339,10 @@ def add_verify(sp) -> None:
     sp.add_argument(
         "--cheap-dtype",
         choices=["bfloat16", "float16", "bfloat16-linears", "float16-linears"],
-        help="the cheap precision (bfloat16): the whole model, or with -linears only its linear "
-        "layers (float32 residual stream, norms, attention and logits: fewer rows rerun)",
+        help="the cheap precision: the whole model, or with -linears only its linear layers "
+        "(float32 residual stream, norms, attention and logits: fewer rows rerun); default "
+        "bfloat16, and with auto bfloat16-linears where the whole cast would rerun many rows "
+        "and not pay",
     )
     sp.add_argument(
         "--max-loss", type=number(float, 0.0), help="auto: bound on changed answers (0.02)"

@@ -67,12 +67,13 @@ class Plan:
                     n[q.seq] = max(n[q.seq], q.from_end)
         return n
 
+    def subset_seqs(self, rows: list[int]) -> list[int]:
+        """The sequences of these rows, in the order ``subset`` numbers them."""
+        return list(dict.fromkeys(q for r in rows for q in self.rows[r].seqs))
+
     def subset(self, rows: list[int]) -> Plan:
-        """Only these rows, with their sequences renumbered."""
-        new: dict[int, int] = {}
-        for r in rows:
-            for q in self.rows[r].seqs:
-                new.setdefault(q, len(new))
+        """Only these rows, with their sequences renumbered (``subset_seqs`` order)."""
+        new = {q: j for j, q in enumerate(self.subset_seqs(rows))}
         renumbered = [
             replace(
                 self.rows[r],

@@ -51,6 +51,21 @@ class RunOutput:
     replayed: list[bool] = field(default_factory=list)
     greedy: dict[tuple[int, int], int] = field(default_factory=dict)  # (seq, from_end) -> token
 
+    def placed(self, ids: list[int], n: int) -> RunOutput:
+        """This output of a subset plan in its whole plan's numbering (``ids[j]``: the whole
+        plan's id of the subset's sequence j; ``Plan.subset_seqs``); time not carried over."""
+        out = RunOutput.empty(n)
+        for name in ("argmax", "hit", "distance", "memo_hit", "prefix_tokens", "replayed"):
+            mine, theirs = getattr(self, name), getattr(out, name)
+            for j, q in enumerate(ids):
+                theirs[q] = mine[j]
+        out.logprobs = {(ids[s], e, t): v for (s, e, t), v in self.logprobs.items()}
+        out.greedy = {(ids[s], e): v for (s, e), v in self.greedy.items()}
+        if self.embeddings is not None:
+            out.embeddings = np.zeros((n, self.embeddings.shape[1]), self.embeddings.dtype)
+            out.embeddings[ids] = self.embeddings
+        return out
+
     @classmethod
     def empty(cls, n: int) -> RunOutput:
         return cls(

@@ -110,7 +110,7 @@ class Precision:
 class Verified:
     out: RunOutput  # cheap answers where the margin passed, exact ones elsewhere
     reran: list[int]  # rows that reran exactly
-    rows: int
+    rows: int  # rows the cheap pass answered
     cheap_seconds: float
     exact_seconds: float
 
@@ -123,9 +123,13 @@ def run_verified(
     tokenizer, plan: Plan, cheap: Precision, exact: Precision, threshold: float, opts: RunOptions
 ) -> Verified:
     """Every sequence in the cheap precision; then the sequences of rows whose margin is under
-    ``threshold`` again in the exact one, their answers replacing the cheap ones."""
+    ``threshold`` again in the exact one, their answers replacing the cheap ones. With
+    ``opts.seq_ids``, only those sequences run (``opts.into`` holds the others' answers) and only
+    rows with one of them are verified and counted."""
     first = run(cheap.model, tokenizer, plan, opts, cheap.tiers)
-    reran = [i for i, r in enumerate(plan.rows) if row_margin(r, first) < threshold]
+    todo = None if opts.seq_ids is None else set(opts.seq_ids)
+    answered = [i for i, r in enumerate(plan.rows) if todo is None or todo.intersection(r.seqs)]
+    reran = [i for i in answered if row_margin(plan.rows[i], first) < threshold]
     seqs = sorted({q for i in reran for q in plan.rows[i].seqs})
     merged = copy.deepcopy(first)
     merged.seconds = 0.0
@@ -141,4 +145,4 @@ def run_verified(
         run(exact.model, tokenizer, plan, again, exact.tiers)
     exact_seconds = merged.seconds
     merged.seconds = first.seconds + exact_seconds
-    return Verified(merged, reran, len(plan.rows), first.seconds, exact_seconds)
+    return Verified(merged, reran, len(answered), first.seconds, exact_seconds)

@@ -6,11 +6,18 @@ measured on the half that did not choose X) and runs cheap only where the device
 precision natively (``native_speedup``), the bound holds and the calibration rows say it pays
 (their cheap pass plus the share that would rerun, against their exact pass); otherwise every
 row runs exactly and the report says why. ``off`` (the default) never runs a cheap pass.
+
+Without ``--cheap-dtype``, ``auto`` picks the shape of the cast too: the whole model in bfloat16
+first (the faster pass where margins are wide: SST-2), and where that would not pay because many
+rows would rerun, only the linear layers (``-linears``: the gaps move a third as far, so fewer
+rows rerun: MMLU), calibrated on the same rows against the same exact pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+
+from torch import nn
 
 from ..errors import UserError
 from ..tasks import Plan, RunOptions, RunOutput, Tiers, run
@@ -21,13 +28,17 @@ from .session import Session
 
 MIN_PROBE_SPEEDUP = 1.2  # auto: the cheap precision's matmul must be this much faster
 PAYS = 0.9  # auto: the verified pass must be expected to take under this share of the exact one
-MANY_RERUNS = 0.1  # a whole-model cheap pass that reruns this share is told of ``-linears``
+# a whole-model cheap pass rerunning this share tries ``-linears`` next (or, given, names it)
+MANY_RERUNS = 0.1
+WHOLE = "bfloat16"  # the default cheap precision, and auto's first shape
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
     margin: str = "off"  # "off", "auto" or a threshold (the task's score units)
-    dtype: str = "bfloat16"  # the cheap precision (``tasks.precisions.cheap_precision``)
+    # the cheap precision (``tasks.precisions.cheap_precision``); None: bfloat16, and under
+    # auto bfloat16-linears after it where the whole cast reruns many rows and would not pay
+    dtype: str | None = None
     max_loss: float = 0.02  # auto: the bound on changed answers the gate must meet
     calibrate_rows: int = 300  # auto: the job's first rows calibrate the gate
     confidence: float = 0.95
@@ -44,12 +55,14 @@ class VerifyReport:
     probe_speedup: float
     used: bool  # False: every row ran exactly (``reason`` says why)
     threshold: float | None = None
-    fallback_share: float | None = None  # rows that reran exactly, of all rows
+    fallback_share: float | None = None  # rows that reran exactly, of those the cheap pass ran
+    calibration_rows: int = 0  # auto: rows answered by the calibration's exact pass
     cheap_seconds: float = 0.0
     exact_seconds: float = 0.0
     calibration_seconds: float = 0.0
-    gate: dict | None = None  # auto: the calibrated gate and its bound
+    gate: dict | None = None  # auto: the calibrated gate and its bound (of ``dtype``)
     reason: str = ""
+    tried: list[str] = field(default_factory=list)  # auto: the shapes calibrated, in order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,56 +79,33 @@ def verified_pass(
 ) -> CheapPass:
     """The cached pass in the cheap precision with rows under the margin rerun through
     ``exact`` (the model's own tiers and memo); ``out`` None where it does not run."""
-    precision = cheap_precision(verify.dtype)
+    name = verify.dtype or WHOLE
+    precision = cheap_precision(name)
     if next(s.model.parameters()).dtype == precision.dtype:
-        raise UserError(f"--verify-margin: the model already runs in {verify.dtype}")
+        raise UserError(f"--verify-margin: the model already runs in {name}")
     probe = native_speedup(precision.dtype, s.device)
-    report = VerifyReport(verify.margin, verify.dtype, probe, used=False)
+    report = VerifyReport(verify.margin, name, probe, used=False)
     if verify.margin == "auto" and probe < MIN_PROBE_SPEEDUP:
-        report.reason = f"{verify.dtype} is not faster on this device (probe {probe:.2f}x)"
+        report.reason = f"{name} is not faster on this device (probe {probe:.2f}x)"
         return CheapPass(None, report)
-    cheap_model = cheap_copy(s.model, precision)
-
-    def own_tiers(model, memo) -> Tiers:  # a prefix tree per precision, never shared
-        max_bytes = exact.prefix.tree.max_bytes if exact.prefix is not None else None
-        return Tiers(prefix=PrefixTier(model, max_bytes) if max_bytes else None, memo=memo)
-
+    max_bytes = exact.prefix.tree.max_bytes if exact.prefix is not None else None
     if verify.margin == "auto":
-        calib = plan.subset(list(range(min(verify.calibrate_rows, len(plan.rows)))))
-        quiet = RunOptions(batch_size=opts.batch_size, progress=opts.progress, desc="calibrate")
-        low = run(cheap_model, s.tokenizer, calib, quiet, own_tiers(cheap_model, None))
-        high = run(s.model, s.tokenizer, calib, quiet, own_tiers(s.model, None))
-        gate = calibrate_gate(calib, low, high, verify.max_loss, verify.confidence)
-        report.gate = gate.as_dict()
-        report.calibration_seconds = low.seconds + high.seconds
-        if not gate.holds:
-            report.reason = (
-                f"the gate's bound {gate.bound:.3f} on {gate.verify_rows} rows exceeds "
-                f"--max-loss {verify.max_loss:g}: every row ran exactly"
-            )
+        chosen = _calibrate(s, plan, opts, verify, report, max_bytes)
+        if chosen is None:
             return CheapPass(None, report)
-        # what the calibration rows cost each way, the verified pass as its cheap pass plus the
-        # exact pass over the rows that rerun
-        expected = low.seconds + gate.fallback_share * high.seconds
-        if expected >= PAYS * high.seconds:
-            report.reason = (
-                f"the cheap pass would not pay: {low.seconds:.1f} s cheap + "
-                f"{gate.fallback_share:.0%} rerun of {high.seconds:.1f} s exact on the "
-                "calibration rows: every row ran exactly"
-            )
-            if not precision.linears_only and gate.fallback_share >= MANY_RERUNS:
-                report.reason += (
-                    f" (with margins this small, --cheap-dtype {verify.dtype}{LINEARS} "
-                    "moves them less and reruns fewer rows)"
-                )
-            return CheapPass(None, report)
-        threshold = gate.threshold
+        cheap_model, threshold = chosen.model, chosen.threshold
+        # the calibration rows keep the exact answers their gate was measured against; the
+        # cheap pass answers the rest
+        done = plan.subset_seqs(list(range(chosen.rows)))
+        rest = sorted({q for r in plan.rows[chosen.rows :] for q in r.seqs} - set(done))
+        opts = replace(opts, seq_ids=rest, into=chosen.exact.placed(done, len(plan.seqs)))
+        report.calibration_rows = chosen.rows
     else:
-        threshold = float(verify.margin)
+        cheap_model, threshold = cheap_copy(s.model, precision), float(verify.margin)
     got = run_verified(
         s.tokenizer,
         plan,
-        Precision(cheap_model, own_tiers(cheap_model, exact.memo)),
+        Precision(cheap_model, _own_tiers(cheap_model, max_bytes, exact.memo)),
         Precision(s.model, exact),
         threshold,
         opts,
@@ -125,3 +115,64 @@ def verified_pass(
     report.fallback_share = got.fallback_share
     report.cheap_seconds, report.exact_seconds = got.cheap_seconds, got.exact_seconds
     return CheapPass(got.out, report)
+
+
+def _own_tiers(model, max_bytes: int | None, memo) -> Tiers:
+    """A prefix tree per precision, never shared (the memo keys answers by numerics)."""
+    return Tiers(prefix=PrefixTier(model, max_bytes) if max_bytes else None, memo=memo)
+
+
+@dataclass
+class Calibrated:
+    model: nn.Module  # the cheap copy whose gate held and pays
+    threshold: float
+    exact: RunOutput  # the calibration rows' exact pass (the subset plan's numbering)
+    rows: int  # the job's first rows, which calibrated
+
+
+def _calibrate(
+    s: Session,
+    plan: Plan,
+    opts: RunOptions,
+    verify: VerifyOptions,
+    report: VerifyReport,
+    max_bytes: int | None,
+) -> Calibrated | None:
+    """auto: the first shape whose gate holds and pays on the job's first rows (one exact pass
+    over them serves every shape); None with ``report.reason`` saying why where none does."""
+    calib = plan.subset(list(range(min(verify.calibrate_rows, len(plan.rows)))))
+    quiet = RunOptions(batch_size=opts.batch_size, progress=opts.progress, desc="calibrate")
+    high = run(s.model, s.tokenizer, calib, quiet, _own_tiers(s.model, max_bytes, None))
+    report.calibration_seconds = high.seconds
+    reasons = []
+    for name in [verify.dtype] if verify.dtype else [WHOLE, WHOLE + LINEARS]:
+        precision = cheap_precision(name)
+        cheap_model = cheap_copy(s.model, precision)
+        low = run(cheap_model, s.tokenizer, calib, quiet, _own_tiers(cheap_model, max_bytes, None))
+        gate = calibrate_gate(calib, low, high, verify.max_loss, verify.confidence)
+        report.calibration_seconds += low.seconds
+        report.dtype, report.gate = name, gate.as_dict()
+        report.tried.append(name)
+        if not gate.holds:
+            reasons.append(
+                f"{name}: the gate's bound {gate.bound:.3f} on {gate.verify_rows} rows exceeds "
+                f"--max-loss {verify.max_loss:g}"
+            )
+            break  # too few rows to bound: another shape's gate has no more of them
+        # the calibration rows' verified pass: their cheap pass plus the exact pass over the
+        # share that would rerun
+        if low.seconds + gate.fallback_share * high.seconds < PAYS * high.seconds:
+            return Calibrated(cheap_model, gate.threshold, high, len(calib.rows))
+        reasons.append(
+            f"{name}: the cheap pass would not pay, {low.seconds:.1f} s cheap + "
+            f"{gate.fallback_share:.0%} rerun of {high.seconds:.1f} s exact on the calibration rows"
+        )
+        if precision.linears_only or gate.fallback_share < MANY_RERUNS:
+            break
+        if verify.dtype:  # the user chose the shape: say which one moves margins less
+            reasons[-1] += (
+                f" (with margins this small, --cheap-dtype {name}{LINEARS} moves them less and "
+                "reruns fewer rows)"
+            )
+    report.reason = "; ".join(reasons) + ": every row ran exactly"
+    return None

@@ -383,6 +383,11 @@ def test_auto_without_a_cheap_dtype_picks_the_shape_that_pays(
         assert "--cheap-dtype" not in v["reason"]  # the shapes were tried, not suggested
 
 
+def plan_source_rows(path) -> list[ChoiceRow]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    return [ChoiceRow(x["prompt"], list(x["choices"]), x["answer"]) for x in lines]
+
+
 def test_auto_answers_its_calibration_rows_with_their_exact_pass(tiny_folder, monkeypatch):
     """The calibration rows were run exactly to measure the gate: they keep those answers, and
     the cheap pass (and its reruns) runs only the other rows, instead of all of them again."""
@@ -408,20 +413,27 @@ def test_auto_answers_its_calibration_rows_with_their_exact_pass(tiny_folder, mo
     folder, rows = tiny_folder
     s = Session.open(None, str(folder))
     plan = s.plan(str(rows), quiet=True)
+    first = json.loads(rows.read_text().splitlines()[3])
+    # a later row sharing one sequence (a prompt and a choice) with calibration row 3: both run
+    # in the cheap pass, so no row's margin mixes cheap and exact scores
+    shared = ChoiceRow(first["prompt"], [first["choices"][0], " maybe"], 0)
+    plan = plan_rows([*plan_source_rows(rows), shared], s.tokenizer, True, None)
     opts = RunOptions(batch_size=8, progress=False)
     exact = real_run(s.model, s.tokenizer, plan, opts, Tiers(prefix=PrefixTier(s.model)))
     verify = VerifyOptions("auto", dtype="bfloat16", max_loss=0.9, calibrate_rows=20)
     got = cheap.verified_pass(s, plan, opts, verify, Tiers(prefix=PrefixTier(s.model)))
-    assert got.report.used and got.report.calibration_rows == 20 < len(plan.rows)
-    calib = plan.subset_seqs(list(range(20)))
-    rest = {q for r in plan.rows[20:] for q in r.seqs} - set(calib)
+    assert got.report.used and got.report.calibration_rows == 19  # row 3 ran cheap
+    calib = plan.subset_seqs([r for r in range(20) if r != 3])
+    rest = {q for r in [3, *range(20, len(plan.rows))] for q in plan.rows[r].seqs}
     assert len(cheap_runs) == 1 and set(cheap_runs[0]) == rest  # none of the calibration's
+    assert not rest.intersection(calib)
     for (q, end, token), lp in exact.logprobs.items():
         if q in calib:  # the calibration rows' answers are the exact pass's
             assert got.out.logprobs[q, end, token] == pytest.approx(lp, abs=1e-4)
     assert set(got.out.logprobs) == set(exact.logprobs)  # every row answered
     want, have = predictions(plan, exact), predictions(plan, got.out)
-    assert [want[i] for i in range(20)] == [have[i] for i in range(20)]
+    kept = [i for i in range(20) if i != 3]
+    assert [want[i] for i in kept] == [have[i] for i in kept]
 
 
 def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):

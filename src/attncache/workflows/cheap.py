@@ -97,9 +97,9 @@ def verified_pass(
         # the calibration rows keep the exact answers their gate was measured against; the
         # cheap pass answers the rest
         done = plan.subset_seqs(list(range(chosen.rows)))
-        rest = sorted({q for r in plan.rows[chosen.rows :] for q in r.seqs} - set(done))
-        opts = replace(opts, seq_ids=rest, into=chosen.exact.placed(done, len(plan.seqs)))
-        report.calibration_rows = chosen.rows
+        todo = _closed(plan, range(chosen.rows, len(plan.rows)))
+        opts = replace(opts, seq_ids=sorted(todo), into=chosen.exact.placed(done, len(plan.seqs)))
+        report.calibration_rows = sum(not todo.intersection(r.seqs) for r in plan.rows)
     else:
         cheap_model, threshold = cheap_copy(s.model, precision), float(verify.margin)
     got = run_verified(
@@ -115,6 +115,18 @@ def verified_pass(
     report.fallback_share = got.fallback_share
     report.cheap_seconds, report.exact_seconds = got.cheap_seconds, got.exact_seconds
     return CheapPass(got.out, report)
+
+
+def _closed(plan: Plan, rows: range) -> set[int]:
+    """The sequences of ``rows`` and of every row sharing one with them, transitively, so each
+    row has all its sequences in the set or none: a margin is then all cheap or all exact (the
+    gate bounds gaps between two cheap scores, not a cheap and an exact one)."""
+    seqs = {q for r in rows for q in plan.rows[r].seqs}
+    while True:
+        grown = {q for r in plan.rows if seqs.intersection(r.seqs) for q in r.seqs}
+        if grown == seqs:
+            return seqs
+        seqs = grown
 
 
 def _own_tiers(model, max_bytes: int | None, memo) -> Tiers:

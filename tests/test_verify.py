@@ -293,8 +293,8 @@ def test_auto_runs_cheap_only_where_its_calibration_rows_say_it_pays(
 
 
 def _auto_eval(tiny_folder, monkeypatch, gate, timed_run, **verify):
-    """eval with --verify-margin auto on 20 calibration rows, its gate and pass times faked,
-    on a CPU taken to have the cheap precision natively."""
+    """eval with --verify-margin auto on 20 calibration rows (unless given), its gate and pass
+    times faked, on a CPU taken to have the cheap precision natively."""
     from attncache.workflows import EvalOptions, cheap, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
@@ -303,7 +303,7 @@ def _auto_eval(tiny_folder, monkeypatch, gate, timed_run, **verify):
     monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device: 2.0)  # any CPU
     return evaluate(
         None, str(tiny_folder[1]), EvalOptions(model_name=str(tiny_folder[0]), progress=False,
-        memo=False, verify=VerifyOptions("auto", calibrate_rows=20, **verify)),
+        memo=False, verify=VerifyOptions("auto", **{"calibrate_rows": 20, **verify})),
     )[0]  # fmt: skip
 
 
@@ -436,20 +436,61 @@ def test_auto_answers_its_calibration_rows_with_their_exact_pass(tiny_folder, mo
     assert [want[i] for i in kept] == [have[i] for i in kept]
 
 
-def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path):
-    """A row that cannot run (a choice of no text) is skipped; the verified pass answers the
-    other 12, and with every row rerun they agree with the exact pass."""
+# rows that cannot run: one the reader skips (a choice of no text), one the plan skips (longer
+# than the tiny model's 512 positions, so the plan's rows and the inputs are numbered apart)
+UNRUNNABLE = [
+    {"prompt": "Pick:", "choices": ["", " b"], "answer": 0},
+    {"prompt": "x" * 600, "choices": [" a", " b"], "answer": 0},
+]
+
+
+@pytest.mark.parametrize("bad", UNRUNNABLE, ids=["reader", "plan"])
+def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(
+    tiny_folder, tmp_path, bad
+):
+    """A row that cannot run is skipped and counted; the verified pass answers the other 12,
+    and with every row rerun they agree with the exact pass."""
     from attncache.workflows import EvalOptions, evaluate
     from attncache.workflows.cheap import VerifyOptions
 
     folder, rows = tiny_folder
     lines = rows.read_text().splitlines()
-    bad = json.dumps({"prompt": "Pick:", "choices": ["", " b"], "answer": 0})
+    bad = json.dumps(bad)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(lines[:5] + [bad] + lines[5:12]) + "\n")
     res = evaluate(
         None, str(mixed), EvalOptions(model_name=str(folder), progress=False, memo=False,
         verify=VerifyOptions("1e9")),
     )[0]  # fmt: skip
-    assert res.comparison.n == 12 and res.verify["used"]
+    assert res.comparison.n == 12 and res.skipped_rows == 1 and res.verify["used"]
     assert res.verify["fallback_share"] == 1.0 and res.comparison.agreement == 1.0
+
+
+def test_auto_with_a_skipped_row_among_its_calibration_rows_answers_every_row_in_place(
+    tiny_folder, monkeypatch, tmp_path
+):
+    """An input the plan skips among the first rows: calibration counts rows that run, keeps
+    their exact answers where they belong, and the cheap pass (every row rerun here) answers the
+    rest, so every row agrees with the exact pass."""
+    from attncache.workflows import cheap
+
+    real_gate, real_run = cheap.calibrate_gate, cheap.run
+
+    def rerun_all(*args, **kwargs):  # a gate that holds, pays and reruns every later row
+        return replace(real_gate(*args, **kwargs), threshold=1e9, bound=0.0, fallback_share=0.0)
+
+    def timed_run(model, tok, plan, opts, tiers):
+        out = real_run(model, tok, plan, opts, tiers)
+        if opts.desc == "calibrate":
+            out.seconds = 1.0 if model_registry.numerics(model) == "float32-cpu" else 0.1
+        return out
+
+    folder, rows = tiny_folder
+    lines = rows.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:3] + [json.dumps(UNRUNNABLE[1])] + lines[3:16]) + "\n")
+    res = _auto_eval((folder, mixed), monkeypatch, rerun_all, timed_run, calibrate_rows=6)
+    v = res.verify
+    assert res.skipped_rows == 1 and res.comparison.n == 16
+    assert v["used"] and v["calibration_rows"] == 6 and v["fallback_share"] == 1.0
+    assert res.comparison.agreement == 1.0  # each answer with its own row

@@ -168,6 +168,7 @@ class Session:
     ) -> Plan:
         ds = data_mod.load(data, encoder=not self.causal, limit=limit, strict=strict)
         plan = plan_rows(ds.rows, self.tokenizer, self.causal, self.max_len)
-        warn_skipped(ds.skipped + plan.skipped, quiet)
+        plan.skipped = ds.skipped + plan.skipped  # counted as one: the reader's and the plan's
+        warn_skipped(plan.skipped, quiet)
         require_rows(plan)
         return plan

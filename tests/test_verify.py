@@ -445,9 +445,7 @@ UNRUNNABLE = [
 
 
 @pytest.mark.parametrize("bad", UNRUNNABLE, ids=["reader", "plan"])
-def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(
-    tiny_folder, tmp_path, bad
-):
+def test_a_skipped_row_beside_good_ones_keeps_every_answer_with_its_row(tiny_folder, tmp_path, bad):
     """A row that cannot run is skipped and counted; the verified pass answers the other 12,
     and with every row rerun they agree with the exact pass."""
     from attncache.workflows import EvalOptions, evaluate

@@ -17,7 +17,7 @@ from ..db import Database, VectorIndex, encode_entry
 from ..runtime.adapters import Adapter
 from .pipeline import default_threshold, unique
 from .projector_fit import ProjectorConfig, fit_projector
-from .record import record
+from .record import RecordOptions, record
 
 
 def insert(
@@ -45,17 +45,10 @@ def learn(
     if not todo:
         return 0
     maps, feats = [], []
-    for _, m, f in record(
-        model,
-        adapter,
-        db.store.layout.layers,
-        todo,
-        batch_size=8,
-        progress=progress,
-        desc="learning",
-    ):
-        maps.append(m)
-        feats.append(f)
+    learning = RecordOptions(progress=progress, desc="learning")
+    for got in record(model, adapter, db.store.layout.layers, todo, learning):
+        maps.append(got.maps)
+        feats.append(got.feats)
     return len(insert(db, maps, np.stack(feats), lock_wait_s))
 
 

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..runtime.adapters import Adapter, get_adapter
 from ..runtime.lookup import SEARCH_K, fits
 from .projector_fit import ProjectorConfig, default_policy, fit_projector
-from .record import record
+from .record import RecordOptions, record
 
 PROBE_INPUTS = (
     64  # inputs recorded with every layer to choose the stored layers (store_layers='auto')
@@ -126,12 +126,11 @@ def build(
         )
         writer = SegmentWriter(folder, layout, cfg.max_bytes)
         feats, entry_groups = [], []
-        for i, maps, f in record(
-            model, adapter, layers, seqs, cfg.batch_size, cfg.max_batch_elems, progress
-        ):
-            if writer.add(maps):
-                feats.append(f)
-                entry_groups.append(group_of[tuple(seqs[i])])
+        recording = RecordOptions(cfg.batch_size, cfg.max_batch_elems, progress)
+        for got in record(model, adapter, layers, seqs, recording):
+            if writer.add(got.maps):
+                feats.append(got.feats)
+                entry_groups.append(group_of[tuple(seqs[got.index])])
         table, segments = writer.finish()
         if len(table) < 2:
             raise UserError(
@@ -207,18 +206,10 @@ def _probe_layers(
     with scratch_folder(folder, "probe") as probe:
         writer = SegmentWriter(probe, layout)
         feats = []
-        for _, maps, f in record(
-            model,
-            adapter,
-            layers,
-            sample,
-            cfg.batch_size,
-            cfg.max_batch_elems,
-            progress,
-            "probing layers",
-        ):
-            writer.add(maps)
-            feats.append(f)
+        probing = RecordOptions(cfg.batch_size, cfg.max_batch_elems, progress, "probing layers")
+        for got in record(model, adapter, layers, sample, probing):
+            writer.add(got.maps)
+            feats.append(got.feats)
         table, segments = writer.finish()
         store = MapStore(probe, layout, table, segments)
         pcfg = ProjectorConfig(**{**asdict(cfg.projector), "pairs": min(cfg.projector.pairs, 1000)})

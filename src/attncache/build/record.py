@@ -130,23 +130,35 @@ class Recorder(AttentionTap):
         return Recorded(maps, feats)
 
 
+@dataclass(frozen=True)
+class RecordOptions:
+    batch_size: int = 8
+    max_batch_elems: int = 8 * 256 * 256  # a batch's padded length x width, for memory
+    progress: bool = False
+    desc: str = "recording maps"
+
+
+@dataclass
+class RecordedSeq:
+    index: int  # into the recorded ``seqs``
+    maps: np.ndarray  # [n_layers, H, L, L] float32
+    feats: np.ndarray
+
+
 def record(
     model: nn.Module,
     adapter: Adapter,
     layers: list[int],
     seqs: list[list[int]],
-    batch_size: int = 8,
-    max_batch_elems: int = 8 * 256 * 256,
-    progress: bool = False,
-    desc: str = "recording maps",
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(index into seqs, maps [n_layers, H, L, L] float32, features) per sequence, batched by
-    length."""
+    opts: RecordOptions | None = None,
+) -> Iterator[RecordedSeq]:
+    """Each sequence's maps and features, batched by length (yielded in batch order)."""
+    o = opts or RecordOptions()
     pad = 0  # padded positions are masked and cut from the maps, so the pad id does not matter
     device = next(model.parameters()).device
-    with Stage(len(seqs), desc, progress) as bar, Recorder(model, adapter, layers) as rec:
-        for batch in length_batches([len(s) for s in seqs], batch_size, max_batch_elems):
+    with Stage(len(seqs), o.desc, o.progress) as bar, Recorder(model, adapter, layers) as rec:
+        for batch in length_batches([len(s) for s in seqs], o.batch_size, o.max_batch_elems):
             got = rec.run(collate([seqs[i] for i in batch], pad, adapter.causal, device))
             for j, i in enumerate(batch):
-                yield i, got.maps[j], got.feats[j]
+                yield RecordedSeq(i, got.maps[j], got.feats[j])
             bar.update(len(batch))

@@ -1,6 +1,7 @@
 """The cheap pass verified by margin: margins, the calibrated gate and its bound, the merged
 answers, and that nothing computed in the cheap precision is kept as an exact answer."""
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -173,6 +174,54 @@ def test_a_linears_only_copy_rounds_only_its_linears_and_keys_its_own_numerics()
         ref, got = exact(ids).logits, linears(ids).logits
     assert got.dtype == torch.float32 and whole(ids).logits.dtype == torch.bfloat16
     assert 0 < (got - ref).abs().max().item() < 0.05
+
+
+def _copy_then_cast(model, precision):
+    """The readable reference: copy everything in float32, then cast or swap the linears."""
+    from attncache.tasks.precisions import CheapLinear
+
+    cheap = copy.deepcopy(model)
+    if not precision.linears_only:
+        return cheap.to(dtype=precision.dtype)
+    head = cheap.get_output_embeddings()
+    for parent in list(cheap.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                setattr(parent, name, CheapLinear(child, precision.dtype))
+    return cheap
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # head untied / tied
+@pytest.mark.parametrize("name", ["bfloat16", "bfloat16-linears"])
+def test_a_cheap_copy_casts_while_copying_and_equals_copy_then_cast(monkeypatch, family, name):
+    """A cheap copy never duplicates a weight it casts in float32 (its peak memory is its own
+    size, not the model's again), and is bit for bit what copying then casting gives, tied
+    weights still one parameter."""
+    precision = cheap_precision(name)
+    exact = tiny_model(family)
+    want = _copy_then_cast(exact, precision)
+    copied = []
+    real = torch.nn.Parameter.__deepcopy__
+
+    def spy(self, memo):
+        copied.append(self)
+        return real(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", spy)
+    got = cheap_copy(exact, precision)
+    head = exact.get_output_embeddings()
+    cast = {id(p) for p in exact.parameters()}
+    if precision.linears_only:
+        linears = [m for m in exact.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+        cast = {id(m.weight) for m in linears}
+    assert cast and not cast.intersection(id(p) for p in copied)  # cast as they were copied
+    assert all(p.dtype == torch.float32 for p in exact.parameters())  # untouched
+    have, ref = got.state_dict(), want.state_dict()
+    assert have.keys() == ref.keys()
+    for k, v in ref.items():
+        assert have[k].dtype == v.dtype and torch.equal(have[k], v), k
+    tied = exact.get_output_embeddings().weight is exact.get_input_embeddings().weight
+    assert (got.get_output_embeddings().weight is got.get_input_embeddings().weight) == tied
 
 
 def test_an_unknown_cheap_precision_is_one_clear_error():

@@ -70,16 +70,24 @@ class CheapLinear(nn.Module):
 def cheap_copy(model: nn.Module, precision: CheapPrecision | torch.dtype) -> nn.Module:
     """The model in a cheaper precision beside the exact one (a copy: the exact model stays as it
     is). A dtype casts the whole copy; a ``-linears`` precision swaps its linear layers, the
-    output head excepted, for ``CheapLinear``."""
+    output head excepted, for ``CheapLinear``. The cast weights are made while copying, so the
+    copy never holds a float32 duplicate of them (peak memory: the copy's own size)."""
     if isinstance(precision, torch.dtype):
-        return copy.deepcopy(model).to(dtype=precision)
+        precision = CheapPrecision(str(precision), precision, linears_only=False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if precision.linears_only:
+        cast = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    else:
+        cast = [p for p in model.parameters() if p.is_floating_point()]
+    # deepcopy takes these as the copies of the float32 weights (tied ones stay tied)
+    memo = {id(p): nn.Parameter(p.detach().to(precision.dtype), False) for p in cast}
+    cheap = copy.deepcopy(model, memo)
     if not precision.linears_only:
-        return copy.deepcopy(model).to(dtype=precision.dtype)
-    cheap = copy.deepcopy(model)
-    head = cheap.get_output_embeddings() if hasattr(cheap, "get_output_embeddings") else None
+        return cheap.to(dtype=precision.dtype)  # the buffers; parameters are cast already
+    copied_head = cheap.get_output_embeddings() if head is not None else None
     for parent in list(cheap.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not head:
+            if isinstance(child, nn.Linear) and child is not copied_head:
                 setattr(parent, name, CheapLinear(child, precision.dtype))
     return cheap
 

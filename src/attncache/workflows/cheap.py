@@ -181,6 +181,7 @@ def _calibrate(
         )
         if precision.linears_only or gate.fallback_share < MANY_RERUNS:
             break
+        del cheap_model  # one cheap copy in memory at a time
         if verify.dtype:  # the user chose the shape: say which one moves margins less
             reasons[-1] += (
                 f" (with margins this small, --cheap-dtype {name}{LINEARS} moves them less and "

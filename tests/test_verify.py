@@ -306,11 +306,37 @@ def test_verify_flags_are_checked_in_one_line(tiny_folder):
         cli(*base, "--verify-margin", "0.5", "--verify-rows", "50", ok=False),
         "--verify-rows has no effect with a given --verify-margin",
     )
+    auto = [*base, "--verify-margin", "auto"]
+    for flag, value in [("--verify-confidence", "1"), ("--verify-confidence", "1.5"),
+                        ("--max-loss", "1.5"), ("--max-loss", "0")]:  # fmt: skip
+        assert_one_line_error(cli(*auto, flag, value, ok=False), f"{flag}: must be in (0.0, 1.0)")
     got = json.loads(cli(*base, "--verify-margin", "0.5", "--json", "--no-memo").stdout)
     assert got["verify"]["used"] and 0.0 <= got["verify"]["fallback_share"] <= 1.0
     linears = ["--cheap-dtype", "bfloat16-linears", "--json", "--no-memo"]
     got = json.loads(cli(*base, "--verify-margin", "0.5", *linears).stdout)
     assert got["verify"]["used"] and got["verify"]["dtype"] == "bfloat16-linears"
+
+
+@pytest.mark.parametrize(
+    "given, field",
+    [
+        ({"margin": "soon"}, "margin"),
+        ({"margin": "nan"}, "margin"),
+        ({"margin": "-1"}, "margin"),
+        ({"max_loss": 1.5}, "max_loss"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"calibrate_rows": 0}, "calibrate_rows"),
+    ],
+)
+def test_verify_options_from_a_library_caller_are_checked_in_one_line(given, field):
+    """What the CLI's flags refuse, ``VerifyOptions`` refuses too (a confidence of 1 once ended
+    in a math domain error deep in the bound)."""
+    from attncache.errors import UserError
+    from attncache.workflows.cheap import VerifyOptions
+
+    with pytest.raises(UserError, match=f"^{field} must be"):
+        VerifyOptions(**{"margin": "auto", **given})
+    assert VerifyOptions("0.5").on and not VerifyOptions().on
 
 
 @pytest.mark.parametrize("cheap_seconds, used", [(10.0, False), (0.1, True)])

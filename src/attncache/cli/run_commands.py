@@ -9,6 +9,7 @@ from .options import (
     NON_NEGATIVE,
     POLICY_GRAMMAR,
     POSITIVE,
+    UNIT_OPEN,
     add_data,
     add_db,
     add_device_maps,
@@ -344,10 +345,8 @@ def add_verify(sp) -> None:
         "bfloat16, and with auto bfloat16-linears where the whole cast would rerun many rows "
         "and not pay",
     )
-    sp.add_argument(
-        "--max-loss", type=number(float, 0.0), help="auto: bound on changed answers (0.02)"
-    )
+    sp.add_argument("--max-loss", type=UNIT_OPEN, help="auto: bound on changed answers (0.02)")
     sp.add_argument("--verify-rows", type=POSITIVE, help="auto: rows that calibrate (300)")
     sp.add_argument(
-        "--verify-confidence", type=number(float, 0.0), help="auto: the bound's confidence (0.95)"
+        "--verify-confidence", type=UNIT_OPEN, help="auto: the bound's confidence (0.95)"
     )

@@ -43,9 +43,26 @@ class VerifyOptions:
     calibrate_rows: int = 300  # auto: the job's first rows calibrate the gate
     confidence: float = 0.95
 
+    def __post_init__(self) -> None:  # the CLI checks its flags; a library caller gets the same
+        if self.margin not in ("off", "auto") and not _non_negative(self.margin):
+            raise UserError(f"margin must be off, auto or a number >= 0, got '{self.margin}'")
+        if not 0.0 < self.max_loss < 1.0:
+            raise UserError(f"max_loss must be in (0, 1), got {self.max_loss}")
+        if not 0.0 < self.confidence < 1.0:
+            raise UserError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.calibrate_rows < 1:
+            raise UserError(f"calibrate_rows must be at least 1, got {self.calibrate_rows}")
+
     @property
     def on(self) -> bool:
         return self.margin != "off"
+
+
+def _non_negative(text: str) -> bool:
+    try:
+        return float(text) >= 0.0  # False for nan
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -36,6 +36,16 @@ def test_errors_are_one_line(tmp_path):
     assert_one_line_error(
         cli("eval", "--db", str(tmp_path / "missing"), "--data", "sst2", ok=False), "does not exist"
     )
+    # nan passes every range comparison: each numeric flag refuses it by name
+    build = ["build", "--model", "smollm2-135m", "--data", "sst2", "--out", str(tmp_path / "y")]
+    for args in (
+        [*build, "--calibrate-share", "nan"],
+        [*build, "--max-loss", "nan"],
+        ["eval", "--model", "smollm2-135m", "--data", "sst2", "--threshold", "nan"],
+        ["serve", "--model", "smollm2-135m", "--max-wait-ms", "nan"],
+    ):
+        want = f"argument {args[-2]}: expected float, got 'nan'"
+        assert_one_line_error(cli(*args, ok=False), want)
 
 
 @pytest.fixture(scope="module")

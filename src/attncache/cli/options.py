@@ -37,6 +37,8 @@ def number(
     def parse(text: str):
         try:
             value = kind(text)
+            if value != value:  # nan passes every range check below
+                raise ValueError
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got '{text}'") from None
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)

@@ -288,27 +288,21 @@ def test_attention_parts(tmp_path):
     assert rows[0]["max_abs_diff"] < 1e-5 and all(r["in_parts_ms"] > 0 for r in rows)
 
 
+def bench(script: str, tmp_path, flags: str) -> dict:
+    """``benchmarks/SCRIPT.py FLAGS --out X`` (flags split on spaces), and the JSON it wrote."""
+    out = tmp_path / f"{script}.json"
+    run(f"benchmarks/{script}.py", *flags.split(), "--out", out)
+    return json.loads(out.read_text())
+
+
 def test_cheap_pass(tiny_hf, tmp_path):
     """Both cheap shapes timed beside plain SDPA and the exact tiers, each with its gate."""
-    out = tmp_path / "cheap.json"
-    run(
-        "benchmarks/cheap_pass.py",
-        "--model",
-        tiny_hf("llama"),
-        "--calibrate",
-        "sst2[0:60]",
-        "--data",
-        "sst2[60:72]",
-        "--dtype",
-        "bfloat16,bfloat16-linears",
-        "--batch-sizes",
-        "4",
-        "--passes",
-        "1",
-        "--out",
-        out,
+    res = bench(
+        "cheap_pass",
+        tmp_path,
+        f"--model {tiny_hf('llama')} --calibrate sst2[0:60] --data sst2[60:72] "
+        "--dtype bfloat16,bfloat16-linears --batch-sizes 4 --passes 1",
     )
-    res = json.loads(out.read_text())
     shapes = ["verified:bfloat16", "verified:bfloat16-linears"]
     assert set(res["seconds"]) == {"sdpa", "exact", *shapes}
     assert res["agreement"]["exact"] == 1.0 and res["speedup_vs_best_sdpa"]["sdpa"] == 1.0
@@ -319,25 +313,13 @@ def test_cheap_pass(tiny_hf, tmp_path):
 def test_peers(tiny_hf, tmp_path):
     """The peers installed here answer as plain SDPA does; a missing one is skipped, said."""
     pytest.importorskip("lm_eval")
-    out = tmp_path / "peers.json"
-    run(
-        "benchmarks/peers.py",
-        "--model",
-        tiny_hf("llama"),
-        "--data",
-        "sst2[60:72]",
-        "--calibrate",
-        "sst2[0:60]",
-        "--batch-sizes",
-        "4",
-        "--repeats",
-        "1",
-        "--engines",
-        "hf,lmeval-hf,attncache,attncache-verified",
-        "--out",
-        out,
+    res = bench(
+        "peers",
+        tmp_path,
+        f"--model {tiny_hf('llama')} --data sst2[60:72] --calibrate sst2[0:60] --batch-sizes 4 "
+        "--repeats 1 --engines hf,lmeval-hf,attncache,attncache-verified",
     )
-    engines = {e["engine"]: e for e in json.loads(out.read_text())["engines"]}
+    engines = {e["engine"]: e for e in res["engines"]}
     exact = ["hf fp32 sdpa", "lm-eval 0.4.13 hf backend", "attncache exact tiers"]
     assert all(engines[e]["agreement"] == 1.0 and engines[e]["seconds"] > 0 for e in exact)
     verified = [e for name, e in engines.items() if "verified" in name]
@@ -345,31 +327,17 @@ def test_peers(tiny_hf, tmp_path):
 
 
 def test_plain_path_and_its_table(tiny_hf, tmp_path):
-    out = tmp_path / "plain_path_sst2.json"  # the name summarize_tiers reads
-    run(
-        "benchmarks/plain_path.py",
-        "--model",
-        tiny_hf("llama"),
-        "--data",
-        "sst2[0:8]",
-        "--batch-sizes",
-        "4",
-        "--repeats",
-        "1",
-        "--out",
-        out,
-    )
-    best = json.loads(out.read_text())["best"]
+    flags = f"--model {tiny_hf('llama')} --data sst2[0:8] --batch-sizes 4 --repeats 1"
+    best = bench("plain_path", tmp_path, flags)["best"]
     assert best["fp32"]["agreement"] == 1.0 and best["fp32"]["speedup_vs_fp32_best"] == 1.0
     assert {"fp32-unsorted", "bf16", "sdpa-math", "matmul-medium"} <= set(best)
+    (tmp_path / "plain_path.json").rename(tmp_path / "plain_path_sst2.json")  # summarize's name
     table = run("benchmarks/summarize_tiers.py", tmp_path).stdout
     assert "The plain path (sst2[0:8], 8 rows" in table and "| fp32 | 4 |" in table
 
 
 def test_half_products(tmp_path):
-    out = tmp_path / "half.json"
-    run("benchmarks/half_products.py", "--lengths", "16,32", "--repeats", 2, "--out", out)
-    res = json.loads(out.read_text())
+    res = bench("half_products", tmp_path, "--lengths 16,32 --repeats 2")
     assert [r["tokens"] for r in res["rows"]] == [16, 32]
     assert all(r[k] > 0 for r in res["rows"] for k in ("fp16_us", "fp32_us", "bf16_us"))
     assert res["product_dtype"].startswith("torch.")
@@ -378,15 +346,13 @@ def test_half_products(tmp_path):
 def test_batch_scale_rss(tmp_path):
     """The Ray job on synthetic rows in a fresh driver: every row written, peak RSS reported."""
     pytest.importorskip("ray")
-    out = tmp_path / "rss.json"
-    run("benchmarks/batch_scale.py", "rss", "--rows", 100, "--out", out)
-    job = json.loads(out.read_text())["rss"]["100"]
+    run_rss = tmp_path / "rss.json"
+    run("benchmarks/batch_scale.py", "rss", "--rows", 100, "--out", run_rss)
+    job = json.loads(run_rss.read_text())["rss"]["100"]
     assert job["rows"] == 100 and job["driver_peak_rss_mib"] > 0 and job["parts_written"] > 0
 
 
 def test_cheap_copy_memory(tiny_hf, tmp_path):
-    out = tmp_path / "copy.json"
-    run("benchmarks/cheap_copy_memory.py", "--model", tiny_hf("llama"), "--out", out)
-    rows = json.loads(out.read_text())["rows"]
+    rows = bench("cheap_copy_memory", tmp_path, f"--model {tiny_hf('llama')}")["rows"]
     assert [r["precision"] for r in rows] == ["bfloat16", "bfloat16-linears"]
     assert all(0 < r["copy_mib"] < r["model_mib"] for r in rows)

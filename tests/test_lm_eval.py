@@ -43,9 +43,22 @@ def test_loglikelihoods_equal_the_hf_backend(backends):
     assert ours.prefix.stats.tokens_reused > 0  # the shared few-shot header was computed once
 
 
+def test_requests_longer_than_the_model_are_truncated_as_the_hf_backend_does(backends):
+    """Past ``max_length`` both keep the context's last tokens: the same log-likelihoods."""
+    ours, theirs = backends
+    assert ours.max_length == theirs.max_length
+    long = "filler words " * (ours.max_length // 10)  # > max_length characters, one token each
+    args = [(long + QUESTIONS[0], c) for c in CHOICES] + [(long, " x" * 40)]
+    got = ours.loglikelihood(requests("loglikelihood", args))
+    want = theirs.loglikelihood(requests("loglikelihood", args))
+    assert len(ours.tok_encode(long + QUESTIONS[0])) > ours.max_length
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, want, strict=True):
+        assert abs(lp - lp_ref) < 1e-4 and greedy == greedy_ref
+
+
 def test_rolling_loglikelihoods_equal_the_hf_backend(backends):
     ours, theirs = backends
-    text = [(SHOTS * 3,), ("a short line",)]
+    text = [(SHOTS * 3,), ("a short line",), (SHOTS * 12,)]  # the last: several windows
     got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", text))
     want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", text))
     assert got == pytest.approx(want, abs=1e-3)

@@ -290,3 +290,82 @@ def test_a_full_disk_when_keeping_never_costs_the_runs_results(tmp_path, monkeyp
     assert (tiers / "tiers.json").read_text() == before  # the folder is as the first run left it
     (again,) = evaluate(None, str(data), opts)
     assert again.memo_hit_rate == 1.0  # the first run's answers are still there
+
+
+TREE_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from tiny import TinyTokenizer, random_seqs, tiny_model
+from attncache.db.tier_store import TierFolder
+from attncache.models import fingerprint
+from attncache.tiers import PrefixTier
+model = tiny_model("llama")
+tier = PrefixTier(model, min_prefix=4)
+folder = TierFolder(sys.argv[1], fingerprint(model, TinyTokenizer()))
+tier.load(folder)
+tier.run([random_seqs(1, lo=40, hi=40, seed=12)[0]], 1, 0)
+tier.save(folder)
+"""
+
+
+def test_two_processes_keeping_prefix_kv_in_one_prefix_dir_lose_none(tmp_path):
+    """Two processes share a ``--prefix-dir``: both start from the same folder, another keeps
+    its prompt meanwhile, then this one keeps its own. Both prompts' K/V are there afterwards
+    and reading them is exact. Before 2026-12-07 the later save replaced the other's tree."""
+    from pathlib import Path
+
+    from attncache.db.tier_store import TierFolder
+    from attncache.models import fingerprint
+    from attncache.tiers import PrefixTier
+
+    model = tiny_model("llama")
+    folder = TierFolder(tmp_path / "kept", fingerprint(model, TinyTokenizer()))
+    mine = PrefixTier(model, min_prefix=4)
+    assert not mine.load(folder)  # nothing kept yet, as for the other process
+    own, other = random_seqs(1, lo=40, hi=40, seed=11)[0], random_seqs(1, lo=40, hi=40, seed=12)[0]
+    mine.run([own], 1, 0)
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run(
+        [sys.executable, "-c", TREE_WRITER, str(tmp_path / "kept"), tests],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    mine.save(folder)
+    later = PrefixTier(model, min_prefix=4)
+    assert later.load(folder)
+    for seq in (own, other):
+        assert later.tree.match(seq, len(seq)).length == len(seq)  # kept whole
+    tails = [own + [5, 6, 7], other + [8, 9]]
+    got = later.run(tails, 1, 0)
+    assert got.prefix_tokens == [len(own), len(other)]
+    with torch.no_grad():
+        for seq, logits in zip(tails, got.logits, strict=True):
+            want = model(torch.tensor([seq])).logits[0, -1]
+            assert (logits[-1] - want).abs().max().item() < 1e-4
+
+
+def test_merging_a_tree_keeps_its_paths_most_recent_within_the_cap():
+    """``merge_into``: the merged tree's paths go in as the most recently used, so at the cap
+    the receiving tree's least recently used leaves are evicted first; a path whose prefix was
+    evicted for room is skipped whole; the K/V are the merged tree's own."""
+    from attncache.tiers.radix import RadixKV, merge_into
+
+    per_token = 2 * 2 * 1 * 3 * 4
+    kv = lambda n, val: torch.full((2, 2, 1, n, 3), float(val))  # noqa: E731
+    there = RadixKV(max_bytes=30 * per_token)
+    there.insert([1] + [0] * 9, kv(10, 1))  # oldest
+    there.insert([2] + [0] * 9, kv(10, 2))
+    mine = RadixKV(max_bytes=30 * per_token)
+    mine.insert([3] + [0] * 9, kv(10, 3))
+    mine.insert([3] + [0] * 9 + [4, 4], kv(2, 4), start=10)  # a child edge
+    assert merge_into(there, mine) == 12
+    assert there.bytes <= there.max_bytes
+    assert there.match([1] + [0] * 9, 10).length == 0  # the least recently used went first
+    assert there.match([2] + [0] * 9, 10).length == 10
+    m = there.match([3] + [0] * 9 + [4, 4], 12)
+    assert m.length == 12 and m.kv()[0, 0, 0, :, 0].tolist() == [3.0] * 10 + [4.0] * 2
+    assert merge_into(there, mine) == 0  # nothing new the second time

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import models
 from ..errors import UserError
-from .radix import RadixKV, from_tensors, to_tensors
+from .radix import RadixKV, from_tensors, merge_into, to_tensors
 
 
 def kept_name(numerics: str) -> str:
@@ -42,9 +42,19 @@ class NumericsTree:
         self.tree = RadixKV(self.tree.max_bytes)
 
     def save(self, folder) -> None:
-        """Keep the tree in a ``db.TierFolder`` (``--prefix-dir``): a restart starts warm."""
+        """Keep the tree in a ``db.TierFolder`` (``--prefix-dir``): a restart starts warm. What
+        another process kept there since is merged in under the folder's write lock (this
+        tree's paths the most recent), not replaced; the byte cap is this tree's."""
         self.follow()
-        folder.write(kept_name(self.numerics), to_tensors(self.tree))
+
+        def merged(there: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+            if there is None:
+                return to_tensors(self.tree)
+            kept = from_tensors(there, self.tree.max_bytes)
+            merge_into(kept, self.tree)
+            return to_tensors(kept)
+
+        folder.update(kept_name(self.numerics), merged)
 
     def load(self, folder) -> bool:
         """Take the tree a ``db.TierFolder`` holds for this model's numerics (checksummed, for

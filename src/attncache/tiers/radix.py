@@ -203,6 +203,30 @@ def _path(node: Node) -> list[Node]:
     return out
 
 
+def merge_into(tree: RadixKV, other: RadixKV) -> int:
+    """Insert every path of ``other`` into ``tree`` (a parent's edge before its children's, each
+    edge's K/V only), as the most recently used: where the cap is reached, ``tree``'s own
+    least recently used leaves go first. Tokens ``tree`` did not hold before are returned."""
+    added = 0
+    device = _device(tree)
+    stack: list[tuple[Node, list[int]]] = [(c, []) for c in other.root.children.values()]
+    while stack:
+        node, before = stack.pop()
+        path = before + list(node.tokens)
+        assert node.kv is not None
+        got = tree.insert(path, node.kv.to(device or node.kv.device), start=len(before))
+        if not got.inserted:  # its prefix was evicted for room: its subtree cannot go in
+            continue
+        added += got.new_tokens
+        stack.extend((child, path) for child in node.children.values())
+    return added
+
+
+def _device(tree: RadixKV) -> torch.device | None:
+    first = next(iter(tree.root.children.values()), None)
+    return None if first is None or first.kv is None else first.kv.device
+
+
 def to_tensors(tree: RadixKV) -> dict[str, torch.Tensor]:
     """The tree as flat tensors (nodes in breadth-first order: a parent before its children)."""
     nodes, parents, queue = [], [], [(tree.root, -1)]

@@ -369,3 +369,29 @@ def test_merging_a_tree_keeps_its_paths_most_recent_within_the_cap():
     m = there.match([3] + [0] * 9 + [4, 4], 12)
     assert m.length == 12 and m.kv()[0, 0, 0, :, 0].tolist() == [3.0] * 10 + [4.0] * 2
     assert merge_into(there, mine) == 0  # nothing new the second time
+
+
+def test_a_save_waits_for_another_processs_save_instead_of_losing_its_own(tmp_path):
+    """Two runs ending together on one ``--prefix-dir``: the second save waits for the first's
+    lock (a large tree takes seconds to write) and both are kept, instead of the second being
+    refused and its K/V lost."""
+    import threading
+    import time
+
+    from attncache.db.locks import write_lock
+    from attncache.db.tier_store import TierFolder
+
+    folder = TierFolder(tmp_path / "kept", {"config": "c", "weights": "w"})
+    held = threading.Event()
+
+    def other_process_saving() -> None:
+        with write_lock(tmp_path / "kept"):
+            held.set()
+            time.sleep(0.5)
+
+    saver = threading.Thread(target=other_process_saving)
+    saver.start()
+    held.wait(30)
+    folder.update("memo", lambda there: {"x": torch.ones(2)})  # blocks until the lock is free
+    saver.join()
+    assert torch.equal(folder.read("memo")["x"], torch.ones(2))

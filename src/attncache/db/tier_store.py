@@ -24,6 +24,9 @@ from .locks import write_lock
 
 INDEX = "tiers.json"
 FORMAT = 1
+# a save waits this long for another process's save (seconds for a large tree) rather than
+# losing what this run would keep
+LOCK_WAIT_S = 60.0
 
 Tensors = dict[str, torch.Tensor | np.ndarray]
 
@@ -91,14 +94,14 @@ class TierFolder:
 
     def write(self, name: str, tensors: Tensors) -> None:
         """Replace ``name``'s tensors in one commit (the index is the commit point)."""
-        with write_lock(self.folder):
+        with write_lock(self.folder, LOCK_WAIT_S):
             self._commit(name, tensors)
 
     def update(self, name: str, merge: Callable[[dict[str, torch.Tensor] | None], Tensors]) -> None:
         """Replace ``name``'s tensors by ``merge(the tensors there now, or None)`` in one commit,
         under the write lock: what another process wrote since this one read is merged, not
         lost."""
-        with write_lock(self.folder):
+        with write_lock(self.folder, LOCK_WAIT_S):
             self._commit(name, merge(self.read(name)))
 
     def _commit(self, name: str, tensors: Tensors) -> None:

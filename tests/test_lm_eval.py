@@ -2,6 +2,7 @@
 log-likelihoods (1e-4) and is_greedy, for shared few-shot contexts, multi-token continuations,
 one-token continuations and rolling windows, with the prefix tier doing the reuse."""
 
+import math
 import re
 
 import pytest
@@ -153,6 +154,32 @@ def test_the_cli_registers_the_backend_and_hands_on_every_argument(tiny_hf, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     out = next((tmp_path / "out").rglob("results_*.json"))
     assert set(json.loads(out.read_text())["results"][task]) >= {"acc,none", "acc_norm,none"}
+
+
+def test_dtype_auto_is_the_checkpoints_own_as_the_hf_backend_loads_it(tiny_hf, tmp_path):
+    """Without ``dtype``, both backends run a bfloat16 checkpoint in bfloat16 (HFLM's ``auto``);
+    before 2026-12-07 ours ran it in float32. In bfloat16 the HF backend rounds each token's
+    log-probability and their sum to bfloat16, ours sums them in float32: the two agree to one
+    bfloat16 step of the sum."""
+    import json
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_hf("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    ours = AttnCacheLM(pretrained=str(folder), batch_size=4, prefix_token_id=97)
+    theirs = HFLM(pretrained=str(folder), batch_size=4, device="cpu", prefix_token_id=97)
+    assert next(ours.model.parameters()).dtype == torch.bfloat16
+    assert next(theirs.model.parameters()).dtype == torch.bfloat16
+    args = [(q, c) for q in QUESTIONS for c in CHOICES]
+    got = ours.loglikelihood(requests("loglikelihood", args))
+    want = theirs.loglikelihood(requests("loglikelihood", args))
+    for (lp, _), (lp_ref, _) in zip(got, want, strict=True):
+        step = 2.0 ** (math.floor(math.log2(abs(lp_ref))) - 7)  # bfloat16's at |lp_ref|
+        assert abs(lp - lp_ref) <= step, (lp, lp_ref)
 
 
 def test_prompts_and_answers_are_kept_across_runs(tiny_hf, backends, tmp_path):

@@ -158,6 +158,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def stored_dtype(name: str) -> str:
+    """The dtype a checkpoint's config names (what ``from_pretrained(dtype="auto")`` loads it
+    in, as lm-eval's HF backend does by default), one of ``DTYPES``; float32 where it names none
+    or another (a GGUF is dequantised to float32)."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve(name)
+    if gguf is not None:
+        return "float32"
+    config = AutoConfig.from_pretrained(folder)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    text = str(named).replace("torch.", "") if named is not None else "float32"
+    return text if text in DTYPES else "float32"
+
+
 def reference(name: str) -> str:
     """How a DB names its model: a built-in name as is, a path made absolute (usable from any
     folder)."""

@@ -11,7 +11,8 @@ and its choices in one packed row) in forwards sized like a plain batch. Exact: 
 as ``--model hf`` to float32 rounding.
 
 Model args as HFLM names them where they overlap (``pretrained`` takes every name attncache
-takes: ``smollm2-135m``, an HF folder, a ``.gguf``; ``batch_size``, ``device``, ``dtype``), plus
+takes: ``smollm2-135m``, an HF folder, a ``.gguf``; ``batch_size``, ``device``, ``dtype``, whose
+default ``auto`` is the checkpoint's own dtype, as HFLM's), plus
 ``db``/``policy`` (approximate map reuse, only when asked), ``prefix_bytes``, ``prefix_dir`` (the
 prefix tier's K/V kept between runs: a rerun's few-shot headers are not recomputed) and ``memo``
 (answers kept in the DB or ``prefix_dir``: a rerun of the same requests runs no forward).
@@ -87,7 +88,7 @@ class AttnCacheLM(HFLM):
         pretrained: str = models.DEFAULT_MODEL,
         batch_size: int | str = 8,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         db: str | None = None,
         policy: str | None = None,
         prefix_bytes: int | str | None = DEFAULT_PREFIX_BYTES,
@@ -98,7 +99,9 @@ class AttnCacheLM(HFLM):
         from ..tiers.memo import ResultMemo
         from ..workflows import Session, SessionOptions
 
-        device, dtype = _device_of(device), "float32" if dtype in (None, "auto") else str(dtype)
+        device = _device_of(device)
+        # "auto", HFLM's default: the checkpoint's own dtype, so both backends run the same one
+        dtype = models.stored_dtype(pretrained) if dtype in (None, "auto") else str(dtype)
         if policy is not None and db is None:
             raise ModelArgError("policy= reuses approximate maps: it needs db=")
         cap = _bytes(prefix_bytes, "prefix_bytes")

@@ -75,13 +75,10 @@ def sizes_list(text: str) -> list[int]:
 
 def margin(text: str) -> str:
     """--verify-margin: off, auto or a threshold >= 0."""
-    if text in ("off", "auto"):
+    from ..workflows.cheap import valid_margin
+
+    if valid_margin(text):
         return text
-    try:
-        if float(text) >= 0:
-            return text
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"expected off, auto or a number >= 0, got '{text}'")
 
 

@@ -44,7 +44,7 @@ class VerifyOptions:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:  # the CLI checks its flags; a library caller gets the same
-        if self.margin not in ("off", "auto") and not _non_negative(self.margin):
+        if not valid_margin(self.margin):
             raise UserError(f"margin must be off, auto or a number >= 0, got '{self.margin}'")
         if not 0.0 < self.max_loss < 1.0:
             raise UserError(f"max_loss must be in (0, 1), got {self.max_loss}")
@@ -58,7 +58,10 @@ class VerifyOptions:
         return self.margin != "off"
 
 
-def _non_negative(text: str) -> bool:
+def valid_margin(text: str) -> bool:
+    """``--verify-margin``'s values: off, auto or a threshold >= 0 (not nan)."""
+    if text in ("off", "auto"):
+        return True
     try:
         return float(text) >= 0.0  # False for nan
     except ValueError:

@@ -294,12 +294,13 @@ def test_a_full_disk_when_keeping_never_costs_the_runs_results(tmp_path, monkeyp
 
 TREE_WRITER = """
 import sys
+import torch
 sys.path.insert(0, sys.argv[2])
 from tiny import TinyTokenizer, random_seqs, tiny_model
 from attncache.db.tier_store import TierFolder
 from attncache.models import fingerprint
 from attncache.tiers import PrefixTier
-model = tiny_model("llama")
+model = tiny_model("llama").to(getattr(torch, sys.argv[3]))
 tier = PrefixTier(model, min_prefix=4)
 folder = TierFolder(sys.argv[1], fingerprint(model, TinyTokenizer()))
 tier.load(folder)
@@ -308,17 +309,20 @@ tier.save(folder)
 """
 
 
-def test_two_processes_keeping_prefix_kv_in_one_prefix_dir_lose_none(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_processes_keeping_prefix_kv_in_one_prefix_dir_lose_none(tmp_path, dtype):
     """Two processes share a ``--prefix-dir``: both start from the same folder, another keeps
-    its prompt meanwhile, then this one keeps its own. Both prompts' K/V are there afterwards
-    and reading them is exact. Before 2026-12-07 the later save replaced the other's tree."""
+    its prompt meanwhile, then this one keeps its own. Both prompts' K/V are there afterwards,
+    in the processes' dtype, and reading them gives what each process's own K/V give, bit for
+    bit (the merge copies K/V, it never recomputes or casts them), and the plain model's logits
+    (1e-4 in float32). Before 2026-12-07 the later save replaced the other's tree."""
     from pathlib import Path
 
     from attncache.db.tier_store import TierFolder
     from attncache.models import fingerprint
     from attncache.tiers import PrefixTier
 
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(getattr(torch, dtype))
     folder = TierFolder(tmp_path / "kept", fingerprint(model, TinyTokenizer()))
     mine = PrefixTier(model, min_prefix=4)
     assert not mine.load(folder)  # nothing kept yet, as for the other process
@@ -327,7 +331,7 @@ def test_two_processes_keeping_prefix_kv_in_one_prefix_dir_lose_none(tmp_path):
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run(
-        [sys.executable, "-c", TREE_WRITER, str(tmp_path / "kept"), tests],
+        [sys.executable, "-c", TREE_WRITER, str(tmp_path / "kept"), tests, dtype],
         capture_output=True,
         text=True,
         env=env,
@@ -338,14 +342,23 @@ def test_two_processes_keeping_prefix_kv_in_one_prefix_dir_lose_none(tmp_path):
     later = PrefixTier(model, min_prefix=4)
     assert later.load(folder)
     for seq in (own, other):
-        assert later.tree.match(seq, len(seq)).length == len(seq)  # kept whole
+        found = later.tree.match(seq, len(seq))
+        assert found.length == len(seq)  # kept whole
+        assert found.kv().dtype == model.dtype
+    # what one process gets computing both prompts itself, then the same tails over them
+    alone = PrefixTier(model, min_prefix=4)
+    alone.run([own], 1, 0)
+    alone.run([other], 1, 0)
     tails = [own + [5, 6, 7], other + [8, 9]]
-    got = later.run(tails, 1, 0)
-    assert got.prefix_tokens == [len(own), len(other)]
-    with torch.no_grad():
-        for seq, logits in zip(tails, got.logits, strict=True):
-            want = model(torch.tensor([seq])).logits[0, -1]
-            assert (logits[-1] - want).abs().max().item() < 1e-4
+    got, want_alone = later.run(tails, 1, 0), alone.run(tails, 1, 0)
+    assert got.prefix_tokens == want_alone.prefix_tokens == [len(own), len(other)]
+    for logits, same in zip(got.logits, want_alone.logits, strict=True):
+        assert torch.equal(logits, same)
+    if dtype == "float32":
+        with torch.no_grad():
+            for seq, logits in zip(tails, got.logits, strict=True):
+                want = model(torch.tensor([seq])).logits[0, -1]
+                assert (logits[-1] - want).abs().max().item() < 1e-4
 
 
 def test_merging_a_tree_keeps_its_paths_most_recent_within_the_cap():

@@ -262,3 +262,6 @@ def test_default_threshold_ignores_siblings_from_the_same_row(tmp_path):
         model, TinyTokenizer(), seqs, tmp_path / "b", progress=False, groups=rows
     )
     assert grouped.threshold > 1.2 * plain.threshold
+    with pytest.raises(UserError, match="15 groups for 16 sequences"):  # was an IndexError
+        AttnCache.build(model, TinyTokenizer(), seqs, tmp_path / "c", groups=rows[:-1])
+    assert not (tmp_path / "c").exists()

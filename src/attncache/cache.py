@@ -13,7 +13,7 @@ from torch import nn
 from . import models
 from .build import online
 from .build.convert import compress as compress_db
-from .build.pipeline import BuildConfig
+from .build.pipeline import BuildConfig, BuildInputs, BuildRunOptions
 from .build.pipeline import build as build_db
 from .db import Database, DbInfo, Templates, describe, migrate
 from .errors import UserError
@@ -55,7 +55,8 @@ class AttnCache:
         """Record maps of ``sequences`` (token id lists, or strings the tokenizer encodes) on
         ``model`` and write the DB ``out``."""
         sequences = [tokenizer(s)["input_ids"] if isinstance(s, str) else s for s in sequences]
-        build_db(model, tokenizer, sequences, out, cfg, progress, force, groups)
+        inputs = BuildInputs(sequences, groups)
+        build_db(model, tokenizer, inputs, out, cfg, BuildRunOptions(progress, force))
         return cls.open(out)
 
     @classmethod

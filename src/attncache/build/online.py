@@ -69,8 +69,7 @@ def retrain(db: Database, progress: bool = True, lock_wait_s: float = 10.0) -> d
         m["threshold"] = default_threshold(
             index,
             vectors,
-            table.uid,
-            table.length,
+            table,
             db.allow_crop,
             table.uid.tolist(),
             db.manifest.get("threshold_quantile", 0.5),

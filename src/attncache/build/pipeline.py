@@ -17,6 +17,7 @@ from torch import nn
 from .. import models
 from ..db import (
     Database,
+    EntryTable,
     LookupParts,
     MapStore,
     SegmentWriter,
@@ -58,6 +59,36 @@ class BuildConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
 
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a build records: token sequences and, optionally, the data row each came from (one
+    per sequence). With rows, the default threshold ignores neighbours from the same row (e.g. two
+    choices of one prompt): a new input never has a sibling of its own row in the DB."""
+
+    sequences: Sequence[Sequence[int]]
+    groups: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is not None and len(self.groups) != len(self.sequences):
+            raise UserError(
+                f"{len(self.groups)} groups for {len(self.sequences)} sequences: give one each"
+            )
+
+    def group_of(self) -> dict[tuple[int, ...], int]:
+        """Each distinct sequence's row; the first occurrence wins, as in ``unique``."""
+        given = self.groups
+        rows: dict[tuple[int, ...], int] = {}
+        for i, s in enumerate(self.sequences):
+            rows.setdefault(tuple(map(int, s)), int(given[i]) if given is not None else i)
+        return rows
+
+
+@dataclass(frozen=True)
+class BuildRunOptions:
+    progress: bool = True  # bars on a terminal, one line per stage otherwise
+    force: bool = False  # replace a DB already at ``out`` (atomically: ``db.staging``)
+
+
 def unique(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
     """Non-empty sequences, first occurrence kept."""
     seen: set[tuple[int, ...]] = set()
@@ -73,27 +104,21 @@ def unique(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
 def build(
     model: nn.Module,
     tokenizer,
-    sequences: Sequence[Sequence[int]],
+    inputs: BuildInputs,
     out,
     cfg: BuildConfig | None = None,
-    progress: bool = True,
-    force: bool = False,
-    groups: Sequence[int] | None = None,
+    run: BuildRunOptions | None = None,
 ) -> None:
-    """Record maps for ``sequences``, train the projector, index, and publish the DB at ``out``.
-
-    ``groups`` (optional, one per sequence) names the data row each sequence came from; the default
-    threshold then ignores neighbours from the same row (e.g. two choices of one prompt)."""
-    cfg = cfg or BuildConfig()
+    """Record maps for ``inputs``, train the projector, index, and publish the DB at ``out``."""
+    cfg, run = cfg or BuildConfig(), run or BuildRunOptions()
+    progress = run.progress
     eviction_policies.check(cfg.eviction)
     if cfg.store_layers not in ("all", "auto"):
         raise UserError(f"store_layers must be 'all' or 'auto', got '{cfg.store_layers}'")
     adapter = get_adapter(model.config)
     shape = adapter.shape(model.config)
-    group_of: dict[tuple[int, ...], int] = {}
-    for i, s in enumerate(sequences):  # first occurrence wins, as in unique()
-        group_of.setdefault(tuple(map(int, s)), int(groups[i]) if groups is not None else i)
-    seqs = unique(sequences)
+    group_of = inputs.group_of()
+    seqs = unique(inputs.sequences)
     if len(seqs) < 2:
         raise UserError(
             f"need at least 2 distinct non-empty inputs to build a cache, got {len(seqs)}"
@@ -113,10 +138,10 @@ def build(
         cfg.codec if cfg.codec != "auto" else "float16",
         cfg.sparse_eps,
     )  # refuse a bad name before any work
-    with staging(out, force) as folder:
+    with staging(out, run.force) as folder:
         probe_source = None
         if cfg.store_layers == "auto":
-            layers = _probe_layers(model, adapter, seqs, layers, cfg, folder, progress)
+            layers = _probe_layers(model, seqs, layers, cfg, folder, progress)
             probe_source = (
                 f"build: only these {len(layers)} layers are stored: the most stable on a "
                 f"probe of {min(len(seqs), PROBE_INPUTS)} inputs (store_layers=auto)"
@@ -149,13 +174,7 @@ def build(
             else {"layers": layers, "source": probe_source}
         )
         manifest["threshold"] = default_threshold(
-            index,
-            vectors,
-            table.uid,
-            table.length,
-            adapter.causal,
-            entry_groups,
-            cfg.threshold_quantile,
+            index, vectors, table, adapter.causal, entry_groups, cfg.threshold_quantile
         )
         if writer.dropped:
             manifest["build_dropped_by_cap"] = writer.dropped
@@ -171,16 +190,17 @@ def build(
 def default_threshold(
     index: VectorIndex,
     vectors: np.ndarray,
-    uids: np.ndarray,
-    lengths: np.ndarray,
+    table: EntryTable,
     allow_crop: bool,
     groups: Sequence[int],
     quantile: float,
 ) -> float:
     """Quantile of each entry's predicted distance to its nearest compatible entry of another row (a
-    new input never has a sibling from its own row, e.g. another choice of the same prompt)."""
+    new input never has a sibling from its own row, e.g. another choice of the same prompt).
+    ``vectors`` and ``groups`` are in ``table``'s order."""
+    lengths = table.length
     dist, found = index.search(vectors, SEARCH_K + 1)
-    rows = np.searchsorted(uids, np.where(found < 0, 0, found))
+    rows = np.searchsorted(table.uid, np.where(found < 0, 0, found))
     nearest = []
     for i in range(len(vectors)):
         for d, uid, row in zip(dist[i], found[i], rows[i], strict=True):
@@ -195,10 +215,11 @@ def default_threshold(
 
 
 def _probe_layers(
-    model, adapter: Adapter, seqs, layers: list[int], cfg: BuildConfig, folder, progress: bool
+    model, seqs, layers: list[int], cfg: BuildConfig, folder, progress: bool
 ) -> list[int]:
     """Record a sample with every layer (float16), measure layer stability, keep the default's
     layers."""
+    adapter = get_adapter(model.config)
     sample = seqs[:PROBE_INPUTS]
     layout = StoreLayout(
         adapter.shape(model.config).n_heads, layers, "float16", None, adapter.causal

@@ -44,6 +44,35 @@ def test_loglikelihoods_equal_the_hf_backend(backends):
     assert ours.prefix.stats.tokens_reused > 0  # the shared few-shot header was computed once
 
 
+def greedy_requests(hf: HFLM) -> list:
+    """Token-level requests whose continuations are (and are not) the model's own greedy tokens:
+    the tiny model's random weights rarely make a text continuation greedy. Their is_greedy is
+    True, False (the last token is not the argmax), False (the first), True."""
+    import torch
+
+    context = hf.tok_encode(QUESTIONS[0])
+    ids = list(context)
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(hf.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    own = ids[len(context) :]
+    other = [(t + 1) % 90 + 2 for t in own]  # never the argmax where ``own`` is
+    conts = [own, own[:2] + other[2:], other[:1] + own[1:], own[:1]]
+    return [(None, context, c) for c in conts]
+
+
+def test_is_greedy_needs_every_continuation_token_to_be_the_argmax(backends):
+    """A continuation the model would generate itself is greedy; one whose last token (or first)
+    is not its argmax is not, as the HF backend says."""
+    ours, theirs = backends
+    reqs = greedy_requests(theirs)
+    got = ours._loglikelihood_tokens(reqs)
+    want = theirs._loglikelihood_tokens(reqs)
+    assert [g for _, g in want] == [True, False, False, True]
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, want, strict=True):
+        assert abs(lp - lp_ref) < 1e-4 and greedy == greedy_ref
+
+
 def test_requests_longer_than_the_model_are_truncated_as_the_hf_backend_does(backends):
     """Past ``max_length`` both keep the context's last tokens: the same log-likelihoods."""
     ours, theirs = backends
@@ -190,17 +219,21 @@ def test_prompts_and_answers_are_kept_across_runs(tiny_hf, backends, tmp_path):
     args = [(q, c) for q in QUESTIONS for c in CHOICES]
     want = theirs.loglikelihood(requests("loglikelihood", args))
 
-    def same(got):
+    def same(got, want=want):
         assert [g for _, g in got] == [g for _, g in want]
         return [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
 
     kw = {"pretrained": tiny_hf("llama"), "batch_size": 4, "prefix_token_id": 97}
+    tokens = greedy_requests(theirs)  # is_greedy True for some: kept and read back as such
+    greedy = theirs._loglikelihood_tokens(tokens)
     first = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"))
     assert same(first.loglikelihood(requests("loglikelihood", args)))
+    assert same(first._loglikelihood_tokens(tokens), greedy)
     assert first.memo is not None and len(first.memo) > 0
 
     again = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"))
     assert same(again.loglikelihood(requests("loglikelihood", args)))
+    assert same(again._loglikelihood_tokens(tokens), greedy)
     st = again.memo.stats  # every planned sequence (one per distinct context + continuation)
     assert st.hits == st.lookups > 0 and st.inserts == 0
 

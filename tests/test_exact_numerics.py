@@ -44,6 +44,10 @@ def test_numerics_name_dtype_device_and_int8():
     assert numerics(model) == "float32-cpu"
     assert numerics(copy.deepcopy(model).to(torch.bfloat16)) == "bfloat16-cpu"
     assert numerics(quantize_int8(copy.deepcopy(model))).endswith("-int8")
+    # a norm kept in float32 beside bfloat16 layers computes other numbers than either
+    mixed = copy.deepcopy(model).to(torch.bfloat16)
+    mixed.model.norm.float()
+    assert numerics(mixed) == "bfloat16-cpu-with-float32"
 
 
 def test_a_bf16_scorer_on_a_db_never_answers_a_later_fp32_one(tmp_path):

@@ -232,18 +232,32 @@ def numerics(model) -> str:
 
     Every artefact an exact tier keeps (memo answers, prefix K/V) is keyed by it, so one numerics'
     answers are never served to another (the fingerprint deliberately ignores dtype: a map DB
-    serves its model in any dtype)."""
+    serves its model in any dtype). A model whose untagged parameters mix dtypes (a head or norm
+    kept in float32 beside bfloat16 layers) names the others too: ``bfloat16-cpu-with-float32``."""
     p = next(model.parameters(), None)
-    dtype = str(p.dtype).replace("torch.", "") if p is not None else "float32"
+    dtype = _dtype_name(p.dtype) if p is not None else "float32"
     device = p.device.type if p is not None else "cpu"
     quantized = any("quantized" in type(m).__module__ for m in model.modules())
-    tags = sorted({t for m in model.modules() if (t := getattr(m, "numerics_tag", None))})
+    tagged = [m for m in model.modules() if getattr(m, "numerics_tag", None)]
+    tags = sorted({m.numerics_tag for m in tagged})
+    own = {id(q) for m in tagged for q in m.parameters()}  # their dtype is in their tag
+    others = {
+        _dtype_name(q.dtype)
+        for q in model.parameters()
+        if q.is_floating_point() and id(q) not in own
+    } - {dtype}
     parts = [dtype, device]
     if device == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         parts.append("tf32")
     if quantized:
         parts.append("int8")
+    if others:
+        parts.append("with-" + "+".join(sorted(others)))
     return "-".join(parts + tags)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def name_of(model) -> str:

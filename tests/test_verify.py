@@ -293,6 +293,28 @@ def test_auto_runs_exactly_when_the_gate_cannot_hold(tiny_folder, monkeypatch):
     assert not res.verify["used"] and "not faster on this device" in res.verify["reason"]
 
 
+def test_a_given_margin_on_a_device_that_emulates_the_precision_warns_in_one_line(
+    tiny_folder, monkeypatch, capsys
+):
+    """``--verify-margin X`` is what the user asked for, so it runs, but where the probe says the
+    precision is emulated (an AVX2-only CPU: bfloat16 ~100x slower) one line says so."""
+    from attncache.workflows import EvalOptions, cheap, evaluate
+    from attncache.workflows.cheap import VerifyOptions
+
+    folder, rows = tiny_folder
+    for probe, warned in ((0.01, True), (2.0, False)):
+        monkeypatch.setattr(cheap, "native_speedup", lambda dtype, device, p=probe: p)
+        res = evaluate(
+            None, str(rows), EvalOptions(model_name=str(folder), progress=False, memo=False,
+            verify=VerifyOptions("0.5")),
+        )[0]  # fmt: skip
+        err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert res.verify["used"] and res.comparison.agreement == 1.0
+        assert bool(res.verify["warning"]) == warned and len(err) == int(warned)
+        if warned:
+            assert "not faster on this device (probe 0.01x)" in err[0]
+
+
 def test_verify_flags_are_checked_in_one_line(tiny_folder):
     from test_cli import assert_one_line_error, cli
 

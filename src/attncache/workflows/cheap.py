@@ -15,6 +15,7 @@ rows rerun: MMLU), calibrated on the same rows against the same exact pass.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
@@ -83,6 +84,7 @@ class VerifyReport:
     gate: dict | None = None  # auto: the calibrated gate and its bound (of ``dtype``)
     reason: str = ""
     tried: list[str] = field(default_factory=list)  # auto: the shapes calibrated, in order
+    warning: str = ""  # a given margin on a device that emulates the precision: slower
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +124,12 @@ def verified_pass(
         report.calibration_rows = sum(not todo.intersection(r.seqs) for r in plan.rows)
     else:
         cheap_model, threshold = cheap_copy(s.model, precision), float(verify.margin)
+        if probe < MIN_PROBE_SPEEDUP:  # the user asked for it: run it, but say what it costs
+            report.warning = (
+                f"{name} is not faster on this device (probe {probe:.2f}x): the cheap pass may "
+                "take longer than the exact one; --verify-margin auto would run every row exactly"
+            )
+            print(f"attncache: warning: {report.warning}", file=sys.stderr)
     got = run_verified(
         s.tokenizer,
         plan,

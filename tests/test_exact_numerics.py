@@ -122,3 +122,19 @@ def test_a_second_eval_is_answered_from_the_memo_the_first_kept(tiny_hf, tmp_pat
     assert second["agreement"] == 1.0 and second["accuracy_cached"] == first["accuracy_cached"]
     bf16 = json.loads(cli(*run, "--dtype", "bfloat16").stdout)  # other numerics: not from fp32's
     assert bf16["memo_hit_rate"] == 0.0
+
+
+def test_a_half_precision_the_cpu_emulates_is_one_warning_line(tiny_hf, monkeypatch, capsys):
+    """On an AVX2-only CPU bfloat16 matmuls run many times slower than float32's (the probe read
+    0.007x, a whole bfloat16 pass 6x): a session opened in bfloat16 there says so in one line, and not where it is fast
+    nor in float32."""
+    from attncache.tasks import precisions
+    from attncache.workflows import Session, SessionOptions
+
+    for probe, lines in ((0.01, 1), (2.0, 0)):
+        monkeypatch.setattr(precisions, "native_speedup", lambda dtype, device, p=probe: p)
+        for dtype in ("bfloat16", "float32"):
+            Session.open(None, tiny_hf("llama"), SessionOptions(dtype=dtype))
+        err = [e for e in capsys.readouterr().err.splitlines() if "warning" in e]
+        assert len(err) == lines
+        assert all("bfloat16 is emulated on this CPU (its matmuls run at 0.01x" in e for e in err)

@@ -37,6 +37,25 @@ def warn_skipped(msgs: list[str], quiet: bool) -> None:
             print(f"... and {len(msgs) - 5} more skipped rows", file=sys.stderr)
 
 
+def warn_if_emulated(model) -> None:
+    """A half precision on a CPU without its units (AVX2 only: no bf16) runs many times slower
+    than float32, whoever asked for it (``--dtype``, or a bfloat16 checkpoint's ``dtype=auto``
+    under lm-eval): one line says so."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype not in (torch.bfloat16, torch.float16):
+        return
+    from ..tasks import precisions  # the probe the cheap pass uses, timed once per process
+
+    speed = precisions.native_speedup(p.dtype, "cpu")
+    if speed < 1.0:
+        name = str(p.dtype).removeprefix("torch.")
+        print(
+            f"attncache: warning: {name} is emulated on this CPU (its matmuls run at {speed:.2f}x "
+            "float32's): float32 runs this model faster here",
+            file=sys.stderr,
+        )
+
+
 def quantize_int8(model):
     """torch's CPU dynamic int8 quantization of every Linear (weights int8, activations on the fly).
 
@@ -118,6 +137,7 @@ class Session:
             cache.check_tokenizer(tok)
         if quantize == "int8":
             model = quantize_int8(model)
+        warn_if_emulated(model)
         return cls(cache, model, tok, o.max_tokens, quantized=quantize == "int8")
 
     @property

@@ -25,6 +25,7 @@ from .output import emit
 def run_serve(a) -> int:
     from ..serve import ServeConfig, serve
     from ..serve.config import Limits
+    from ..workflows import SessionOptions
 
     if not a.learn:
         refuse(a, ["max_bytes"], "without --learn (it bounds what learning inserts)")
@@ -49,16 +50,8 @@ def run_serve(a) -> int:
             a.max_client_batch_size, a.max_request_tokens, a.max_input_chars, a.max_body_bytes
         ),
     )
-    serve(
-        db,
-        a.model,
-        a.host,
-        a.port,
-        cfg,
-        max_bytes=a.max_bytes,
-        device=a.device,
-        dtype=a.dtype,
-    )
+    opening = SessionOptions(max_bytes=a.max_bytes, device=a.device, dtype=a.dtype)
+    serve(db, a.model, a.host, a.port, cfg, opening)
     return 0
 
 

@@ -147,16 +147,13 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     cfg: ServeConfig | None = None,
-    max_bytes: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    opening: SessionOptions | None = None,
 ) -> None:
-    """Run the app in uvicorn. ``db`` None: ``model_name`` with the exact tiers only."""
+    """Run the app in uvicorn. ``db`` None: ``model_name`` with the exact tiers only;
+    ``opening``: how the model loads and the DB opens (device, dtype, the DB's byte cap)."""
     try:
         import uvicorn
     except ImportError:
         raise UserError("serving needs the 'serve' extra: pip install 'attncache[serve]'") from None
-    session = Session.open(
-        db, model_name, SessionOptions(max_bytes=max_bytes, device=device, dtype=dtype)
-    )
+    session = Session.open(db, model_name, opening)
     uvicorn.run(create_app(session, cfg), host=host, port=port, log_level="warning")

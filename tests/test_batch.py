@@ -16,16 +16,18 @@ from attncache.tasks import RunOptions, Tiers  # noqa: E402
 from attncache.workflows import BuildOptions, Session, build  # noqa: E402
 
 
-def read_parts(folder) -> list[dict]:
-    """Every row of a job's folder, in input order (file, then row)."""
+def part_rows(part) -> list[dict]:
+    """The rows of one part file."""
     import pyarrow.parquet as pq
 
-    rows = []
-    for part in sorted(folder.glob("part-*")):
-        if part.suffix == ".jsonl":
-            rows += [json.loads(line) for line in part.read_text().splitlines()]
-        else:
-            rows += pq.read_table(part).to_pylist()
+    if part.suffix == ".jsonl":
+        return [json.loads(line) for line in part.read_text().splitlines()]
+    return pq.read_table(part).to_pylist()
+
+
+def read_parts(folder) -> list[dict]:
+    """Every row of a job's folder, in input order (file, then row)."""
+    rows = [r for part in sorted(folder.glob("part-*")) for r in part_rows(part)]
     return sorted(rows, key=lambda r: (r["file"], r["idx"]))
 
 
@@ -189,6 +191,13 @@ def test_rows_sharing_a_prompt_meet_in_one_actor_and_reuse_as_in_one_process(tin
     assert [r["prediction"] for r in got] == want["prediction"]
     assert np.allclose([r["scores"] for r in got], want["scores"], atol=1e-4)
     assert single > 0.5 and abs(res["prefix_tokens_reused_fraction"] - single) < 0.05
+    # the reason, beyond what two prompts can show in a reuse fraction (each actor keeps its tree
+    # across parts): all of a prompt's rows are in one part, and a part goes to one actor
+    for header in (0, 1):  # the rows alternate between the two prompts
+        holding = [
+            p for p in out.glob("part-*") if any(r["idx"] % 2 == header for r in part_rows(p))
+        ]
+        assert len(holding) == 1, header
 
 
 @pytest.mark.ray
@@ -217,6 +226,23 @@ def test_a_rerun_resumes_and_writes_each_row_once(tiny_hf, tmp_path, monkeypatch
     other = BatchOptions(actors=2, batch_size=4, progress=False, parts=8)
     with pytest.raises(UserError, match="another job's parts .*parts"):
         run_batch(None, str(data), str(out), model_name=tiny_hf("llama"), options=other)
+
+
+@pytest.mark.ray
+def test_a_rerun_of_data_read_on_the_driver_writes_only_the_lost_parts(tiny_hf, tmp_path):
+    """A built-in or sliced DATA is read on the driver, not by tasks: its rerun skips the
+    written parts too, leaving them as they were."""
+    data = f"{few_shot_rows(tmp_path, questions=6)}[0:12]"
+    out = tmp_path / "out"
+    options = BatchOptions(actors=2, batch_size=4, progress=False, parts=4)
+    first = run_batch(None, data, str(out), model_name=tiny_hf("llama"), options=options)
+    parts = sorted(out.glob("part-*.jsonl"))
+    kept = {p.name: p.read_text() for p in parts}
+    assert first["rows"] == 12 and [r["idx"] for r in read_parts(out)] == list(range(12))
+    parts[0].unlink()
+    again = run_batch(None, data, str(out), model_name=tiny_hf("llama"), options=options)
+    assert again["parts_skipped"] == len(parts) - 1 and again["parts_written"] == 1
+    assert {p.name: p.read_text() for p in out.glob("part-*.jsonl")} == kept
 
 
 @pytest.mark.ray

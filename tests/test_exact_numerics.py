@@ -126,8 +126,8 @@ def test_a_second_eval_is_answered_from_the_memo_the_first_kept(tiny_hf, tmp_pat
 
 def test_a_half_precision_the_cpu_emulates_is_one_warning_line(tiny_hf, monkeypatch, capsys):
     """On an AVX2-only CPU bfloat16 matmuls run many times slower than float32's (the probe read
-    0.007x, a whole bfloat16 pass 6x): a session opened in bfloat16 there says so in one line, and not where it is fast
-    nor in float32."""
+    0.12x, a whole bfloat16 pass 6x slower): a session opened in bfloat16 there says so in one
+    line, and not where it is fast nor in float32."""
     from attncache.tasks import precisions
     from attncache.workflows import Session, SessionOptions
 

@@ -80,6 +80,7 @@ def test_score_matches_the_plain_model(tmp_path):
     s = session(tmp_path)
     with TestClient(create_app(s, ServeConfig(attach=False, prefix_bytes=None))) as c:
         out = c.post("/v1/score", json={"prompt": "abc", "choices": ["d", "ef"]}).json()
+        swapped = c.post("/v1/score", json={"prompt": "abc", "choices": ["ef", "d"]}).json()
     ids = s.tokenizer("abc")["input_ids"]
     with torch.no_grad():
         lp = torch.log_softmax(
@@ -87,6 +88,11 @@ def test_score_matches_the_plain_model(tmp_path):
         )
     want = float(lp[-2, 1 + ord("e") % 127] + lp[-1, 1 + ord("f") % 127])
     assert abs(out["logprobs"][1] - want) < 1e-4
+    # ``choice``: the best log-prob per character of the choice where a choice has several
+    # tokens (lm-eval's acc_norm), in the request's order (one of the two orders puts it at 1)
+    per_char = [float(lp[-2, 1 + ord("d") % 127]), want / 2]
+    best = int(per_char[1] > per_char[0])
+    assert (out["choice"], swapped["choice"]) == (best, 1 - best)
 
 
 def test_bad_requests_name_the_field_and_the_server_goes_on(tmp_path):

@@ -113,8 +113,9 @@ def per_sample(results: dict, task: str) -> dict[int, dict]:
 def test_smollm2_on_a_local_arc_task_equals_the_hf_backend(tmp_path, monkeypatch, sampler):
     """SmolLM2 on ARC-Easy 5-shot as lm-eval renders it (a local JSON task, offline), shots from
     ``first_n`` (one prompt for every question) and from lm-eval's default per-document sampler:
-    every per-sample log-likelihood within 1e-4 of ``--model hf``, is_greedy and every metric
-    identical."""
+    every per-sample log-likelihood within float32 rounding of ``--model hf``'s (1e-4 plus 1e-5 of
+    its size: the two run different matmul shapes, and a sum of 20-40 nats differed by up to
+    2.1e-4 on an AVX2-only CPU, 3e-5 on an AVX-512 one), is_greedy and every metric identical."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -141,7 +142,8 @@ def test_smollm2_on_a_local_arc_task_equals_the_hf_backend(tmp_path, monkeypatch
     assert a.keys() == b.keys() and len(a) == 8
     for k in a:
         for x, y in zip(a[k]["resps"], b[k]["resps"], strict=True):
-            assert abs(float(x[0][0]) - float(y[0][0])) < 1e-4 and x[0][1] == y[0][1]
+            got, want = float(x[0][0]), float(y[0][0])
+            assert abs(got - want) <= 1e-4 + 1e-5 * abs(want) and x[0][1] == y[0][1]
         assert a[k]["acc"] == b[k]["acc"] and a[k]["acc_norm"] == b[k]["acc_norm"]
     assert ours["results"][task] == hf["results"][task]
 

@@ -5,6 +5,7 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from tiny import TinyTokenizer, random_seqs, tiny_model
 
 import attncache.db.files as files_mod
 from attncache import AttnCache, UserError
+from attncache.db.locks import write_lock
 from attncache.db.templates import Templates
 from attncache.tiers.memo import Answer, ResultMemo
 
@@ -161,6 +163,20 @@ def test_a_crash_between_the_renames_loses_nothing(db, monkeypatch):
     rebuild(db, 5)
     assert len(AttnCache.open(db).store) == 5 and AttnCache.verify(db) == []
     assert not list(db.parent.glob(".db.replaced-*"))
+
+
+def test_a_build_never_deletes_a_db_another_process_is_replacing(db):
+    """While another process swaps a new DB in, the old one sits beside the path under that
+    process's write lock; a build started then leaves it alone (the other process puts it back
+    if its swap fails), and removes it once no process holds it."""
+    aside = db.parent / ".db.replaced-other"
+    shutil.copytree(db, aside)
+    with write_lock(aside):  # the other process, between its two renames
+        rebuild(db, 4)
+        assert aside.is_dir() and (aside / "manifest.json").is_file()
+    rebuild(db, 5)
+    assert not aside.exists()
+    assert len(AttnCache.open(db).store) == 5 and AttnCache.verify(db) == []
 
 
 def test_a_damaged_entry_is_never_replayed(tmp_path):

@@ -3,6 +3,7 @@ with int8 linears) are never served to another as exact. And what an eval learns
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,6 +98,34 @@ def test_a_prefix_dir_keeps_each_numerics_apart(tmp_path):
     assert kept is not None and kept["kv"].dtype == torch.bfloat16
     with pytest.raises(UserError, match="not exact"):
         tier.restore(kept)
+
+
+def test_a_mixed_dtype_models_answers_never_reach_the_all_bf16_model(tmp_path):
+    """A bfloat16 model whose final norm and head stay float32 (as checkpoints that keep modules
+    in float32 load) computes other numbers than the all-bfloat16 model with the same weights:
+    its kept answers are not the other's, in either order, while each model's own come back."""
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    bf16 = in_bf16(model)
+    mixed = in_bf16(model)
+    mixed.model.norm.float()
+    mixed.lm_head.float()
+    folder = str(tmp_path / "tiers")
+
+    def kept_run(m) -> tuple[list[dict], list[int]]:
+        with Scorer(m, tok, prefix_dir=folder) as s:
+            got = scores(s)
+        return got, [g["usage"]["attncache"]["memo_hits"] for g in got]
+
+    for first, second in ((mixed, bf16), (bf16, mixed)):
+        shutil.rmtree(folder, ignore_errors=True)
+        first_got, _ = kept_run(first)
+        got, hits = kept_run(second)
+        assert hits == [0] * len(PROMPTS)  # nothing of the first model's came back
+        # the two numerics differ on these prompts, so a served answer would have shown
+        assert any(g["logprobs"] != w["logprobs"] for g, w in zip(got, first_got, strict=True))
+        again, hits = kept_run(second)
+        assert hits == [len(c) for _, c in PROMPTS]  # its own answers do come back
+        assert [g["logprobs"] for g in again] == [g["logprobs"] for g in got]
 
 
 def test_the_in_process_tree_starts_afresh_when_the_model_changes_dtype():

@@ -44,6 +44,27 @@ def test_loglikelihoods_equal_the_hf_backend(backends):
     assert ours.prefix.stats.tokens_reused > 0  # the shared few-shot header was computed once
 
 
+def test_lm_evals_use_cache_keeps_our_answers(tiny_hf, tmp_path, monkeypatch):
+    """``lm-eval --use_cache`` wraps the backend in ``CachingLM``, which keeps what the
+    backend hands its cache hook: a second run on the same cache file answers every request
+    from it, without a forward."""
+    from lm_eval.api.model import CachingLM
+
+    folder = tiny_hf("llama")
+    args = [(q, c) for q in QUESTIONS for c in CHOICES[:2]]
+    path = str(tmp_path / "cache.db")
+    first = CachingLM(AttnCacheLM(pretrained=folder, batch_size=4, prefix_token_id=97), path)
+    got = first.loglikelihood(requests("loglikelihood", args))
+    again_lm = AttnCacheLM(pretrained=folder, batch_size=4, prefix_token_id=97)
+
+    def no_forward(*_a, **_k):
+        raise AssertionError("a cached request reached the model")
+
+    monkeypatch.setattr(again_lm, "_loglikelihood_tokens", no_forward)
+    again = CachingLM(again_lm, path).loglikelihood(requests("loglikelihood", args))
+    assert [tuple(x) for x in again] == [tuple(x) for x in got]
+
+
 def greedy_requests(hf: HFLM) -> list:
     """Token-level requests whose continuations are (and are not) the model's own greedy tokens:
     the tiny model's random weights rarely make a text continuation greedy. Their is_greedy is

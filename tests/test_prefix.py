@@ -98,6 +98,26 @@ def test_byte_cap_never_exceeded_and_lru_evicted():
         assert t.bytes <= t.max_bytes
 
 
+def test_a_locked_path_is_never_evicted_and_is_evictable_once_unlocked():
+    """A caller still reading a prefix's K/V locks its path: pressure evicts other leaves (or
+    stays over budget) but never that path, whatever its age; unlocked, it goes first."""
+    per_token = 2 * 2 * 1 * 3 * 4
+    t = RadixKV(max_bytes=25 * per_token)
+    seqs = [[k] + list(range(100, 109)) for k in range(4)]  # 10 tokens each, nothing shared
+    t.insert(seqs[0], torch.zeros(2, 2, 1, 10, 3))
+    held = t.match(seqs[0], 10)
+    t.lock(held.node)
+    for s in seqs[1:]:  # the locked path is the least recently used throughout
+        t.insert(s, torch.zeros(2, 2, 1, 10, 3))
+    assert t.match(seqs[0], 10).length == 10
+    assert t.match(seqs[3], 10).length == 10  # the newest stays; the one between went
+    assert t.match(seqs[1], 10).length == 0
+    t.unlock(held.node)
+    t.match(seqs[3], 10)  # seqs[0] is again the least recently used of the two
+    t.insert([9] + list(range(100, 109)), torch.zeros(2, 2, 1, 10, 3))
+    assert t.match(seqs[0], 10).length == 0 and t.bytes <= t.max_bytes
+
+
 def test_composition_with_map_reuse(built):
     model, cache, seqs = built("llama")
     runner = PrefixTier(model, min_prefix=4)

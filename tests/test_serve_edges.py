@@ -98,6 +98,27 @@ def test_hostile_templates_and_paths_get_json_answers(plain):
             assert r.status_code in (404, 405) and "error" in r.json()
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/score", {"prompt": "a \ud800", "choices": [" x", " y"]}, "prompt"),
+        ("/v1/score", {"prompt": "a", "choices": [" x", " \udfff"]}, "choices[1]"),
+        ("/v1/embeddings", {"input": ["fine", "\ud800"]}, "input[1]"),
+        ("/v1/rerank", {"query": "\ud800 q", "documents": ["d"]}, "query"),
+        ("/v1/rerank", {"query": "q", "documents": ["d", "\ud800"]}, "documents[1]"),
+        ("/v1/classify", {"input": "\ud800", "labels": ["a", "b"]}, "input"),
+    ],
+)
+def test_a_lone_surrogate_in_any_text_is_a_400_naming_its_field(plain, path, body, field):
+    """JSON may carry a lone surrogate (``\\ud800``), which no UTF-8 tokenizer takes: it is
+    refused naming the field it sits in, and the server goes on."""
+    with TestClient(create_app(plain)) as c:
+        r = c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["field"] == field
+        assert c.get("/health").json()["status"] == "ok"
+
+
 def test_limits_answer_413_naming_the_limit(plain):
     limits = Limits(
         max_client_batch_size=3, max_request_tokens=60, max_input_chars=50, max_body_bytes=2000

@@ -235,14 +235,14 @@ def numerics(model) -> str:
     serves its model in any dtype). A model whose untagged parameters mix dtypes (a head or norm
     kept in float32 beside bfloat16 layers) names the others too: ``bfloat16-cpu-with-float32``."""
     p = next(model.parameters(), None)
-    dtype = _dtype_name(p.dtype) if p is not None else "float32"
+    dtype = dtype_name(p.dtype) if p is not None else "float32"
     device = p.device.type if p is not None else "cpu"
     quantized = any("quantized" in type(m).__module__ for m in model.modules())
     tagged = [m for m in model.modules() if getattr(m, "numerics_tag", None)]
     tags = sorted({m.numerics_tag for m in tagged})
     own = {id(q) for m in tagged for q in m.parameters()}  # their dtype is in their tag
     others = {
-        _dtype_name(q.dtype)
+        dtype_name(q.dtype)
         for q in model.parameters()
         if q.is_floating_point() and id(q) not in own
     } - {dtype}
@@ -256,7 +256,8 @@ def numerics(model) -> str:
     return "-".join(parts + tags)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, as flags, numerics keys and messages spell it."""
     return str(dtype).replace("torch.", "")
 
 

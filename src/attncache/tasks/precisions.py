@@ -60,7 +60,7 @@ class CheapLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         # what ``models.numerics`` appends, so nothing this layer computed passes as float32's
-        self.numerics_tag = f"{str(dtype).removeprefix('torch.')}{LINEARS}"
+        self.numerics_tag = f"{models.dtype_name(dtype)}{LINEARS}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
@@ -102,7 +102,7 @@ def native_speedup(dtype: torch.dtype, device: str) -> float:
             return 0.0
         return 2.0  # GPUs run half precisions natively; not timed (no sync cost paid here)
     # a linear layer's product, laid out as the model's (``x @ W.T``, W stored [out, in]): an
-    # AVX2-only CPU runs ``x @ W`` in bfloat16 some 10x slower still than this
+    # AVX2-only CPU runs ``x @ W`` in bfloat16 some 15x slower still than this
     x, w = torch.randn(512, 576), torch.randn(1536, 576)
     xc, wc = x.to(dtype), w.to(dtype)
 

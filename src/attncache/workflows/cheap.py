@@ -108,7 +108,7 @@ def verified_pass(
     probe = native_speedup(precision.dtype, s.device)
     report = VerifyReport(verify.margin, name, probe, used=False)
     if verify.margin == "auto" and probe < MIN_PROBE_SPEEDUP:
-        report.reason = f"{name} is not faster on this device (probe {probe:.2f}x)"
+        report.reason = _not_faster(name, probe)
         return CheapPass(None, report)
     max_bytes = exact.prefix.tree.max_bytes if exact.prefix is not None else None
     if verify.margin == "auto":
@@ -126,8 +126,8 @@ def verified_pass(
         cheap_model, threshold = cheap_copy(s.model, precision), float(verify.margin)
         if probe < MIN_PROBE_SPEEDUP:  # the user asked for it: run it, but say what it costs
             report.warning = (
-                f"{name} is not faster on this device (probe {probe:.2f}x): the cheap pass may "
-                "take longer than the exact one; --verify-margin auto would run every row exactly"
+                f"{_not_faster(name, probe)}: the cheap pass may take longer than the exact one; "
+                "--verify-margin auto would run every row exactly"
             )
             print(f"attncache: warning: {report.warning}", file=sys.stderr)
     got = run_verified(
@@ -143,6 +143,10 @@ def verified_pass(
     report.fallback_share = got.fallback_share
     report.cheap_seconds, report.exact_seconds = got.cheap_seconds, got.exact_seconds
     return CheapPass(got.out, report)
+
+
+def _not_faster(name: str, probe: float) -> str:
+    return f"{name} is not faster on this device (probe {probe:.2f}x)"
 
 
 def _closed(plan: Plan, rows: range) -> set[int]:

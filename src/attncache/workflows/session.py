@@ -48,7 +48,7 @@ def warn_if_emulated(model) -> None:
 
     speed = precisions.native_speedup(p.dtype, "cpu")
     if speed < 1.0:
-        name = str(p.dtype).removeprefix("torch.")
+        name = models.dtype_name(p.dtype)
         print(
             f"attncache: warning: {name} is emulated on this CPU (its matmuls run at {speed:.2f}x "
             "float32's): float32 runs this model faster here",

@@ -138,6 +138,27 @@ def test_mixed_padded_batch(built, family):
     assert (ref - out)[mask].abs().max() < 1e-4
 
 
+def test_a_lookup_never_takes_an_entry_beyond_its_threshold(built):
+    """The threshold calibration bounds is a hard limit: a query whose nearest compatible entry
+    lies at distance d misses at any threshold under d and hits it (at d) at any threshold over."""
+    import numpy as np
+
+    from attncache.runtime.lookup import nearest
+
+    model, cache, seqs = built("llama")
+    db = cache.db
+    feats = db.features()
+    rng = np.random.default_rng(0)
+    query = feats[:3] + rng.normal(0, 0.5, feats[:3].shape).astype(feats.dtype)
+    lengths = [len(seqs[k]) for k in range(3)]
+    found = nearest(db, query, lengths, threshold=float("inf"))
+    assert all(h is not None and h.distance > 0 for h in found)
+    for h, q, n in zip(found, query, lengths, strict=True):
+        assert nearest(db, q[None], [n], threshold=0.6 * h.distance) == [None]
+        (again,) = nearest(db, q[None], [n], threshold=1.01 * h.distance)
+        assert again is not None and again.entry == h.entry and again.distance <= 1.01 * h.distance
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_causal_crop_of_longer_entry_is_exact(built, family):
     model, cache, seqs = built(family)

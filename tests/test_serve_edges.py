@@ -2,7 +2,9 @@
 from the planner, safe templates, configurable limits (413 naming the limit), JSON errors only,
 and a property-based fuzz of every endpoint's body."""
 
+import asyncio
 import json
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,6 +119,84 @@ def test_a_lone_surrogate_in_any_text_is_a_400_naming_its_field(plain, path, bod
         assert r.status_code == 400, r.text
         assert r.json()["error"]["field"] == field
         assert c.get("/health").json()["status"] == "ok"
+
+
+class RecordingEngine:
+    """Stands in for the model thread: records each batch it runs; a payload "bad" is that
+    request's own error; ``gate`` (when set) holds the first batch until released."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.batches: list[list[str]] = []
+        self.gate = gate
+        self.queue_depth = 0
+
+    def score(self, payloads: list[str]) -> list:  # the Engine's signature
+        self.batches.append(list(payloads))
+        if self.gate is not None and len(self.batches) == 1:
+            self.gate.wait(10)
+        return [RequestError("prompt", "bad") if p == "bad" else {"echo": p} for p in payloads]
+
+
+async def outcome(pending) -> tuple[str, object]:
+    """("raised", the exception) or ("returned", the value): a returned error is not raised."""
+    try:
+        return "returned", await pending
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return "raised", e
+
+
+def test_one_requests_error_in_a_batch_is_its_own():
+    """Two requests batched together, one the engine cannot run: that one raises its own error
+    (the route's 400), the other gets its result."""
+    from attncache.serve.batcher import Batcher
+    from attncache.serve.metrics import Metrics
+
+    engine = RecordingEngine()
+
+    async def main():
+        b = Batcher(engine, ServeConfig(max_wait_ms=200, max_batch=8), Metrics())
+        b.start()
+        try:
+            return await asyncio.gather(
+                outcome(b.submit("score", "bad")), outcome(b.submit("score", "good"))
+            )
+        finally:
+            await b.stop()
+
+    (how_bad, bad), (how_good, good) = asyncio.run(main())
+    assert engine.batches == [["bad", "good"]]  # one batch
+    assert how_bad == "raised" and isinstance(bad, RequestError) and bad.field == "prompt"
+    assert (how_good, good) == ("returned", {"echo": "good"})
+
+
+def test_a_request_that_timed_out_in_the_queue_is_never_run():
+    """A request that waited past ``timeout_s`` behind a long batch gets its 504 and is dropped
+    from the next batch: the model never runs it for nobody, and the next request runs."""
+    from attncache.serve.batcher import Batcher
+    from attncache.serve.metrics import Metrics
+
+    gate = threading.Event()
+    engine = RecordingEngine(gate)
+
+    async def main():
+        b = Batcher(engine, ServeConfig(max_wait_ms=0, timeout_s=1.0), Metrics())
+        b.start()
+        try:
+            first = asyncio.ensure_future(outcome(b.submit("score", "first")))
+            while not engine.batches:  # the first batch holds the model thread
+                await asyncio.sleep(0.01)
+            late = await outcome(b.submit("score", "late"))
+            gate.set()
+            await first
+            after = await outcome(b.submit("score", "after"))  # queued behind "late"
+            return late, after
+        finally:
+            await b.stop()
+
+    (how_late, late), after = asyncio.run(main())
+    assert how_late == "raised" and isinstance(late, TimeoutError)
+    assert after == ("returned", {"echo": "after"})
+    assert not any("late" in batch for batch in engine.batches)  # never reached the model
 
 
 def test_limits_answer_413_naming_the_limit(plain):

@@ -127,6 +127,19 @@ def test_learn_inserts_misses_and_they_hit_next_time(db):
     assert len(AttnCache.open(db).store) == 9
 
 
+def test_learn_stores_an_input_seen_twice_once(db):
+    """Misses repeated in one batch (or across batches before a flush) are recorded once: the
+    DB grows by the distinct inputs, never by copies that would crowd its byte cap."""
+    model = tiny_model("llama")
+    cache = AttnCache.open(db)
+    a, b = random_seqs(2, lo=9, hi=9, seed=78)
+    with cache.attach(model, "all", learn=True) as att, torch.no_grad():
+        model(**collate([a, b, a], 0, True))
+        model(**collate([b], 0, True))
+        assert att.learn_pending() == 2
+    assert len(AttnCache.open(db).store) == 8
+
+
 def test_retrain_reindexes_the_grown_store(db):
     cache = AttnCache.open(db)
     maps, feats = synthetic(cache, 4, seed=5)

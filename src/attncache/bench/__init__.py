@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..tiers import DEFAULT_PREFIX_BYTES
 from ..workflows import Session, SessionOptions
 from .harness import AttentionTimer, interleaved, machine
-from .items import time_items
+from .items import ItemTiming, time_items
 from .workload import BATCH_SIZES, WorkloadOptions, time_workload
 
 __all__ = ["AttentionTimer", "BenchConfig", "bench", "interleaved", "machine"]
@@ -101,6 +101,7 @@ def bench(
         if res.get("workload_seconds"):
             res["entry_check_fraction_of_pass"] = spent / res["workload_seconds"]
     if cfg.per_item and pol is not None:
-        res.update(time_items(s, plan.seqs, pol, threshold, cfg.repeats, cfg.warmup, cfg.eager))
+        timing = ItemTiming(cfg.repeats, cfg.warmup, cfg.eager)
+        res.update(time_items(s, plan.seqs, pol, threshold, timing))
     res["machine"] = machine()
     return res

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,15 +25,16 @@ from ..workflows import Session
 from .harness import AttentionTimer, interleaved, ratio_of
 
 
+@dataclass(frozen=True)
+class ItemTiming:
+    repeats: int  # timed runs per item and variant
+    warmup: int
+    eager: bool  # also time the untouched model with eager attention (the paper's baseline)
+
+
 @torch.no_grad()
 def time_items(
-    s: Session,
-    seqs: list[list[int]],
-    pol: Policy,
-    threshold: float | None,
-    repeats: int,
-    warmup: int,
-    eager: bool,
+    s: Session, seqs: list[list[int]], pol: Policy, threshold: float | None, timing: ItemTiming
 ) -> dict:
     cache, model, tok = s.cache, s.model, s.tokenizer
     causal = cache.adapter.causal
@@ -95,10 +97,11 @@ def time_items(
         "cached": variant(cached),
         "bound": variant(bound),
     }
+    eager = timing.eager
     if eager:
         variants["eager"] = variant(lambda i: contextlib.nullcontext(), impl="eager")
     try:
-        timed = interleaved(variants, len(inputs), repeats, warmup)
+        timed = interleaved(variants, len(inputs), timing.repeats, timing.warmup)
     finally:
         model.set_attn_implementation(base_impl)
     med = {k: v["e2e"] for k, v in timed.items()}

@@ -744,6 +744,22 @@ def test_sliding_window_prefixes_are_exact(family, pack, prompt_len):
     assert runner.stats.tokens_reused > 0
 
 
+def test_a_window_the_model_applies_is_followed_whatever_use_sliding_window_says():
+    """Mistral-style models slide wherever ``sliding_window`` is set; a config that also carries
+    ``use_sliding_window=False`` (a flag only Qwen-style configs read, and they clear the window
+    themselves) still slides, so the tier masks as the model does."""
+    model = tiny_model("mistral_sliding")
+    model.config.use_sliding_window = False
+    prompt = random_seqs(1, lo=23, hi=23, seed=91)[0]  # far past the 5-token window
+    first = [prompt + c for c in ([3, 4, 5], [6], [7, 8, 9, 10, 11, 12, 13])]
+    later = [prompt + [20 + k] * (2 + 3 * k) for k in range(3)]
+    runner = PrefixTier(model, min_prefix=3)
+    got = list(runner.run(first, 2, 0).logits) + list(runner.run(later, 2, 0).logits)
+    for r, g in zip(exact_logits(model, first + later, 2), got, strict=True):
+        assert (r - g).abs().max() < 1e-4
+    assert runner.stats.tokens_reused > 0
+
+
 @pytest.mark.parametrize("family", SLIDING)
 def test_sliding_window_missing_prefixes_side_by_side_are_exact(family):
     """New prompts longer than the window computed side by side in one forward (each attending

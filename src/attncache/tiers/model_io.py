@@ -47,8 +47,9 @@ def mask_layout(model: nn.Module) -> MaskLayout | None:
     window = getattr(cfg, "sliding_window", None)
     types = set(getattr(cfg, "layer_types", None) or [])
     if not types:  # no per-layer types: every layer slides when a window is set (Mistral)
-        slides = bool(window) and getattr(cfg, "use_sliding_window", True) is not False
-        return MaskLayout(window if slides else None)
+        # as the model decides: these families read ``sliding_window`` alone (configs with a
+        # ``use_sliding_window`` flag clear their window themselves when it is off)
+        return MaskLayout(window if window else None)
     if not types <= {FULL, SLIDING} or (SLIDING in types and not window):
         return None
     if types == {FULL}:

@@ -266,6 +266,23 @@ def test_prompts_and_answers_are_kept_across_runs(tiny_hf, backends, tmp_path):
     assert no_memo.prefix.stats.tokens_reused >= len(SHOTS)  # the header came from the folder
 
 
+def test_a_prompt_whose_requests_fit_one_batch_is_kept_too(tiny_hf, tmp_path):
+    """``prefix_dir=`` keeps every prompt the run shared, not only those whose requests spanned
+    batches: one question's two continuations in one batch, and the next run reads the whole
+    context but the position each continuation needs from the folder, for both."""
+    kw = {"pretrained": tiny_hf("llama"), "batch_size": 4, "prefix_token_id": 97, "memo": "false"}
+    args = [(QUESTIONS[0], " seven"), (QUESTIONS[0], " a number")]  # several tokens each
+    AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept")).loglikelihood(
+        requests("loglikelihood", args)
+    )
+    again = AttnCacheLM(**kw, prefix_dir=str(tmp_path / "kept"))
+    context = again.tok_encode(QUESTIONS[0])
+    held = again.prefix.tree.match(context, len(context)).length
+    assert held == len(context) - 1
+    again.loglikelihood(requests("loglikelihood", args))
+    assert again.prefix.stats.tokens_reused == 2 * held
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

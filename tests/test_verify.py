@@ -31,7 +31,8 @@ def scored_plan(scores_a: list[list[float]], scores_b: list[list[float]]):
     """A plan of one-token choice rows and two outputs giving their choices these scores."""
     rows, a, b = [], RunOutput.empty(len(scores_a)), RunOutput.empty(len(scores_a))
     for s, (sa, sb) in enumerate(zip(scores_a, scores_b, strict=True)):
-        rows.append(RowPlan("choice1", [s], [[Query(s, 1, t)] for t in range(len(sa))], [1.0] * 2))
+        queries = [[Query(s, 1, t)] for t in range(len(sa))]
+        rows.append(RowPlan("choice1", [s], queries, [1.0] * len(sa)))
         for t, (x, y) in enumerate(zip(sa, sb, strict=True)):
             a.logprobs[(s, 1, t)], b.logprobs[(s, 1, t)] = x, y
     for i, r in enumerate(rows):
@@ -48,6 +49,10 @@ def test_margin_is_best_minus_runner_up_and_text_rows_always_rerun():
     assert score_movement(plan.rows[1], a, b) == pytest.approx(0.1)  # -2.5 vs -2.6
     assert row_margin(RowPlan("text", [0]), a) == 0.0
     assert math.isinf(score_movement(RowPlan("text", [0]), a, b))
+    # with more choices the margin is to the runner-up, not to the last
+    plan, a, b = scored_plan([[-1.2, -1.0, -4.0]], [[-1.0, -1.1, -4.5]])
+    assert row_margin(plan.rows[0], a) == pytest.approx(0.2)
+    assert score_movement(plan.rows[0], a, b) == pytest.approx(0.4)  # the gap to -4.0: 3.0 -> 3.4
 
 
 def test_gate_threshold_is_chosen_on_one_half_and_bounded_on_the_other():

@@ -68,6 +68,16 @@ def test_corruption_and_extra_files_found_by_verify(db):
     assert any("unexpected file stray.bin" in p for p in problems)
 
 
+def test_a_truncated_segment_is_refused_at_open_in_one_line(db):
+    """A segment cut short (a copy that stopped, a full disk) is found by the cheap check every
+    open runs, before any entry is read, and named by ``verify``."""
+    seg = db / seg_name(0)
+    seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated"):
+        AttnCache.open(db)
+    assert any(seg_name(0) in p and "truncated" in p for p in AttnCache.verify(db))
+
+
 def test_leftovers_of_a_crashed_writer_are_ignored_then_removed(db):
     (db / seg_name(77)).write_bytes(b"half a segment")
     (db / ".features-9.npy.tmp.npy").write_bytes(b"x")

@@ -69,8 +69,8 @@ def test_corruption_and_extra_files_found_by_verify(db):
 
 
 def test_a_truncated_segment_is_refused_at_open_in_one_line(db):
-    """A segment cut short (a copy that stopped, a full disk) is found by the cheap check every
-    open runs, before any entry is read, and named by ``verify``."""
+    """A segment cut short (a copy that stopped, a full disk) is refused at open, and ``verify``
+    names the segment as truncated (not each of its entries as corrupted)."""
     seg = db / seg_name(0)
     seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated"):

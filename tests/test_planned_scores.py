@@ -73,7 +73,8 @@ def planned_scores(model, data: list[ChoiceRow], tier: bool) -> tuple[dict, list
 
 
 @pytest.mark.parametrize("flush", [1, None])  # the head after every batch, or once at the end
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+# mistral_flagged: windows past which every prompt runs, under a flag the model ignores
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mistral_flagged"])
 def test_planned_choice_scores_equal_each_choice_run_whole(family, flush, monkeypatch):
     from attncache.tasks import scoring
 

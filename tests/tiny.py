@@ -37,6 +37,10 @@ CONFIGS = {
     ),
     # every layer slides (Mistral's form: a window, no layer types): one windowed mask
     "mistral_sliding": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=5),
+    # the same, carrying a flag Mistral never reads (Qwen-style configs do): it still slides
+    "mistral_flagged": lambda: MistralConfig(
+        **COMMON, num_key_value_heads=2, sliding_window=5, use_sliding_window=False
+    ),
     # full and sliding layers (Qwen2's form: windows from max_window_layers on): a mask per type
     "qwen2_sliding": lambda: Qwen2Config(
         **COMMON,

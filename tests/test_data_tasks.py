@@ -121,6 +121,19 @@ class CharTok:
         return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
 
 
+def test_a_row_runs_when_its_model_inputs_fit_exactly():
+    """The bound is on what the model runs: prompt + choice without the choice's last token
+    (``--max-tokens``: "model input longer than N"), so a row that fits to the token runs and
+    one token more is skipped."""
+    row = D.ChoiceRow("abc", ("xyz", "q"), 0)  # runs [1]+"abc"+"xy": 6 tokens
+    assert len(plan_rows([row], CharTok(), causal=True, max_len=6).rows) == 1
+    short = plan_rows([row], CharTok(), causal=True, max_len=5)
+    assert not short.rows and "6 tokens is longer" in short.skipped[0]
+    one = D.ChoiceRow("abc", ("x", "y"), 0)  # one-token choices: the prompt alone, 4 tokens
+    assert len(plan_rows([one], CharTok(), causal=True, max_len=4).rows) == 1
+    assert not plan_rows([one], CharTok(), causal=True, max_len=3).rows
+
+
 def test_plan_single_and_multi_token_choices():
     rows = [
         D.ChoiceRow("ab", ("x", "y"), 0),

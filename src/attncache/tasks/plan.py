@@ -132,7 +132,7 @@ def plan_rows(rows: list[Row], tokenizer, causal: bool, max_len: int | None) -> 
                     )
                 else:
                     for c in cs:  # all checked first: a skipped row adds no sequence to run
-                        check_len(len(p) + len(c), max_len)
+                        check_len(len(p) + len(c) - 1, max_len)  # the last token is not run
                     ids, qs = [], []
                     for c in cs:
                         # logits at position t predict token t+1, so the choice's last token

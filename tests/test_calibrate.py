@@ -171,7 +171,7 @@ def _choice_plan(rng):
 
 def test_change_counts_equal_mixing_then_comparing():
     """The per-row state walk counts exactly what mixing at each threshold and comparing would."""
-    from attncache.build.calibrate import change_counts
+    from attncache.build.calibrate import Mixture, change_counts
     from attncache.tasks import compare
 
     rng = np.random.default_rng(3)
@@ -180,7 +180,7 @@ def test_change_counts_equal_mixing_then_comparing():
     dist[rng.random(len(plan.seqs)) < 0.2] = math.inf  # no compatible entry
     exact, base, cached = out(1), out(2), out(3, dist)
     ts = np.array([-1.0, 0.1, 0.3, 0.5, 0.9, 2.0])
-    got = change_counts(plan, list(range(30)), exact, base, cached, ts)
+    got = change_counts(plan, list(range(30)), exact, Mixture(base, cached), ts)
     for t, n in zip(ts, got):
         want = round((1 - compare(plan, exact, mix(base, cached, t)).agreement) * 30)
         assert n == want
@@ -190,7 +190,7 @@ def test_change_counts_equal_mixing_then_comparing():
 def test_verification_runs_nearest_first_and_stops_once_a_threshold_breaks():
     """The chosen setting is verified on sequences nearest first; once the lowest threshold that
     breaks the bound is final the pass stops, with the counts up to it those of a full pass."""
-    from attncache.build.calibrate import change_counts
+    from attncache.build.calibrate import Mixture, change_counts
     from attncache.workflows.search import Search, Setting
 
     rng = np.random.default_rng(5)
@@ -217,7 +217,7 @@ def test_verification_runs_nearest_first_and_stops_once_a_threshold_breaks():
 
     search._run = run
     rows = list(range(30))
-    every = change_counts(plan, rows, exact, base, full, search.thresholds, list(dist))
+    every = change_counts(plan, rows, exact, Mixture(base, full, list(dist)), search.thresholds)
     allowed = int(every[len(every) // 4])  # a bound the counts pass below and break later
     breaks = [k for k, t in enumerate(search.thresholds) if t <= 0.9 and every[k] > allowed]
     assert breaks, "the example must break the bound below the chosen threshold"

@@ -6,7 +6,7 @@ import torch
 from tiny import random_seqs, tiny_model
 
 from attncache.inputs import collate
-from attncache.tiers import PrefixTier, RadixKV, supports_prefix
+from attncache.tiers import PrefixTier, RadixKV, TierOptions, supports_prefix
 
 
 def exact_logits(model, seqs, keep):
@@ -124,12 +124,12 @@ def test_composition_with_map_reuse(built):
     new = random_seqs(2, lo=12, hi=12, seed=21)
     with cache.attach(model, policy="all", threshold=1e-4) as att:
         # seqs[0] hits the map cache, new[0] misses
-        hits = runner.run([seqs[0], new[0]], 1, 0, maps=att).hits
+        hits = runner.run([seqs[0], new[0]], 1, 0, TierOptions(maps=att)).hits
         assert hits[0] is not None and hits[1] is None
         # Only the miss was inserted (the hit computed no keys in reused layers).
         assert runner.tree.match(new[0], len(new[0])).length == len(new[0])
         assert runner.tree.match(seqs[0], len(seqs[0])).length == 0
-        logits, hits2 = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, maps=att)[:2]
+        logits, hits2 = runner.run([new[0][:-1] + [77], seqs[1]], 1, 0, TierOptions(maps=att))[:2]
     assert runner.stats.items_with_prefix == 1 and hits2[0] is None
     ref = exact_logits(model, [new[0][:-1] + [77], seqs[1]], 1)
     for r, g in zip(ref, logits):
@@ -145,7 +145,9 @@ def test_kept_kv_are_their_own_inputs_when_a_batch_mixes_a_map_hit_and_an_unkept
     runner = PrefixTier(model, min_prefix=4)
     first, kept = random_seqs(2, lo=14, hi=14, seed=33)
     with cache.attach(model, policy="all", threshold=1e-4) as att:
-        hits = runner.run([first, seqs[0], kept], 1, 0, maps=att, insert=[0, 0, len(kept)]).hits
+        hits = runner.run(
+            [first, seqs[0], kept], 1, 0, TierOptions(maps=att, insert=[0, 0, len(kept)])
+        ).hits
     assert hits[0] is None and hits[1] is not None and hits[2] is None
     assert runner.tree.match(first, len(first)).length == 0  # not kept
     assert runner.tree.match(kept, len(kept)).length == len(kept)
@@ -277,7 +279,7 @@ def test_lookup_hits_that_reuse_nothing_are_still_inserted(built):
     model, cache, seqs = built("llama")
     runner = PrefixTier(model, min_prefix=4)
     with cache.attach(model, policy="none") as att:
-        runner.run([seqs[0]], 1, 0, maps=att)
+        runner.run([seqs[0]], 1, 0, TierOptions(maps=att))
         assert att.last_hits[0] is not None and not att.last_reused[0]
     assert runner.tree.match(seqs[0], len(seqs[0])).length == len(seqs[0])
 
@@ -471,7 +473,7 @@ def test_each_input_reuses_all_but_the_positions_it_needs():
     batch = [prompt + c for c in conts]
     needs = [len(c) + 1 for c in conts]  # the logits predicting each continuation token
     runner = PrefixTier(model, min_prefix=8)
-    got = runner.run(batch, max(needs), 0, needs=needs).logits
+    got = runner.run(batch, max(needs), 0, TierOptions(needs=needs)).logits
     for r, g, n in zip(exact_logits(model, batch, max(needs)), got, needs, strict=True):
         assert (r[-n:] - g[-n:]).abs().max() < 1e-4
     # shared prefix: the prompt less the position predicting the first continuation token
@@ -485,7 +487,7 @@ def test_an_in_row_prefix_enters_the_tree_only_when_a_later_input_needs_it(keep_
     batch = [prompt + [3, 4], prompt + [5]]
     runner = PrefixTier(model, min_prefix=8)
     shared = len(prompt) if keep_kv else 0  # what a later input shares with the batch's inputs
-    runner.run(batch, 1, 0, insert=[shared, shared])
+    runner.run(batch, 1, 0, TierOptions(insert=[shared, shared]))
     held = runner.tree.match(prompt, len(prompt)).length
     assert held == (len(prompt) if keep_kv else 0)
     if keep_kv:  # and a later input over it is exact
@@ -649,13 +651,13 @@ def test_an_input_that_reads_a_short_prefix_extends_the_tree_for_a_later_batch(k
         [header + prompt + later, header + prompt + first[:2] + later],
     ]
     runner = PrefixTier(model, min_prefix=8)
-    runner.run(batches[0], 1, 0, insert=[len(header)])
-    runner.run(batches[1], 1, 0, insert=[len(header + prompt) if keep_kv else 0])
+    runner.run(batches[0], 1, 0, TierOptions(insert=[len(header)]))
+    runner.run(batches[1], 1, 0, TierOptions(insert=[len(header + prompt) if keep_kv else 0]))
     held = runner.tree.match(batches[1][0], len(batches[1][0])).length
     assert held == (len(batches[1][0]) if keep_kv else len(header))
     # a later input would share the prompt, which these inputs read whole: nothing more to keep
     shared = len(header + prompt)
-    got = runner.run(batches[2], 1, 0, insert=[shared, shared]).logits
+    got = runner.run(batches[2], 1, 0, TierOptions(insert=[shared, shared])).logits
     for ref, g in zip(exact_logits(model, batches[2], 1), got, strict=True):
         assert (ref - g).abs().max() < 1e-4
     if keep_kv:  # the first read the prompt from the tree and added nothing behind it
@@ -675,7 +677,7 @@ def test_a_group_the_tree_holds_but_for_a_few_tokens_reuses_what_it_holds():
     prompt = random_seqs(1, lo=30, hi=30, seed=62)[0]
     tails = random_seqs(3, lo=4, hi=7, seed=63)
     runner = PrefixTier(model, min_prefix=8)
-    runner.run([prompt + [3]], 1, 0, insert=[len(prompt)])
+    runner.run([prompt + [3]], 1, 0, TierOptions(insert=[len(prompt)]))
     batch = [prompt + [7, 7] + t for t in tails]
     got = runner.run(batch, 1, 0).logits
     for ref, g in zip(exact_logits(model, batch, 1), got, strict=True):
@@ -768,7 +770,7 @@ def test_sliding_window_missing_prefixes_side_by_side_are_exact(family):
     prompts = random_seqs(3, lo=15, hi=25, seed=95)
     wide = [p + [7 + k] for p in prompts for k in range(2)]
     runner = PrefixTier(model, min_prefix=4)
-    got = runner.run(wide, 1, 0, insert=[len(s) for s in wide]).logits
+    got = runner.run(wide, 1, 0, TierOptions(insert=[len(s) for s in wide])).logits
     for r, g in zip(exact_logits(model, wide, 1), got, strict=True):
         assert (r - g).abs().max() < 1e-4
     assert runner.stats.tokens_reused > 0

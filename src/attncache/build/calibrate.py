@@ -123,23 +123,32 @@ def _merged(r: RowPlan, inside: set[int], base: RunOutput, cached: RunOutput) ->
     return RunOutput(logprobs, argmax, None, [], 0.0)
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """What a threshold mixes (``tasks.mix``): per sequence, ``cached``'s output where its lookup
+    distance is within the threshold, else ``base``'s. ``distances``: per sequence (default: those
+    ``cached`` recorded)."""
+
+    base: RunOutput
+    cached: RunOutput
+    distances: list[float] | None = None
+
+    @classmethod
+    def alone(cls, out: RunOutput) -> Mixture:
+        """A pass that is its own outcome whatever the threshold."""
+        return cls(out, out)
+
+
 def change_counts(
-    plan: Plan,
-    rows: list[int],
-    exact: RunOutput,
-    base: RunOutput,
-    cached: RunOutput,
-    thresholds: np.ndarray,
-    distances: list[float] | None = None,
+    plan: Plan, rows: list[int], exact: RunOutput, mixture: Mixture, thresholds: np.ndarray
 ) -> np.ndarray:
     """Per threshold t, how many of ``rows`` predict differently from ``exact`` when each sequence
-    takes ``cached``'s output if its lookup distance is <= t, else ``base``'s (what ``tasks.mix``
-    builds).
+    takes ``mixture.cached``'s output if its distance is <= t, else ``mixture.base``'s.
 
     A row's sequences enter in order of distance, so its outcome changes at most once per sequence:
-    each row is scored once per state, not once per threshold. ``distances``: per sequence (default:
-    those ``cached`` recorded)."""
-    dist_of = cached.distance if distances is None else distances
+    each row is scored once per state, not once per threshold."""
+    base, cached = mixture.base, mixture.cached
+    dist_of = cached.distance if mixture.distances is None else mixture.distances
     counts = np.zeros(len(thresholds), np.int64)
     for n in rows:
         r = plan.rows[n]

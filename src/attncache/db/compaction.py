@@ -53,15 +53,8 @@ def append_entries(
         row_of = {int(i): r for r, i in enumerate(kept)}
         for k, i in enumerate(moved):
             new_table.seg[row_of[i]], new_table.offset[row_of[i]] = seg, written.offsets[k]
-        added = EntryTable.new(
-            uid0,
-            seg,
-            written.offsets[len(moved) :],
-            [sizes[j] for j in keep_new],
-            [lengths[j] for j in keep_new],
-            written.crcs[len(moved) :],
-            time.time(),
-        )
+        fresh = written.tail(len(moved))  # the new entries follow the moved ones
+        added = EntryTable.new(uid0, seg, fresh, [lengths[j] for j in keep_new], time.time())
         new_table = new_table.concat(added)
     new_feats = feats[keep_new]
     new_vectors = (
@@ -87,4 +80,5 @@ def append_entries(
         evictions=int(m.get("evictions", 0)) + int(evicted.sum()),
     )
     store = MapStore(db.folder, db.store.layout, new_table, segments, db.store.checked)
-    return stage(db.folder, m, all_feats, vectors, None, index, store), new_uids.tolist()
+    draft = Generation(m, store, None, index, vectors)
+    return stage(db.folder, draft, all_feats), new_uids.tolist()

@@ -327,7 +327,7 @@ class Database(SideFiles):
         """Stage a generation's small files under new names, then publish it. Only while writing
         (``writing``) or into a folder being built (``create``)."""
         assert self._writing, "write_generation needs the write lock (Database.writing)"
-        self.publish(stage(self.folder, m, feats, vectors, projector, index))
+        self.publish(stage(self.folder, Generation(m, None, projector, index, vectors), feats))
 
     def publish(self, gen: Generation) -> None:
         """Commit a staged generation (the manifest replaced atomically: the commit point), then

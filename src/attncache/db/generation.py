@@ -45,18 +45,13 @@ class Generation:
     vectors: np.ndarray | None = None
 
 
-def stage(
-    folder: Path,
-    m: dict,
-    feats: np.ndarray,
-    vectors: np.ndarray,
-    projector: Projector | None,
-    index: VectorIndex,
-    store: MapStore | None = None,
-) -> Generation:
-    """Write a generation's small files under new names and describe them in a new manifest
-    (``m`` is not modified). ``projector`` None keeps the current one."""
-    m = dict(m)
+def stage(folder: Path, draft: Generation, feats: np.ndarray) -> Generation:
+    """Write a generation's small files (``feats``, and ``draft``'s vectors, projector and index)
+    under new names and describe them in a new manifest, ``draft.manifest`` updated (not
+    modified). ``draft.projector`` None keeps the current one; ``draft.store`` is handed on."""
+    if draft.index is None or draft.vectors is None:
+        raise ValueError("a generation's draft needs its index and vectors")
+    m, vectors, projector, index = dict(draft.manifest), draft.vectors, draft.projector, draft.index
     gen = int(m.get("generation", -1)) + 1 if "files" in m else int(m.get("generation", 0))
     old = m.get("names", {})
     names = {"features": f"features-{gen}.npy", "vectors": f"vectors-{gen}.npy"}
@@ -75,7 +70,7 @@ def stage(
         names["index"] = f"index-{gen}.faiss"
         index.save(folder / names["index"])
     m.update(generation=gen, names=names, files=describe_files(folder, list(names.values())))
-    return Generation(m, store, projector, index, vectors)
+    return Generation(m, draft.store, projector, index, vectors)
 
 
 def stage_side_file(

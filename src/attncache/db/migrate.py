@@ -42,9 +42,7 @@ def migrate(folder: str | Path) -> bool:
             maps = raw[start : start + n].view(dtype).reshape(n_layers, n_heads, length, length)
             blobs.append(encode_entry(layout, maps))
         written = write_segment(folder, 0, blobs)
-        table = EntryTable.new(
-            0, 0, written.offsets, [len(b) for b in blobs], m["entries"]["lengths"], written.crcs
-        )
+        table = EntryTable.new(0, 0, written, m["entries"]["lengths"])
         names = {
             "features": "features-1.npy",
             "vectors": "vectors-1.npy",

@@ -71,25 +71,20 @@ class EntryTable:
 
     @classmethod
     def new(
-        cls,
-        uid0: int,
-        seg: int,
-        offsets: list[int],
-        sizes: list[int],
-        lengths: list[int],
-        crcs: list[int],
-        now: float = 0.0,
+        cls, uid0: int, seg: int, written: WrittenSegment, lengths: list[int], now: float = 0.0
     ) -> EntryTable:
-        """Rows for freshly written entries (consecutive uids from ``uid0``, all in segment
-        ``seg``)."""
-        n = len(offsets)
+        """Rows for freshly written entries (consecutive uids from ``uid0``, all ``written`` in
+        segment ``seg``; ``lengths``: their token counts)."""
+        n = len(written.offsets)
+        if len(lengths) != n:
+            raise ValueError(f"{n} entries written, {len(lengths)} lengths")
         return cls(
             np.arange(uid0, uid0 + n, dtype=np.int64),
             np.full(n, seg, np.int64),
-            np.asarray(offsets, np.int64),
-            np.asarray(sizes, np.int64),
+            np.asarray(written.offsets, np.int64),
+            np.asarray(written.sizes, np.int64),
             np.asarray(lengths, np.int64),
-            np.asarray(crcs, np.int64),
+            np.asarray(written.crcs, np.int64),
             np.zeros(n, np.int64),
             np.full(n, now, np.float64),
         )
@@ -141,16 +136,26 @@ def encode_entry(layout: StoreLayout, maps: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class WrittenSegment:
+    """Where each blob of one segment landed: its offset, size and crc32, in order."""
+
     offsets: list[int]
+    sizes: list[int]
     crcs: list[int]
     nbytes: int
+
+    def tail(self, first: int) -> WrittenSegment:
+        """The blobs from ``first`` on (the same segment, the same byte count)."""
+        return WrittenSegment(
+            self.offsets[first:], self.sizes[first:], self.crcs[first:], self.nbytes
+        )
 
 
 def write_segment(folder: Path, seg: int, blobs: list[bytes]) -> WrittenSegment:
     """Write one segment (temporary name, fsync, rename): each blob's offset and crc32."""
-    offsets, crcs, pos = [], [], 0
+    offsets, sizes, crcs, pos = [], [], [], 0
     for blob in blobs:
         offsets.append(pos)
+        sizes.append(len(blob))
         crcs.append(zlib.crc32(blob))
         pos += len(blob)
 
@@ -159,7 +164,7 @@ def write_segment(folder: Path, seg: int, blobs: list[bytes]) -> WrittenSegment:
             f.write(blob)
 
     atomic_write(Path(folder) / seg_name(seg), write)
-    return WrittenSegment(offsets, crcs, pos)
+    return WrittenSegment(offsets, sizes, crcs, pos)
 
 
 class MapStore:
@@ -325,14 +330,7 @@ class SegmentWriter:
         seg = self._next_seg
         written = write_segment(self.folder, seg, self._blobs)
         self.segments[seg_name(seg)] = written.nbytes
-        rows = EntryTable.new(
-            len(self.table),
-            seg,
-            written.offsets,
-            [len(b) for b in self._blobs],
-            self._lengths,
-            written.crcs,
-        )
+        rows = EntryTable.new(len(self.table), seg, written, self._lengths)
         self.table = self.table.concat(rows)
         self._next_seg += 1
         self._blobs, self._lengths, self._pending = [], [], 0

@@ -23,7 +23,7 @@ from torch import nn
 from .. import models
 from ..inputs import collate, length_batches
 from ..progress import Stage
-from ..tiers import PrefixTier
+from ..tiers import PrefixTier, TierOptions
 from ..tiers.memo import Answer, ResultMemo
 from ..tiers.schedule import prefix_batches, prefix_groups, shared_prefix
 from .plan import Plan, Query
@@ -192,9 +192,8 @@ def run(
                 states = None
                 if prefix is not None:
                     flags = [insert[i] for i in batch] if insert is not None else None
-                    res = prefix.run(
-                        seqs, keep, pad, attached, flags, [need[i] for i in batch], states=True
-                    )
+                    asks = TierOptions(attached, flags, [need[i] for i in batch], states=True)
+                    res = prefix.run(seqs, keep, pad, asks)
                     logits, hits, reused, prefix_tokens, states = res
                 else:
                     logits = model(**collate(seqs, pad, True, device), logits_to_keep=keep).logits

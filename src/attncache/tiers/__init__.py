@@ -1,6 +1,6 @@
 """Exact reuse: tiers that skip work without changing any answer."""
 
-from .base import Tier, TierOutput
+from .base import Tier, TierOptions, TierOutput
 from .kept import kept_name
 from .model_io import supports_prefix
 from .prefix import DEFAULT_PREFIX_BYTES, PrefixStats, PrefixTier
@@ -14,6 +14,7 @@ __all__ = [
     "PrefixTier",
     "RadixKV",
     "Tier",
+    "TierOptions",
     "TierOutput",
     "kept_name",
     "supports_prefix",

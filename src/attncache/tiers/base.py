@@ -6,6 +6,7 @@ A tier takes a batch of token sequences and returns, per item, the logits of its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -23,10 +24,28 @@ class TierOutput(NamedTuple):
     states: list[bool] | None = None
 
 
+@dataclass(frozen=True)
+class TierOptions:
+    """What a caller may add to a batch a tier runs (every field optional)."""
+
+    maps: Any = None  # an attached map cache (runtime.Attachment): its hits apply where it computes
+    # per item: how many of its leading tokens a later input shares (0: none), from a caller that
+    # sees the whole workload; None: unknown, keep what is computed
+    insert: list[int] | None = None
+    # per item: how many of its last positions' logits the caller reads (default ``keep``)
+    needs: list[int] | None = None
+    # decoder states instead of logits where the tier applies the head itself
+    states: bool = False
+
+
+NO_OPTIONS = TierOptions()
+
+
 class Tier(Protocol):
-    def run(self, seqs: list[list[int]], keep: int, pad_id: int, maps: Any = None) -> TierOutput:
-        """Logits of ``seqs``; ``maps``: an attached map cache whose hits apply where the tier
-        computes."""
+    def run(
+        self, seqs: list[list[int]], keep: int, pad_id: int, opts: TierOptions = NO_OPTIONS
+    ) -> TierOutput:
+        """Logits of ``seqs``' last positions (at most ``keep`` each), as ``opts`` asks."""
         ...
 
     def report(self) -> dict[str, float]:

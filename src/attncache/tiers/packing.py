@@ -110,29 +110,26 @@ def plan_rows(
     ``limits``: per input, the most leading tokens it may share (its needed positions stay its
     own). ``groups``: a row each."""
     count = len(seqs)
-    suffixes: list[list[int]] = [[] for _ in range(count)]
-    reused = [0] * count
+    plan = RowPlan([], [], [[] for _ in range(count)], [0] * count)
     readers: dict[tuple[int, int], list[int]] = {}
     for i, key in enumerate(reads):
         if key is not None:
             readers.setdefault(key, []).append(i)
-            suffixes[i] = seqs[i][key[1] :]
-            reused[i] = key[1]
-    rows: list[Row] = []
-    sources: list[int | None] = []
+            plan.suffixes[i] = seqs[i][key[1] :]
+            plan.reused[i] = key[1]
     for (_, length), items in readers.items():
         limit = max(cap, length) if cap else 0
-        blocks = _blocks(items, length, seqs, suffixes, reused, limits, limit)
-        for members in balanced_rows([b.width(suffixes) for b in blocks], limit):
-            rows.append(Row(length, [blocks[j] for j in members]))
-            sources.append(items[0])
+        blocks = _blocks(plan, items, length, seqs, limits, limit)
+        for members in balanced_rows([b.width(plan.suffixes) for b in blocks], limit):
+            plan.rows.append(Row(length, [blocks[j] for j in members]))
+            plan.sources.append(items[0])
     for g in groups:
         for k, i in enumerate(g.members):
-            suffixes[i] = seqs[i][len(g.prefix) :]
-            reused[i] = len(g.prefix) if k else 0  # the first member computes it
-        rows.append(Row(0, [Block(list(g.prefix), list(g.members), g.insert)]))
-        sources.append(None)
-    return RowPlan(rows, sources, suffixes, reused)
+            plan.suffixes[i] = seqs[i][len(g.prefix) :]
+            plan.reused[i] = len(g.prefix) if k else 0  # the first member computes it
+        plan.rows.append(Row(0, [Block(list(g.prefix), list(g.members), g.insert)]))
+        plan.sources.append(None)
+    return plan
 
 
 def mark_kept(rows: list[Row], wanted: Callable[[int, int], bool]) -> set[int]:
@@ -153,17 +150,12 @@ def mark_kept(rows: list[Row], wanted: Callable[[int, int], bool]) -> set[int]:
 
 
 def _blocks(
-    items: list[int],
-    past: int,
-    seqs: list[list[int]],
-    suffixes: list[list[int]],
-    reused: list[int],
-    limits: list[int],
-    limit: int,
+    plan: RowPlan, items: list[int], past: int, seqs: list[list[int]], limits: list[int], limit: int
 ) -> list[Block]:
     """Inputs reading one cached prefix as blocks: those sharing tokens beyond it (at most their
     ``limits``) one block each, when it fits a row (``limit``; 0: no packing, a block each);
-    updates their ``suffixes`` and ``reused`` in place."""
+    updates their ``plan.suffixes`` and ``plan.reused`` in place."""
+    suffixes, reused = plan.suffixes, plan.reused
     if not limit:
         return [Block([], [i]) for i in items]
     blocks: list[Block] = []

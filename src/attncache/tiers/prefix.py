@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import UserError
 from ..inputs import collate
 from ..stats import Counters, ratio
-from .base import TierOutput
+from .base import NO_OPTIONS, TierOptions, TierOutput
 from .kept import NumericsTree
 from .model_io import (
     CACHE_KW,
@@ -164,26 +164,20 @@ class PrefixTier:
 
     @torch.no_grad()
     def run(
-        self,
-        seqs: list[list[int]],
-        keep: int,
-        pad_id: int,
-        maps=None,
-        insert: list[int] | None = None,
-        needs: list[int] | None = None,
-        states: bool = False,
+        self, seqs: list[list[int]], keep: int, pad_id: int, opts: TierOptions = NO_OPTIONS
     ) -> TierOutput:
         """Per item the logits of its last ``needs[i]`` positions ``[n, V]`` (fewer for an input
-        shorter than that), and what happened. ``maps``: an attached map cache. ``states``: where
-        the tier applies the head itself (``head``), return the decoder states there instead
-        (``TierOutput.states`` says which items), so a caller can score many batches' positions
-        in one pass over a large head.
+        shorter than that), and what happened. ``opts.maps``: an attached map cache.
+        ``opts.states``: where the tier applies the head itself (``head``), return the decoder
+        states there instead (``TierOutput.states`` says which items), so a caller can score many
+        batches' positions in one pass over a large head.
 
-        ``needs``: per item, how many of its last positions' logits the caller reads (default
-        ``keep`` for all, at most ``keep``); everything before them may be reused. ``insert``:
-        per item, how many of its leading tokens a later input shares (0: none), from a caller
-        that sees the whole workload; the tier keeps the K/V a later input can use. None:
-        unknown, keep what is computed (until the tier goes idle)."""
+        ``opts.needs``: per item, how many of its last positions' logits the caller reads
+        (default ``keep`` for all, at most ``keep``); everything before them may be reused.
+        ``opts.insert``: per item, how many of its leading tokens a later input shares (0: none);
+        the tier keeps the K/V a later input can use. None: unknown, keep what is computed (until
+        the tier goes idle)."""
+        maps, insert, needs, states = opts.maps, opts.insert, opts.needs, opts.states
         self.kept.follow()
         self.sharing.observe(seqs)
         count = len(seqs)

@@ -43,20 +43,24 @@ def candidate_policies(s: Session, heads: bool = True) -> list[Policy]:
     return out
 
 
+@dataclass(frozen=True)
+class TemplateFit:
+    """How templates are fitted: the best ``max_share`` of all heads kept; ``rounds`` > 1 ranks in
+    chunks, each with the earlier chunks' templates in place (measured on SST-2: no better than
+    one round, see docs/results.md)."""
+
+    max_share: float
+    rounds: int = 1
+    progress: bool = True
+
+
 def fit_templates(
-    s: Session,
-    plan: Plan,
-    exact: RunOutput,
-    rank_rows: list[int],
-    max_share: float,
-    progress: bool,
-    rounds: int = 1,
+    s: Session, plan: Plan, exact: RunOutput, rank_rows: list[int], fit: TemplateFit
 ) -> tuple[Templates, dict]:
     """Average the stored maps, rank every stored (layer, head) by the estimated output effect of
-    its template on ``rank_rows``, and keep the templates of the best ``max_share`` of all heads, in
-    rank order. ``rounds`` > 1 ranks in chunks, each with the earlier chunks' templates in place
-    (measured on SST-2: no better than one round, see docs/results.md)."""
-    c = s.cache
+    its template on ``rank_rows``, and keep the templates of the best ``fit.max_share`` of all
+    heads, in rank order."""
+    c, rounds, progress = s.cache, fit.rounds, fit.progress
     if rounds < 1:
         raise UserError(f"--rank-rounds must be at least 1, got {rounds}")
     targets = choice_targets(plan, exact, rank_rows)
@@ -66,7 +70,7 @@ def fit_templates(
         )
     means = mean_maps(c.store, progress=progress)
     layers = c.store.layout.layers
-    keep = max(1, int(round(max_share * c.shape.n_layers * c.shape.n_heads)))
+    keep = max(1, int(round(fit.max_share * c.shape.n_layers * c.shape.n_heads)))
     data = RankData(s.model, c.adapter, means, layers, plan.seqs, targets)
     order, scores = greedy_order(data, keep, rounds, progress)
     info = {"ranked_on": len(targets), "method": "attribution", "rounds": rounds, "score": scores}
@@ -116,9 +120,8 @@ def templates_only(
         progress,
         "templates are ranked by their effect on choice scores: they need a decoder cache",
     )
-    t, info = fit_templates(
-        s, plan, exact, list(range(len(plan.rows))), max_share, progress, rounds
-    )
+    every_row = list(range(len(plan.rows)))
+    t, info = fit_templates(s, plan, exact, every_row, TemplateFit(max_share, rounds, progress))
     s.cache.set_templates(t, {"source": f"attncache templates on {src.data}", **info})
     return TemplatesResult(
         src.db, len(t.heads), t.max_len, info["ranked_on"], int(t.maps.nbytes), s.device, s.dtype
@@ -230,9 +233,8 @@ def calibrate_plan(
     deadline = t0 + 60 * opts.max_minutes if opts.max_minutes is not None else None
     tmpl_info: dict = {}
     if templates:
-        t, tmpl_info = fit_templates(
-            s, plan, exact, list(range(n_rank)), opts.max_template_share, progress
-        )
+        fit = TemplateFit(opts.max_template_share, progress=progress)
+        t, tmpl_info = fit_templates(s, plan, exact, list(range(n_rank)), fit)
         s.cache.use_templates(t)
     search_opts = SearchOptions(max_loss, conf, batch_size, progress, deadline, opts.exhaustive)
     search = Search(s, plan, select_rows, exact, search_opts)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..build.calibrate import allowed_changes, binom_upper, change_counts
+from ..build.calibrate import Mixture, allowed_changes, binom_upper, change_counts
 from ..inputs import length_batches
 from ..progress import Stage
 from ..runtime import Policy, nearest
@@ -227,9 +227,16 @@ class Search:
         self, rows: list[int], base: RunOutput, out: RunOutput, policy: Policy
     ) -> np.ndarray:
         if not policy.retrieves:  # the pass itself is the outcome
-            return change_counts(self.plan, rows, self.exact, out, out, self.thresholds[:1])
-        return change_counts(
-            self.plan, rows, self.exact, base, out, self.thresholds, self.distances
+            return change_counts(
+                self.plan, rows, self.exact, Mixture.alone(out), self.thresholds[:1]
+            )
+        mixture = Mixture(base, out, self.distances)
+        return change_counts(self.plan, rows, self.exact, mixture, self.thresholds)
+
+    def _changes(self, rows: list[int], out: RunOutput) -> int:
+        """How many of ``rows`` a pass that is its own outcome changes."""
+        return int(
+            change_counts(self.plan, rows, self.exact, Mixture.alone(out), self.thresholds[:1])[0]
         )
 
     # -- the search
@@ -256,10 +263,7 @@ class Search:
         return (ks[lo], outs[ks[lo]]) if lo >= 0 else (0, None)
 
     def _feasible_alone(self, out: RunOutput, k: int) -> bool:
-        return (
-            int(change_counts(self.plan, self.rows, self.exact, out, out, self.thresholds[:1])[0])
-            <= self.c_max
-        )
+        return self._changes(self.rows, out) <= self.c_max
 
     def policies(self, candidates: list[tuple[Policy, RunOutput]]) -> None:
         """Branch and bound over retrieval candidates, each with the pass its misses output, the
@@ -303,7 +307,7 @@ class Search:
                 ran.update(chunk)
                 dist = [d if q in ran else float("inf") for q, d in enumerate(self.distances)]
                 counts = change_counts(
-                    self.plan, rows, self.exact, base, out, self.thresholds, dist
+                    self.plan, rows, self.exact, Mixture(base, out, dist), self.thresholds
                 )
                 frontier = self.distances[near[i + size]] if i + size < len(near) else np.inf
                 broken = [
@@ -341,9 +345,7 @@ class Search:
 
         if not best.policy.retrieves:
             out = pass_of(best.policy, -1.0, seq_ids)
-            changes = int(
-                change_counts(self.plan, rows, self.exact, out, out, self.thresholds[:1])[0]
-            )
+            changes = self._changes(rows, out)
             return (best, out, changes) if within(changes) else (self.none, self.exact, 0)
         base = self.exact if base_policy is None else pass_of(base_policy, -1.0, seq_ids)
         counts, out = self._certify(rows, seq_ids, base, within)

@@ -97,8 +97,7 @@ def time_items(
         "cached": variant(cached),
         "bound": variant(bound),
     }
-    eager = timing.eager
-    if eager:
+    if timing.eager:
         variants["eager"] = variant(lambda i: contextlib.nullcontext(), impl="eager")
     try:
         timed = interleaved(variants, len(inputs), timing.repeats, timing.warmup)
@@ -119,11 +118,11 @@ def time_items(
         "n_reused": len(used),
         "attn_speedup_vs_sdpa": ratio_of(pick(attn["sdpa"]), pick(attn["cached"])),
         "attn_speedup_vs_eager": ratio_of(pick(attn["eager"]), pick(attn["cached"]))
-        if eager
+        if timing.eager
         else None,
         "e2e_speedup_vs_sdpa": e2e,
         "e2e_speedup_vs_eager": ratio_of(pick(med["eager"]), pick(med["cached"]))
-        if eager
+        if timing.eager
         else None,
         "bound_e2e_speedup": ceiling,
         "fraction_of_bound": e2e / ceiling if e2e and ceiling else None,

@@ -26,6 +26,8 @@ def test_jsonl_reports_and_skips_bad_rows(tmp_path):
             b"{not json",
             b"\xff\xfe bad utf8",
             json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 5}).encode(),
+            json.dumps({"prompt": "Q?", "choices": ["a", "b"], "answer": 2}).encode(),
+            json.dumps({"prompt": "Q?", "choices": ["a"], "answer": 0}).encode(),
             json.dumps({"prompt": "  ", "choices": ["a", "b"], "answer": 0}).encode(),
             json.dumps({"text": 3}).encode(),
             json.dumps({"text1": "a", "text2": "b", "label": 1}).encode(),
@@ -35,12 +37,14 @@ def test_jsonl_reports_and_skips_bad_rows(tmp_path):
     )
     ds = D.read_jsonl(p)
     assert [type(r).__name__ for r in ds.rows] == ["ChoiceRow", "PairRow", "TextRow"]
-    assert len(ds.skipped) == 6
+    assert len(ds.skipped) == 8
     joined = "\n".join(ds.skipped)
     for needle in (
         ":2: malformed JSON",
         ":3: not valid UTF-8",
-        "out of range",
+        ":4: 'answer' 5 is out of range",
+        ":5: 'answer' 2 is out of range",
+        ":6: 'choices' must be a list of at least 2",
         "'prompt' is empty",
         "'text' must be a string",
         "expected a JSON object",
@@ -119,6 +123,35 @@ class CharTok:
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_agreement_counts_rows_with_a_prediction_only():
+    """Pair and embedding rows have no prediction to agree on: they neither raise nor dilute
+    agreement, and a plan of them alone reports none."""
+    from attncache.tasks import Plan, RowPlan, RunOutput, compare
+    from attncache.tasks.plan import Query
+
+    def output(token: int) -> RunOutput:
+        out = RunOutput.empty(3)
+        out.logprobs = {(0, 1, 5): -1.0, (0, 1, 6): -2.0 if token == 5 else -0.5}
+        out.embeddings = np.eye(3, dtype=np.float32)
+        return out
+
+    choice = RowPlan("choice1", [0], [[Query(0, 1, 5)], [Query(0, 1, 6)]], [1.0, 1.0], answer=0)
+    pair = RowPlan("pair", [1, 2], label=1)
+    seqs = [[1], [2], [3]]
+    mixed = compare(Plan(seqs, [choice, pair], [], True), output(5), output(6))
+    assert mixed.agreement == 0.0  # the one scored row changed its answer
+    assert compare(Plan(seqs, [pair], [], False), output(5), output(6)).agreement is None
+
+
+def test_a_plan_naming_an_input_it_does_not_have_is_refused():
+    from attncache.tasks import Plan, RowPlan
+
+    plan = Plan([[1]], [RowPlan("text", [0], index=2)], [], True)
+    assert plan.by_input(3)[2] is not None
+    with pytest.raises(ValueError, match="names input 2 of 2"):
+        plan.by_input(2)
 
 
 def test_a_row_runs_when_its_model_inputs_fit_exactly():

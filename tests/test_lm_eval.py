@@ -290,6 +290,7 @@ def test_a_prompt_whose_requests_fit_one_batch_is_kept_too(tiny_hf, tmp_path):
         ("policy=default", "policy= reuses approximate maps: it needs db="),
         ("prefix_bytes=lots", "prefix_bytes= takes a number of bytes (0 or none: off), not 'lots'"),
         ("batch_size=x", "batch_size takes a positive number or auto, not 'x'"),
+        ("batch_size=0", "batch_size takes a positive number or auto, not '0'"),
         ("dtype=float7", "--dtype must be one of float32, bfloat16, float16, got 'float7'"),
     ],
 )

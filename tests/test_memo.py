@@ -30,6 +30,18 @@ def test_an_answer_covers_only_what_it_holds_and_the_cap_evicts_the_least_recent
     assert st["lookups"] == 6 and st["hits"] == 4
 
 
+def test_merged_answers_never_push_a_memo_past_its_cap_nor_out_its_own():
+    """Another process's answers join as the least recent: past the cap they go first."""
+    memo, other = ResultMemo(max_entries=3), ResultMemo()
+    for seq in ([1], [2]):
+        memo.put(seq, FP32, Answer({}, seq[0]))
+    for seq in ([7], [8], [9]):
+        other.put(seq, FP32, Answer({}, seq[0]))
+    assert memo.merge(other) == 3  # new here, though two of them did not fit
+    assert len(memo) == 3
+    assert memo.get([1], FP32).argmax == 1 and memo.get([2], FP32).argmax == 2
+
+
 def test_arrays_round_trip_logprobs_and_embeddings():
     memo = ResultMemo()
     memo.put([1, 2], FP32, Answer({(1, 3): -1.25, (2, 4): -0.5}, 9))

@@ -96,6 +96,10 @@ def test_byte_cap_never_exceeded_and_lru_evicted():
     for s in seqs[3:]:
         t.insert(s, torch.zeros(2, 2, 1, 10, 3))
         assert t.bytes <= t.max_bytes
+    full = RadixKV(max_bytes=20 * per_token)  # exactly two inputs' bytes: both stay
+    for s in seqs[:2]:
+        full.insert(s, torch.zeros(2, 2, 1, 10, 3))
+    assert full.bytes == full.max_bytes and len(full) == 2
 
 
 def test_a_locked_path_is_never_evicted_and_is_evictable_once_unlocked():
@@ -342,6 +346,11 @@ def test_nested_prefixes_group_by_the_deepest_prefix_that_saves_most():
     # a pair inside a subject that shares a few more tokens does not split the subject
     seqs = [a + [5, 5, 1], a + [5, 5, 2], a + [6], a + [7]]
     assert [sorted(g) for g in prefix_groups(seqs, 8)] == [[0, 1, 2, 3]]
+    # many inputs sharing fewer than min_prefix tokens are no group, however many they are:
+    # the pair among them sharing 12 still is
+    short = [50, 51, 52]
+    seqs = [short + [k] * 5 for k in range(1, 9)] + [short + [60] * 9 + [1], short + [60] * 9]
+    assert [sorted(g) for g in prefix_groups(seqs, 8) if len(g) > 1] == [[8, 9]]
 
 
 def test_schedule_groups_shared_prefixes_first():
@@ -779,10 +788,12 @@ def test_sliding_window_missing_prefixes_side_by_side_are_exact(family):
 def test_assign_prefixes_runs_new_groups_in_a_row_and_reads_held_ones_from_the_tree():
     from attncache.tiers.schedule import assign_prefixes
 
-    p, q = list(range(1, 21)), list(range(30, 50))
-    seqs = [p + [90], p + [91, 92], q + [93], q + [94], [5, 6, 7]]
+    p, q, r = list(range(1, 21)), list(range(30, 50)), list(range(60, 80))
+    seqs = [p + [90], p + [91, 92], q + [93], q + [94], [5, 6, 7], r + [95], r + [96]]
     limits = [len(s) - 1 for s in seqs]
-    tree = {tuple(q[:18])}  # the tree holds all of q's group but 2 of its 20 shared tokens
+    # the tree holds all of q's group but 2 of its 20 shared tokens, and only 9 of r's: r's
+    # members would recompute 2 x 11 tokens to read those 9, more than one row computing all 20
+    tree = {tuple(q[:18]), tuple(r[:9])}
 
     def held(tokens, n):
         return max(
@@ -790,11 +801,12 @@ def test_assign_prefixes_runs_new_groups_in_a_row_and_reads_held_ones_from_the_t
         )
 
     got = assign_prefixes(seqs, limits, 8, held, in_row_tokens=64)
-    assert got.in_row == [([0, 1], 20)]  # p: not held, fits a row
+    assert got.in_row == [([0, 1], 20), ([5, 6], 20)]  # p: not held, fits a row; r too
     assert got.wanted[2:4] == [18, 18] and not got.missing  # q: reads the 18 held, runs 2 more
     assert got.wanted[4] == 0 and got.longest_shared == 20
     never = assign_prefixes(seqs, limits, 8, held, in_row_tokens=0)  # no packing
-    assert not never.in_row and never.missing == {tuple(p)} and never.wanted[:2] == [20, 20]
+    assert not never.in_row and never.missing == {tuple(p), tuple(r)}
+    assert never.wanted[:2] == [20, 20] and never.wanted[5:] == [20, 20]
 
 
 def test_sharing_watch_idles_after_a_window_of_loners_and_re_arms_on_a_repeat():

@@ -217,6 +217,46 @@ def test_limits_answer_413_naming_the_limit(plain):
         assert c.post("/v1/embeddings", json={"input": ["a", "b"]}).status_code == 200
 
 
+def test_a_request_at_each_limit_is_served_and_one_past_it_is_refused(plain):
+    """Limits are inclusive: exactly the limit is served, one more refused (413 naming the limit;
+    a text past the model's positions is a 400 naming its field)."""
+    limits = Limits(max_client_batch_size=3, max_request_tokens=60, max_input_chars=50)
+    with TestClient(create_app(plain, ServeConfig(limits=limits))) as c:
+        embed, score, y, p = "/v1/embeddings", "/v1/score", "y" * 30, "p" * 50
+        cases = [  # (path, body at the limit, one past it, the limit); one token per character
+            (embed, {"input": ["a"] * 3}, {"input": ["a"] * 4}, "max_client_batch_size"),
+            (score, {"prompt": p, "choices": ["a"]}, {"prompt": p + "q"}, "max_input_chars"),
+            (embed, {"input": [y, y]}, {"input": [y, y + "z"]}, "max_request_tokens"),
+        ]  # fmt: skip
+        for path, fits, over, limit in cases:
+            assert c.post(path, json=fits).status_code == 200, (path, fits)
+            r = c.post(path, json={**fits, **over})
+            assert r.status_code == 413 and r.json()["error"]["field"] == limit, (over, r.text)
+    with TestClient(create_app(plain)) as c:  # the tiny model takes 256 positions
+        assert c.post("/v1/embeddings", json={"input": "e" * 256}).status_code == 200
+        r = c.post("/v1/embeddings", json={"input": "e" * 257})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "input"
+
+
+def test_a_batch_never_holds_more_than_max_batch_requests():
+    from attncache.serve.batcher import Batcher
+    from attncache.serve.metrics import Metrics
+
+    engine = RecordingEngine()
+
+    async def main():
+        b = Batcher(engine, ServeConfig(max_wait_ms=300, max_batch=2), Metrics())
+        b.start()
+        try:
+            return await asyncio.gather(*(outcome(b.submit("score", f"r{k}")) for k in range(3)))
+        finally:
+            await b.stop()
+
+    got = asyncio.run(main())
+    assert got == [("returned", {"echo": f"r{k}"}) for k in range(3)]
+    assert [len(batch) for batch in engine.batches] == [2, 1]
+
+
 # -- fuzz -----------------------------------------------------------------------------------------
 TEXT = st.text(max_size=40) | st.sampled_from(["", " ", LONG, "{text}", "{x}", "\ud800", "a\x00b"])
 JSONISH = st.recursive(

@@ -298,6 +298,17 @@ def test_stored_setting_measures_what_eval_sees_on_the_verification_rows(tiny_hf
     assert got["agreement"] == pytest.approx(res["agreement"])
 
 
+def test_a_build_holds_rows_out_once_they_can_bound_the_loss():
+    """Half of the held rows verify the default: the build holds out its share of DATA once that
+    share is twice the rows a bound with no changed answer needs (exactly that many included)."""
+    from attncache.workflows.evaluate import CONFIDENCE, held_out_rows
+
+    need = 2 * rows_for(0.05, CONFIDENCE)
+    assert held_out_rows(4 * need, 0.25, 0.05) == need
+    assert held_out_rows(4 * need - 4, 0.25, 0.05) == 0
+    assert held_out_rows(8 * need, 0.25, 0.05) == 2 * need
+
+
 def test_build_calibrates_its_default_on_held_out_rows(tiny_hf, tmp_path):
     """Enough rows: a share is held out of the DB and the default carries a measured bound (or
     reuses nothing); too few: the default reuses nothing and says why; --no-calibrate: labelled

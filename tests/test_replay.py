@@ -140,7 +140,8 @@ def test_mixed_padded_batch(built, family):
 
 def test_a_lookup_never_takes_an_entry_beyond_its_threshold(built):
     """The threshold calibration bounds is a hard limit: a query whose nearest compatible entry
-    lies at distance d misses at any threshold under d and hits it (at d) at any threshold over."""
+    lies at distance d misses at any threshold under d and hits it at d and over (inclusive, as
+    the calibration's ``tasks.mix`` counts it)."""
     import numpy as np
 
     from attncache.runtime.lookup import nearest
@@ -157,6 +158,11 @@ def test_a_lookup_never_takes_an_entry_beyond_its_threshold(built):
         assert nearest(db, q[None], [n], threshold=0.6 * h.distance) == [None]
         (again,) = nearest(db, q[None], [n], threshold=1.01 * h.distance)
         assert again is not None and again.entry == h.entry and again.distance <= 1.01 * h.distance
+        # at exactly its distance (as this query alone measures it: a batch's matmul may round
+        # the last bit differently)
+        (alone,) = nearest(db, q[None], [n], threshold=float("inf"))
+        (at,) = nearest(db, q[None], [n], threshold=alone.distance)
+        assert at is not None and at.entry == alone.entry
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

@@ -84,6 +84,14 @@ def test_store_round_trip(tmp_path, codec, tol, causal):
         assert np.shares_memory(store.layer(0, 0).numpy(), store._mm[0])
 
 
+def test_sparse_keeps_every_bit_of_mass_at_eps_0_and_refuses_1():
+    from attncache.db.codecs import get_codec
+
+    assert get_codec("sparse", 0.0).eps == 0.0
+    with pytest.raises(UserError, match=r"sparse eps must be in \[0, 1\), got 1.0"):
+        get_codec("sparse", 1.0)
+
+
 def test_compact_codecs_are_small(tmp_path):
     """int8 stores a causal map in under 1/8 of its fp32 bytes; sparse keeps >= 1 - eps of every
     row's mass."""

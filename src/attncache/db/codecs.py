@@ -97,9 +97,6 @@ class Dense(Codec):
             m = m[:, :length, :length]
         return torch.from_numpy(m)  # a view of the (copy-on-write) memory map: no copy
 
-    def rows(self, buf, H, L, causal, rows, width):
-        return np.asarray(self._view(buf, H, L)[:, rows, :width], dtype=np.float32)
-
     def layer_bytes(self, H, L, causal):
         return H * L * L * np.dtype(self.dtype).itemsize
 
@@ -147,20 +144,6 @@ class Int8(Codec):
         if m > 0:
             out[:, 0, 0] = 1.0
         return torch.from_numpy(out)
-
-    def rows(self, buf, H, L, causal, rows, width):
-        if not causal:
-            return _sqrt_decode(buf.reshape(H, L, L)[:, rows, :width])
-        flat = buf.reshape(H, _tri_start(L))
-        out = np.zeros((H, len(rows), width), dtype=np.float32)
-        for j, i in enumerate(rows):
-            i = int(i)
-            v = _sqrt_decode(flat[:, _tri_start(i) : _tri_start(i) + i])
-            w = min(i, width)
-            out[:, j, :w] = v[:, :w]
-            if i < width:
-                out[:, j, i] = np.clip(1.0 - v.sum(-1), 0.0, None)
-        return out
 
     def layer_bytes(self, H, L, causal):
         return H * (_tri_start(L) if causal else L * L)
